@@ -242,7 +242,7 @@ def demo(
     print_inspection(world, out / "world-preview.png")
     console.rule("[bold]done")
     console.print(f"wall time {time.perf_counter() - start:.1f} s. Repeat the steps by hand:")
-    console.print(f"  majortom-gen synth --region '{DEMO_REGION}' --out {world} --seed {seed}", highlight=False)
+    console.print(f"  majortom-gen synth --cells {','.join(ids)} --out {world} --seed {seed}", highlight=False)
     console.print(f"  majortom-gen inspect {world} --preview {out / 'world-preview.png'}", highlight=False)
 
 

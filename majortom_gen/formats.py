@@ -44,8 +44,8 @@ class Raster:
     def bounds(self) -> tuple[float, float, float, float]:
         """(west, south, east, north) in CRS units."""
         h, w = self.array.shape
-        west, north = self.transform * (0, 0)
-        east, south = self.transform * (w, h)
+        west, north = self.transform @ (0, 0)
+        east, south = self.transform @ (w, h)
         return (west, south, east, north)
 
 

@@ -80,7 +80,7 @@ def fragment_windows(mode: str = "grid") -> list[tuple[int, int, int, int]]:
 
 def fragment_transform(product_transform: Affine, row_off: int, col_off: int) -> Affine:
     """Affine of a window starting at (row_off, col_off) of a raster with ``product_transform``."""
-    return product_transform * Affine.translation(col_off, row_off)
+    return product_transform @ Affine.translation(col_off, row_off)
 
 
 def cut_fragments(thumb: np.ndarray, product_transform: Affine, crs: str, mode: str = "grid") -> list[Fragment]:

@@ -36,25 +36,25 @@ def _fade(t: np.ndarray) -> np.ndarray:
 
 
 def value_noise(xs: np.ndarray, ys: np.ndarray, wavelength: float, key: int) -> np.ndarray:
-    """Smooth noise in [0, 1] on the grid ``ys`` (rows, metres) x ``xs`` (cols, metres)."""
+    """Smooth float32 noise in [0, 1] on the grid ``ys`` (rows, metres) x ``xs`` (cols, metres)."""
     u, v = xs / wavelength, ys / wavelength
     i0, j0 = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
     fu, fv = u - i0, v - j0
-    su, sv = _fade(fu), _fade(fv)
+    su, sv = _fade(fu).astype(np.float32), _fade(fv).astype(np.float32)
     ilo, jlo = i0.min(), j0.min()
     ii = np.arange(ilo, i0.max() + 2)
     jj = np.arange(jlo, j0.max() + 2)
-    lattice = hash01(ii[None, :], jj[:, None], key)  # (nj, ni), small
+    lattice = hash01(ii[None, :], jj[:, None], key).astype(np.float32)  # (nj, ni), small
     along_x = lattice[:, i0 - ilo] * (1 - su) + lattice[:, i0 + 1 - ilo] * su  # (nj, W)
     return along_x[j0 - jlo] * (1 - sv)[:, None] + along_x[j0 + 1 - jlo] * sv[:, None]
 
 
 def fbm(xs: np.ndarray, ys: np.ndarray, wavelength: float, octaves: int, key: int, persistence: float = 0.5) -> np.ndarray:
     """Fractal sum of value noise, normalised to about [0, 1]."""
-    total = np.zeros((len(ys), len(xs)))
+    total = np.zeros((len(ys), len(xs)), dtype=np.float32)
     amp, norm = 1.0, 0.0
     for o in range(octaves):
-        total += amp * value_noise(xs, ys, wavelength / 2**o, key * 131 + o)
+        total += np.float32(amp) * value_noise(xs, ys, wavelength / 2**o, key * 131 + o)
         norm += amp
         amp *= persistence
-    return total / norm
+    return total / np.float32(norm)

@@ -89,6 +89,8 @@ def _quirk_cells(cells: list[str], quirks: tuple[str, ...]) -> dict[str, set[str
 
 
 def _geotiff(array: np.ndarray, box, res: float, nodata, *, compress: str = "deflate") -> bytes:
+    if compress == "none":
+        return encode_geotiff(array, crs=box.crs, transform=box.transform(res), nodata=nodata, compress="none")
     return encode_geotiff(array, crs=box.crs, transform=box.transform(res), nodata=nodata,
                           compress=compress, predictor=2, zlevel=1)
 
@@ -157,7 +159,9 @@ def make_cell_products(cell_id: str, seed: int, modalities: tuple[str, ...], qui
                    f"{absorbit:06d}_{int(rng.integers(0, 2**20)):05X}_{int(rng.integers(0, 2**16)):04X}")
             row = {"product_id": pid, "grid_cell": cell_id, "product_datetime": _fmt(s1_time),
                    "thumbnail": encode_png(s1_thumbnail(vv, vh), compress_level=1),
-                   "vv": _geotiff(vv, box, 10.0, -32768.0), "vh": _geotiff(vh, box, 10.0, -32768.0)}
+                   # speckled float32 does not compress: store it plain, as fast as it gets
+                   "vv": _geotiff(vv, box, 10.0, -32768.0, compress="none"),
+                   "vh": _geotiff(vh, box, 10.0, -32768.0, compress="none")}
             meta = {**common, "product_id": pid, "timestamp": _fmt(s1_time),
                     "nodata": float((vv == -32768.0).mean()),
                     "orbit_state": "ASCENDING" if acq.s1_ascending else "DESCENDING", **tail}

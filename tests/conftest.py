@@ -1,0 +1,19 @@
+"""Shared fixtures: a small synthetic Major TOM world made by the project itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from majortom_gen.synth import SynthOptions, write_world
+from majortom_gen.synth.world import QUIRKS
+
+# Three adjacent cells near Turin (UTM 32N), and one south of the equator.
+WORLD_CELLS = ("501U_59R", "501U_60R", "502U_60R")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A 3-cell world with every quirk on, two products per shard (so there are 2 shards)."""
+    root = tmp_path_factory.mktemp("world")
+    write_world(WORLD_CELLS, root, SynthOptions(seed=7, products_per_shard=2, quirks=QUIRKS, workers=1))
+    return root
