@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from majortom_gen.errors import MajorTomGenError
 
@@ -33,8 +34,8 @@ def _user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except MajorTomGenError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        except (MajorTomGenError, OSError) as exc:  # OSError: unwritable --out, full disk, ...
+            err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -133,11 +134,12 @@ def run_synth(ids: list[str], out: Path, *, seed: int, workers: int, products_pe
     return written
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 @_user_errors
 def synth(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Folder to write Core-*/ datasets into.")],
-    cells: Annotated[Optional[list[str]], typer.Option(help="Cell ids (comma/space separated, repeatable) or a text/CSV file of ids.")] = None,
+    cells: Annotated[Optional[list[str]], typer.Option(help="Cell ids: --cells 501U_60R 502U_60R, comma-separated, or a text/CSV file of ids.")] = None,
     region: Annotated[Optional[str], typer.Option(help="Vector file, WKT polygon or bbox 'west,south,east,north'.")] = None,
     seed: Annotated[int, typer.Option(help="World seed: same seed, same bytes.")] = 0,
     workers: Annotated[int, typer.Option(help="Worker processes (default: all cores).")] = 0,
@@ -149,7 +151,7 @@ def synth(
     from majortom_gen.modalities import parse_modalities
     from majortom_gen.synth.world import QUIRKS
 
-    ids = _cells_from_options(cells, region)
+    ids = _cells_from_options((cells or []) + list(ctx.args), region)
     chosen = tuple(QUIRKS) if quirks and "all" in quirks else tuple(quirks or ())
     written = run_synth(ids, out, seed=seed, workers=workers or (os.cpu_count() or 1),
                         products_per_shard=products_per_shard, quirks=chosen, modalities=parse_modalities(modalities))
@@ -203,12 +205,15 @@ def _print_dataset(d) -> None:
 @_user_errors
 def inspect(
     path: Annotated[Path, typer.Argument(help="An images/part_*.parquet shard, a Core-XXX/ folder, or a folder of them.")],
-    preview: Annotated[Optional[Path], typer.Option(help="Write a thumbnail preview PNG here.")] = None,
+    preview: Annotated[Optional[Path], typer.Option(help="Thumbnail preview PNG to write [default: ./<name>-preview.png].")] = None,
+    no_preview: Annotated[bool, typer.Option("--no-preview", help="Do not write a preview.")] = False,
 ) -> None:
-    """Schema, products, cells and coverage of Major TOM data; optional thumbnail preview."""
+    """Schema, products, cells and coverage of Major TOM data, and a thumbnail preview sheet."""
     if not path.exists():
         raise MajorTomGenError(f"{path}: no such file or folder")
-    print_inspection(path, preview)
+    if preview is None and not no_preview:
+        preview = Path(f"{path.resolve().stem}-preview.png")
+    print_inspection(path, None if no_preview else preview)
 
 
 # ----------------------------------------------------------------------------- demo

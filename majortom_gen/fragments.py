@@ -56,9 +56,8 @@ def to_product_grid(thumb: np.ndarray) -> np.ndarray:
     if thumb.dtype != np.uint8:
         raise ValueError(f"thumbnail must be uint8, got {thumb.dtype}")
     if thumb.ndim == 2:
-        if thumb.shape[0] != THUMBNAIL_PX or thumb.shape[1] != THUMBNAIL_PX:
-            if thumb.shape[0] < THUMBNAIL_PX:
-                thumb = np.asarray(Image.fromarray(thumb, "L").resize((THUMBNAIL_PX, THUMBNAIL_PX), Image.BILINEAR))
+        if thumb.shape[0] < THUMBNAIL_PX:  # the 356 px DEM hillshade (30 m) -> 10 m grid
+            thumb = np.asarray(Image.fromarray(thumb, "L").resize((THUMBNAIL_PX, THUMBNAIL_PX), Image.BILINEAR))
         thumb = np.repeat(thumb[..., None], 3, axis=-1)
     elif thumb.ndim != 3 or thumb.shape[-1] != 3:
         raise ValueError(f"thumbnail must be (H, W) or (H, W, 3), got shape {thumb.shape}")

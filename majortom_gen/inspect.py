@@ -16,7 +16,7 @@ from PIL import Image
 
 from majortom_gen.errors import MajorTomGenError, ShardError
 from majortom_gen.fragments import to_product_grid
-from majortom_gen.modalities import MODALITIES, get_modality
+from majortom_gen.modalities import MODALITIES
 from majortom_gen.sources import decode_product_thumbnail, detect_modality, read_metadata, read_product, read_product_of
 
 PREVIEW_TILE_PX = 178  # thumbnails are shown at 1/6 of their 1068 px
@@ -150,6 +150,3 @@ def _strip(thumbs: list[np.ndarray]) -> np.ndarray:
              for t in thumbs]
     return np.concatenate(tiles, axis=1)
 
-
-__all__ = ["ShardSummary", "DatasetSummary", "WorldSummary", "summarise_shard", "summarise_dataset",
-           "summarise_world", "preview_sheet", "get_modality"]

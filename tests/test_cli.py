@@ -46,11 +46,19 @@ def test_synth_and_inspect(tmp_path):
     r = runner.invoke(app, ["inspect", str(tmp_path / "w"), "--preview", str(tmp_path / "p.png")])
     assert r.exit_code == 0, r.output
     assert "all of them" in r.output and (tmp_path / "p.png").stat().st_size > 1000
-    r = runner.invoke(app, ["inspect", str(tmp_path / "w/Core-S1RTC/images/part_00001.parquet")])
-    assert r.exit_code == 0 and "S1RTC image shard, 1 products" in r.output
+    r = runner.invoke(app, ["inspect", str(tmp_path / "w/Core-S1RTC/images/part_00001.parquet"), "--no-preview"])
+    assert r.exit_code == 0 and "S1RTC image shard, 1 products" in r.output and "preview" not in r.output
     (tmp_path / "junk.parquet").write_text("junk")
-    r = runner.invoke(app, ["inspect", str(tmp_path / "junk.parquet")])
+    r = runner.invoke(app, ["inspect", str(tmp_path / "junk.parquet"), "--no-preview"])
     assert r.exit_code == 2 and "not a readable parquet" in r.output
+
+
+def test_synth__space_separated_cells_and_unwritable_out(tmp_path):
+    r = runner.invoke(app, ["synth", "--cells", "501U_60R", "bogus", "--out", str(tmp_path / "w")])
+    assert r.exit_code == 2 and "malformed grid cell id 'bogus'" in r.output
+    (tmp_path / "file").write_text("x")
+    r = runner.invoke(app, ["synth", "--cells", "501U_60R", "--out", str(tmp_path / "file" / "w"), "--modalities", "DEM"])
+    assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
 
 
 def test_demo_small(tmp_path):

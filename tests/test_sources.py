@@ -20,6 +20,12 @@ def test_to_fsspec_url__maps_hub_resolve_urls():
     assert to_fsspec_url("hf://datasets/Major-TOM/Core-DEM/metadata.parquet") == "hf://datasets/Major-TOM/Core-DEM/metadata.parquet"
 
 
+def test_hf_protocol_is_served_by_huggingface_hub():
+    from huggingface_hub import HfFileSystem
+
+    assert isinstance(fsspec.filesystem("hf"), HfFileSystem)
+
+
 def test_resolve_parquet_url__relative_and_local_mirror(tmp_path):
     assert resolve_parquet_url("images/part_00002.parquet", tmp_path) == str(tmp_path / "images/part_00002.parquet")
     hub = "https://huggingface.co/datasets/Major-TOM/Core-DEM/resolve/main/images/part_00007.parquet"

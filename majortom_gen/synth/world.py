@@ -101,9 +101,9 @@ def make_cell_products(cell_id: str, seed: int, modalities: tuple[str, ...], qui
     grid = default_grid()
     box = product_box(cell_id, grid)
     rng = np.random.default_rng([seed & 0xFFFFFFFF, row_u & 0xFFFFFFFF, col_r & 0xFFFFFFFF])
-    cloudy = rng.random() < 0.35
+    cloudy = rng.random() < 0.25
     acq = Acquisition(
-        cloud_fraction=float(rng.uniform(0.05, 0.5)) if cloudy else 0.0,
+        cloud_fraction=float(rng.uniform(0.02, 0.3)) if cloudy else 0.0,
         aerosol=float(rng.uniform(0.6, 1.4)),
         s2_swath_edge=float(rng.uniform(0.05, 0.4)) if rng.random() < 0.1 else None,
         s1_ascending=bool(rng.random() < 0.5),
