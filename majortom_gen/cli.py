@@ -42,26 +42,9 @@ def _user_errors(fn):
 
 
 def _cells_from_options(cells: list[str] | None, region: str | None) -> list[str]:
-    """Cell ids from ``--cells`` (ids separated by commas/spaces, or text/CSV files of ids)
-    and/or ``--region``."""
-    from majortom_gen.georef import default_grid
-    from majortom_gen.regions import read_region
+    from majortom_gen.selection import cells_from
 
-    grid = default_grid()
-    ids: list[str] = []
-    for value in cells or []:
-        if os.path.isfile(value):
-            text = Path(value).read_text()
-            tokens = [t for line in text.splitlines() for t in line.replace(";", ",").split(",")]
-            tokens = [t.strip() for t in tokens if t.strip() and t.strip().lower() not in ("grid_cell", "cell", "cell_id")]
-        else:
-            tokens = value.replace(",", " ").split()
-        ids.extend(grid.check_cell(t) for t in tokens)
-    if region:
-        ids.extend(grid.cells_in(read_region(region)))
-    if not ids:
-        raise MajorTomGenError("no grid cells selected: give --cells IDS or --region FILE|WKT|bbox")
-    return list(dict.fromkeys(ids))
+    return cells_from(cells, region)
 
 
 def _progress() -> Progress:
@@ -214,6 +197,108 @@ def inspect(
     if preview is None and not no_preview:
         preview = Path(f"{path.resolve().stem}-preview.png")
     print_inspection(path, None if no_preview else preview)
+
+
+# ----------------------------------------------------------------------------- ingest and store
+store_app = typer.Typer(no_args_is_help=True, help="The grid-indexed latent store.")
+app.add_typer(store_app, name="store")
+EXIT_COMPLETED_WITH_ERRORS = 3
+
+
+def run_ingest(source: str, ids: list[str], store: Path, options, *, modalities: tuple[str, ...], filters, rule: str):
+    from pipelines.ingest import ingest
+
+    start = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("ingesting cells", total=None, rate="")
+
+        def tick(done: int, total: int) -> None:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            progress.update(task, completed=done, total=total, rate=f"{rate:.2f} cells/s")
+
+        report = ingest(source, ids, store, options, modalities=modalities, filters=filters, rule=rule, progress=tick)
+    console.print(f"[green]stored[/] {report.cells_written} cells, {report.fragments_written} fragments in "
+                  f"{report.shards_written} shard(s) -> {report.store} ({report.seconds:.1f} s); "
+                  f"{report.cells_already_stored} cells were already stored")
+    console.print("products per modality: " + ", ".join(f"{m} {n} cells" for m, n in report.coverage.items()), highlight=False)
+    for m, why in report.missing_modalities.items():
+        console.print(f"[yellow]no {m}:[/] {why}", highlight=False)
+    codec = report.codec
+    line = f"codec {codec['name']} ({codec['config_hash'][:12]})"
+    if report.codec_fit_psnr_db is not None:
+        line += f", fitted now: reconstruction PSNR {report.codec_fit_psnr_db:.1f} dB"
+    console.print(line)
+    if report.quarantined:
+        err_console.print(Text(f"{len(report.quarantined)} cell(s) quarantined (see {report.store}/ingest-errors.jsonl):", style="yellow"))
+        for cell, reason in sorted(report.quarantined.items())[:20]:
+            err_console.print(Text(f"  {cell}: {reason}"), soft_wrap=True)
+    return report
+
+
+@app.command(context_settings={"allow_extra_args": True})
+@_user_errors
+def ingest(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Option(help="Folder (or URL, e.g. hf://datasets/Major-TOM) holding Core-*/ datasets.")],
+    store: Annotated[Path, typer.Option(help="Latent store folder (created or extended).")],
+    cells: Annotated[Optional[list[str]], typer.Option(help="Cell ids, comma/space separated, or a text/CSV file of ids.")] = None,
+    region: Annotated[Optional[str], typer.Option(help="Vector file, WKT polygon or bbox 'west,south,east,north'.")] = None,
+    codec: Annotated[str, typer.Option(help="patch-pca (offline, fitted on the data) or sd-vae.")] = "patch-pca",
+    codec_source: Annotated[Optional[str], typer.Option(help="sd-vae weights: hub id, folder, or autoencoder_kl_ema.pth.")] = None,
+    modalities: Annotated[str, typer.Option(help="Comma-separated modalities.")] = "DEM,S1RTC,S2L1C,S2L2A",
+    fragments: Annotated[str, typer.Option(help="grid (4x4 of 256 px) or centre (one 256 px crop).")] = "grid",
+    start: Annotated[Optional[str], typer.Option(help="Earliest acquisition date, YYYY-MM-DD.")] = None,
+    end: Annotated[Optional[str], typer.Option(help="Latest acquisition date, YYYY-MM-DD.")] = None,
+    max_cloud_cover: Annotated[Optional[float], typer.Option(help="Max S2 cloud cover, percent.")] = None,
+    max_nodata: Annotated[Optional[float], typer.Option(help="Max nodata fraction 0..1.")] = None,
+    rule: Annotated[str, typer.Option(help="Product choice per cell: least-cloudy or most-recent.")] = "least-cloudy",
+    scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address; default: an embedded local cluster.")] = None,
+    workers: Annotated[int, typer.Option(help="Local cluster workers (default: all cores).")] = 0,
+    threads: Annotated[int, typer.Option(help="Threads per worker.")] = 1,
+    cells_per_shard: Annotated[int, typer.Option(help="Cells per store shard (one Dask encode task each).")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (sd-vae).")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or bf16 (sd-vae on GPU).")] = "fp32",
+) -> None:
+    """Ingest Major TOM shards into a grid-indexed latent store (Dask)."""
+    from majortom_gen.modalities import parse_modalities
+    from majortom_gen.selection import Filters
+    from pipelines.ingest import IngestOptions
+
+    ids = _cells_from_options((cells or []) + list(ctx.args), region)
+    options = IngestOptions(codec=codec, codec_source=codec_source, fragment_mode=fragments, cells_per_shard=cells_per_shard,
+                            scheduler=scheduler, workers=workers or None, threads=threads, device=device, precision=precision)
+    filters = Filters(start, end, max_cloud_cover, max_nodata)
+    report = run_ingest(source, ids, store, options, modalities=parse_modalities(modalities), filters=filters, rule=rule)
+    if report.completed_with_errors:
+        err_console.print(Text("completed with errors", style="bold yellow"))
+        raise typer.Exit(EXIT_COMPLETED_WITH_ERRORS)
+
+
+@store_app.command("info")
+@_user_errors
+def store_info(store: Annotated[Path, typer.Argument(help="Latent store folder.")]) -> None:
+    """Rows, cells, modality coverage, codec and size of a latent store."""
+    from majortom_gen.store import LatentStore
+
+    info = LatentStore.open(store).info()
+    console.print(f"[bold]{info['root']}[/]: {info['rows']} fragments of {info['cells']} cells in {info['shards']} shard(s), "
+                  f"{info['size_bytes'] / 1e6:.1f} MB; {info['fragment_mode']} fragments", highlight=False)
+    table = Table(title="modality coverage")
+    for col in ("modality", "fragments", "cells"):
+        table.add_column(col, justify="right" if col != "modality" else "left")
+    for m, cov in info["coverage"].items():
+        table.add_row(m, str(cov["fragments"]), str(cov["cells"]))
+    table.add_row("[bold]all aligned[/]", str(info["aligned_fragments"]), "")
+    console.print(table)
+    codec = info["codec"]
+    console.print(f"codec: {codec['name']} ({codec['config_hash'][:12]}) {json_dumps_short(codec['config'])}", highlight=False)
+
+
+def json_dumps_short(config: dict) -> str:
+    import json
+
+    text = json.dumps(config, default=str)
+    return text if len(text) < 200 else text[:197] + "..."
 
 
 # ----------------------------------------------------------------------------- demo

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,14 +115,6 @@ def read_metadata(path: str | os.PathLike, modality: str | Modality | None = Non
     return gpd.GeoDataFrame(df, geometry=gpd.points_from_xy(df["centre_lon"], df["centre_lat"]), crs="EPSG:4326")
 
 
-def _open_shard(url: str, columns: list[str] | None, row_group: int, footer: int):
-    if is_remote(url):
-        from fsspec.parquet import open_parquet_file
-
-        return open_parquet_file(url, columns=columns, row_groups=[row_group], footer_sample_size=footer)
-    return open(url, "rb")
-
-
 def read_product(
     url: str | os.PathLike,
     row_group: int,
@@ -135,28 +127,59 @@ def read_product(
     Remote files are read partially: the footer and the requested columns of that row group
     only. Raises :class:`ShardError` naming the file and row group when the file, the row
     group or a column is missing, or when the row group does not hold exactly one row."""
+    (_, result), = read_row_groups(url, [row_group], columns, footer_sample_size=footer_sample_size)
+    if isinstance(result, ShardError):
+        raise result
+    return result
+
+
+def read_row_groups(
+    url: str | os.PathLike,
+    row_groups: Sequence[int],
+    columns: Sequence[str] | None = None,
+    *,
+    footer_sample_size: int = FOOTER_SAMPLE_BYTES,
+) -> Iterator[tuple[int, dict[str, Any] | ShardError]]:
+    """Read several products of one shard, opening the file once: yields
+    ``(row_group, {column: value})`` or ``(row_group, ShardError)`` per requested row group,
+    so one bad row group does not stop the others. A file that cannot be opened at all
+    yields the same error for every row group."""
     url = to_fsspec_url(str(url))
     cols = list(columns) if columns is not None else None
-    item = f"{url} row group {row_group}"
+    wanted = [int(r) for r in row_groups]
     try:
-        with _open_shard(url, cols, int(row_group), footer_sample_size) as f:
+        if is_remote(url):
+            from fsspec.parquet import open_parquet_file
+
+            opened = open_parquet_file(url, columns=cols, row_groups=wanted, footer_sample_size=footer_sample_size)
+        else:
+            opened = open(url, "rb")
+        with opened as f:
             pf = pq.ParquetFile(f)
-            n = pf.metadata.num_row_groups
-            if not 0 <= int(row_group) < n:
-                raise ShardError(f"{item}: out of range, the file has {n} row groups")
-            names = pf.schema_arrow.names
-            if cols is not None:
-                absent = [c for c in cols if c not in names]
+            n, names = pf.metadata.num_row_groups, pf.schema_arrow.names
+            absent = [c for c in cols or [] if c not in names]
+            for rg in wanted:
+                item = f"{url} row group {rg}"
                 if absent:
-                    raise ShardError(f"{item}: no column(s) {absent} (has {names})")
-            table = pf.read_row_group(int(row_group), columns=cols)
-    except FileNotFoundError as exc:
-        raise ShardError(f"{url}: shard not found") from exc
+                    yield rg, ShardError(f"{item}: no column(s) {absent} (has {names})")
+                elif not 0 <= rg < n:
+                    yield rg, ShardError(f"{item}: out of range, the file has {n} row groups")
+                else:
+                    try:
+                        table = pf.read_row_group(rg, columns=cols)
+                    except (pa.ArrowInvalid, OSError) as exc:
+                        yield rg, ShardError(f"{item}: unreadable row group ({exc})")
+                        continue
+                    if table.num_rows != 1:
+                        yield rg, ShardError(f"{item}: holds {table.num_rows} rows, expected one product per row group")
+                    else:
+                        yield rg, {name: table.column(name)[0].as_py() for name in table.column_names}
+    except FileNotFoundError:
+        for rg in wanted:
+            yield rg, ShardError(f"{url}: shard not found (metadata row group {rg} points at it)")
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ShardError(f"{item}: unreadable parquet ({exc})") from exc
-    if table.num_rows != 1:
-        raise ShardError(f"{item}: holds {table.num_rows} rows, expected one product per row group")
-    return {name: table.column(name)[0].as_py() for name in table.column_names}
+        for rg in wanted:
+            yield rg, ShardError(f"{url} row group {rg}: unreadable parquet ({exc})")
 
 
 def read_product_of(row: pd.Series, columns: Sequence[str] | None = None) -> dict[str, Any]:

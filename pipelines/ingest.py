@@ -1,0 +1,352 @@
+"""Ingest: Major TOM shards -> grid-indexed latent store, on Dask.
+
+Plan: the selected products are grouped into batches of ``cells_per_shard`` cells (one
+store shard each). For a batch, one *decode* task per (modality, shard file) opens that
+file once and reads one row group per product (thumbnail column only; partial reads for
+remote files), decodes and validates the thumbnails and cuts them into fragments. One
+*encode* task per batch gathers them, encodes the fragments with the latent codec and
+writes the store shard atomically. The client lists finished shards in the manifest.
+
+Bad input never stops the run: a cell whose product cannot be read or decoded (corrupt or
+truncated PNG, missing columns, wrong thumbnail size, all nodata, a missing file or row
+group) is quarantined with the reason, listed in ``STORE/ingest-errors.jsonl`` and in the
+report; every other cell is stored. Cells already in the store are skipped, so a killed
+run started again ends with exactly the rows of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from majortom_gen.errors import DecodeError, MajorTomGenError, ShardError
+from majortom_gen.formats import decode_thumbnail
+from majortom_gen.fragments import cut_fragments, to_unit_range
+from majortom_gen.georef import normalise_crs, product_box
+from majortom_gen.modalities import MODALITY_NAMES, get_modality
+from majortom_gen.selection import Filters, Selection, select
+from majortom_gen.store import CellLatents, CodecInfo, LatentStore, cells_table, write_shard_file
+
+ERRORS_FILE = "ingest-errors.jsonl"
+CODEC_DIR = "codec"
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How to ingest. ``codec``: 'patch-pca' (default, fitted on the data, offline) or
+    'sd-vae' (``codec_source``: hub id, folder or .pth). ``scheduler``: None for an embedded
+    local cluster, 'synchronous' for no cluster (debugging), or a scheduler address."""
+
+    codec: str = "patch-pca"
+    codec_source: str | None = None
+    fragment_mode: str = "grid"
+    cells_per_shard: int = 8
+    scheduler: str | None = None
+    workers: int | None = None
+    threads: int = 1
+    device: str = "auto"
+    precision: str = "fp32"
+    encode_batch: int = 32
+    fit_cells: int = 4
+
+
+@dataclass
+class IngestReport:
+    store: str
+    cells_selected: int
+    cells_already_stored: int
+    cells_written: int = 0
+    fragments_written: int = 0
+    shards_written: int = 0
+    quarantined: dict[str, str] = field(default_factory=dict)
+    coverage: dict[str, int] = field(default_factory=dict)
+    missing_modalities: dict[str, str] = field(default_factory=dict)
+    codec: dict[str, Any] = field(default_factory=dict)
+    codec_fit_psnr_db: float | None = None
+    seconds: float = 0.0
+
+    @property
+    def completed_with_errors(self) -> bool:
+        return bool(self.quarantined)
+
+
+# ----------------------------------------------------------------------------- tasks
+def _thumbnail_fragments(modality: str, cell: str, crs: str, data: bytes, mode: str, item: str) -> np.ndarray:
+    """Decode, validate and cut one product's thumbnail: uint8 ``(n, 256, 256, 3)``."""
+    m = get_modality(modality)
+    thumb = decode_thumbnail(data, item=item)
+    side = thumb.shape[0]
+    if thumb.shape[:2] != (side, side) or side not in (m.thumbnail_px, m.thumbnail_px + 1):
+        raise DecodeError(f"{item}: thumbnail of {thumb.shape[1]}x{thumb.shape[0]} px, expected {m.thumbnail_px} px")
+    if (thumb.ndim == 3) != (m.thumbnail_mode == "RGB"):
+        raise DecodeError(f"{item}: thumbnail has {'3 bands' if thumb.ndim == 3 else '1 band'}, expected {m.thumbnail_mode}")
+    if thumb.max() == 0:
+        raise DecodeError(f"{item}: the product is entirely nodata (black thumbnail)")
+    box = product_box(cell)
+    if normalise_crs(crs, item=item) != box.crs:
+        raise DecodeError(f"{item}: metadata crs {crs} differs from the cell's UTM zone {box.crs}")
+    frags = cut_fragments(thumb, box.transform(10.0), box.crs, mode)
+    return np.stack([f.pixels for f in frags])
+
+
+def decode_task(modality: str, shard: str, items: list[tuple[str, int, str]], mode: str) -> dict[str, np.ndarray | str]:
+    """Read the products ``items`` = [(cell, row_group, crs)] of one shard file (opened once)
+    and cut their thumbnails. Returns {cell: fragments uint8 (n,256,256,3) | error text}."""
+    from majortom_gen.sources import read_row_groups
+
+    by_rg = defaultdict(list)
+    for cell, rg, crs in items:
+        by_rg[rg].append((cell, crs))
+    out: dict[str, np.ndarray | str] = {}
+    for rg, result in read_row_groups(shard, sorted(by_rg), ["grid_cell", "thumbnail"]):
+        for cell, crs in by_rg[rg]:
+            item = f"{modality} {cell} ({Path(str(shard)).name} row group {rg})"
+            if isinstance(result, ShardError):
+                out[cell] = f"{modality}: {result}"
+                continue
+            if result["grid_cell"] != cell:
+                out[cell] = f"{item}: the row group holds cell {result['grid_cell']}, not {cell}"
+                continue
+            try:
+                out[cell] = _thumbnail_fragments(modality, cell, crs, result["thumbnail"], mode, item)
+            except MajorTomGenError as exc:
+                out[cell] = str(exc)
+    return out
+
+
+_CODECS: dict[tuple, Any] = {}
+
+
+def _worker_codec(name: str, source: str | None, device: str, precision: str, threads: int):
+    """The codec, loaded once per worker process."""
+    import torch
+
+    from model.codecs import load_codec
+
+    torch.set_num_threads(max(threads, 1))
+    key = (name, source, device, precision)
+    if key not in _CODECS:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        _CODECS[key] = load_codec(name, source, device=device, dtype=dtype)
+    return _CODECS[key]
+
+
+def encode_task(store_root: str, batch: list[str], products: dict[str, dict[str, tuple]], decoded: list[tuple[str, dict]],
+                codec_spec: tuple, mode: str, encode_batch: int, modalities: tuple[str, ...]) -> dict[str, Any]:
+    """Encode a batch of cells and write one store shard. Returns the shard name (None if
+    nothing to write), the cells written and the cells quarantined with reasons."""
+    import torch
+
+    from majortom_gen.fragments import fragment_windows
+
+    frags: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    quarantined: dict[str, str] = {}
+    for modality, result in decoded:
+        for cell, value in result.items():
+            if isinstance(value, str):
+                quarantined.setdefault(cell, value)
+            else:
+                frags[cell][modality] = value
+    good = [c for c in batch if c not in quarantined and frags.get(c)]
+    codec = _worker_codec(*codec_spec)
+    windows = fragment_windows(mode)
+    moments: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    for modality in modalities:
+        cells = [c for c in good if modality in frags[c]]
+        if not cells:
+            continue
+        stack = np.concatenate([frags[c][modality] for c in cells])  # (n_cells * n_frag, 256, 256, 3)
+        parts = []
+        for i in range(0, len(stack), encode_batch):
+            x = torch.from_numpy(to_unit_range(stack[i:i + encode_batch]))
+            parts.append(codec.encode_moments(x).numpy().astype(np.float16))
+        enc = np.concatenate(parts).reshape(len(cells), len(windows), 8, 32, 32)
+        for c, e in zip(cells, enc):
+            moments[c][modality] = e
+    latents = [CellLatents(c, windows, moments[c], products[c]) for c in good]
+    name = write_shard_file(store_root, cells_table(latents, modalities)) if latents else None
+    return {"shard": name, "cells": good, "fragments": len(good) * len(windows), "quarantined": quarantined}
+
+
+# ----------------------------------------------------------------------------- planning
+def plan_batches(selection: Selection, skip: set[str], cells_per_shard: int) -> list[list[str]]:
+    """Cells to ingest (those with at least one product, not yet stored), in batches,
+    ordered so neighbouring cells (hence the same shard files) share a batch."""
+    have = set(selection.products["grid_cell"])
+    todo = sorted((c for c in selection.cells if c in have and c not in skip), key=_cell_sort_key)
+    return [todo[i:i + cells_per_shard] for i in range(0, len(todo), cells_per_shard)]
+
+
+def _cell_sort_key(cell: str) -> tuple[int, int]:
+    from majortom_gen.grid import parse_cell_id
+
+    return parse_cell_id(cell)
+
+
+def _products_of(selection: Selection) -> dict[str, dict[str, tuple]]:
+    out: dict[str, dict[str, tuple]] = defaultdict(dict)
+    for r in selection.products.itertuples(index=False):
+        ts = None if pd.isna(r.timestamp) else pd.Timestamp(r.timestamp)
+        out[r.grid_cell][r.modality] = (r.product_id if isinstance(r.product_id, str) else None, ts)
+    return out
+
+
+def _decode_items(selection: Selection, batch: list[str]) -> dict[tuple[str, str], list[tuple[str, int, str]]]:
+    rows = selection.products[selection.products["grid_cell"].isin(batch)]
+    groups: dict[tuple[str, str], list] = defaultdict(list)
+    for r in rows.itertuples(index=False):
+        groups[(r.modality, r.shard)].append((r.grid_cell, int(r.parquet_row), r.crs))
+    return groups
+
+
+# ----------------------------------------------------------------------------- codec
+def _device(option: str) -> str:
+    if option != "auto":
+        return option
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prepare_codec(store_root: Path, selection: Selection, batches: list[list[str]], options: IngestOptions) -> tuple[tuple, dict, float | None]:
+    """The codec spec workers load, its info for the manifest, and the fit PSNR if fitted now.
+
+    patch-pca: reuse the store's fitted codec, or fit one on the first ``fit_cells`` cells."""
+    from model.codecs import fit_patch_pca, load_codec
+
+    device = _device(options.device)
+    if options.codec == "patch-pca":
+        folder = store_root / CODEC_DIR
+        psnr = None
+        if not (folder / "config.json").exists():
+            sample = [c for b in batches for c in b][: max(options.fit_cells, 1)]
+            images = []
+            for (modality, shard), items in _decode_items(selection, sample).items():
+                for value in decode_task(modality, shard, items, options.fragment_mode).values():
+                    if not isinstance(value, str):
+                        images.append(value)
+            if not images:
+                raise MajorTomGenError("cannot fit the patch-pca codec: no readable product among the first cells")
+            import torch
+
+            codec, psnr = fit_patch_pca(torch.from_numpy(to_unit_range(np.concatenate(images))))
+            tmp = store_root / f".codec-{uuid.uuid4().hex}.tmp"
+            codec.save(tmp)
+            store_root.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, folder)
+        codec = load_codec("patch-pca", str(folder))
+        return ("patch-pca", str(folder), "cpu", "fp32", options.threads), codec.info(), psnr
+    if options.codec == "sd-vae":
+        if options.codec_source is None:
+            raise MajorTomGenError("--codec sd-vae needs --codec-source (hub id, folder, or autoencoder_kl_ema.pth)")
+        codec = load_codec("sd-vae", options.codec_source)
+        return ("sd-vae", options.codec_source, device, options.precision, options.threads), codec.info(), None
+    raise MajorTomGenError(f"unknown codec {options.codec!r}; valid codecs: patch-pca, sd-vae")
+
+
+# ----------------------------------------------------------------------------- the run
+def _client(options: IngestOptions):
+    from dask.distributed import Client, LocalCluster
+
+    if options.scheduler and options.scheduler != "synchronous":
+        return Client(options.scheduler), None
+    n = options.workers or max(os.cpu_count() or 1, 1)
+    cluster = LocalCluster(n_workers=n, threads_per_worker=options.threads, processes=True,
+                           dashboard_address=None, silence_logs=40)
+    return Client(cluster), cluster
+
+
+def ingest(
+    source: str | os.PathLike,
+    cells: list[str],
+    store_root: str | os.PathLike,
+    options: IngestOptions = IngestOptions(),
+    *,
+    modalities: tuple[str, ...] = MODALITY_NAMES,
+    filters: Filters = Filters(),
+    rule: str = "least-cloudy",
+    progress: Callable[[int, int], None] | None = None,
+) -> IngestReport:
+    """Ingest ``cells`` of the Major TOM data under ``source`` into the store at ``store_root``.
+
+    ``progress(cells_done, cells_total)`` is called as batches finish."""
+    start = time.perf_counter()
+    store_root = Path(store_root)
+    selection = select(source, cells, modalities, filters, rule)
+    existing = LatentStore.open(store_root) if (store_root / "manifest.json").exists() else None
+    done = existing.stored_cells() if existing else set()
+    batches = plan_batches(selection, done, options.cells_per_shard)
+    report = IngestReport(str(store_root), len(cells), len(done & set(cells)), coverage=selection.coverage(),
+                          missing_modalities=selection.missing)
+    no_products = [c for c in cells if c not in set(selection.products["grid_cell"])]
+    for c in no_products:
+        report.quarantined[c] = "no product of any modality matches this cell and the filters"
+    if existing is None and not batches:
+        raise MajorTomGenError("nothing to ingest: none of the selected cells has a product")
+    codec_spec, codec_info, psnr = prepare_codec(store_root, selection, batches, options)
+    store = LatentStore.create(store_root, CodecInfo(codec_info["name"], codec_info["config_hash"], codec_info["config"]),
+                               options.fragment_mode, modalities)
+    report.codec, report.codec_fit_psnr_db = codec_info, psnr
+    products = _products_of(selection)
+    total = sum(len(b) for b in batches)
+    if progress:
+        progress(0, total)
+
+    def finish(result: dict) -> None:
+        if result["shard"]:
+            store.add_shard(result["shard"])
+            report.shards_written += 1
+        report.cells_written += len(result["cells"])
+        report.fragments_written += result["fragments"]
+        report.quarantined.update(result["quarantined"])
+        if progress:
+            progress(report.cells_written + len(result["quarantined"]), total)
+
+    args = lambda batch, decoded: (str(store_root), batch, {c: products[c] for c in batch}, decoded, codec_spec,  # noqa: E731
+                                   options.fragment_mode, options.encode_batch, tuple(modalities))
+    if options.scheduler == "synchronous":
+        for batch in batches:
+            decoded = [(m, decode_task(m, shard, items, options.fragment_mode))
+                       for (m, shard), items in _decode_items(selection, batch).items()]
+            finish(encode_task(*args(batch, decoded)))
+    elif batches:
+        from dask.distributed import as_completed
+
+        client, cluster = _client(options)
+        try:
+            futures = []
+            for batch in batches:
+                decoded = [client.submit(_tagged_decode, m, shard, items, options.fragment_mode, pure=False)
+                           for (m, shard), items in _decode_items(selection, batch).items()]
+                futures.append(client.submit(encode_task, *args(batch, decoded), pure=False))
+            for fut in as_completed(futures):
+                finish(fut.result())
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    _write_errors(store_root, report.quarantined)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _tagged_decode(modality: str, shard: str, items: list, mode: str) -> tuple[str, dict]:
+    return modality, decode_task(modality, shard, items, mode)
+
+
+def _write_errors(store_root: Path, quarantined: dict[str, str]) -> None:
+    tmp = store_root / f".errors-{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w") as f:
+        for cell, reason in sorted(quarantined.items()):
+            f.write(json.dumps({"grid_cell": cell, "reason": reason}) + "\n")
+    os.replace(tmp, store_root / ERRORS_FILE)
