@@ -134,7 +134,8 @@ class Codec:
         self.name, self.source = name, source
         self.device, self.dtype = torch.device(device), dtype
         # patch-pca stays float32 (it is tiny); the VAE may run in fp16/bf16 on a GPU
-        self.model = (model.to(self.device, dtype) if name == "sd-vae" else model.to(self.device)).eval()
+        cast = name == "sd-vae" and dtype != torch.float32
+        self.model = (model.to(self.device, dtype) if cast else model.to(self.device)).eval()
         self._hash: str | None = None
 
     @property
