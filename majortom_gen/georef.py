@@ -78,6 +78,20 @@ def product_box(cell_id: str, grid: Grid | None = None) -> ProductBox:
 
 
 def normalise_crs(value: object, *, item: str = "crs") -> str:
+    if isinstance(value, str):
+        try:
+            return _normalise_crs_text(value)
+        except MajorTomGenError as exc:
+            raise MajorTomGenError(f"{item}: {exc}") from None
+    return _normalise_crs(value, item)
+
+
+@lru_cache(maxsize=256)
+def _normalise_crs_text(value: str) -> str:
+    return _normalise_crs(value, None)
+
+
+def _normalise_crs(value: object, item: str | None) -> str:
     """Normalise a CRS given as ``'EPSG:32633'``, ``'EPSG:EPSG:32633'`` (a Major TOM
     metadata quirk), ``32633`` or a rasterio/pyproj CRS to ``'EPSG:32633'``."""
     text = str(getattr(value, "to_string", lambda: value)()).strip()
@@ -88,7 +102,11 @@ def normalise_crs(value: object, *, item: str = "crs") -> str:
     try:
         epsg = CRS.from_user_input(text).to_epsg()
     except Exception as exc:  # pyproj raises CRSError, a subclass of Exception only
-        raise MajorTomGenError(f"{item}: {value!r} is not a CRS pyproj understands ({exc})") from exc
+        raise MajorTomGenError(_prefix(item, f"{value!r} is not a CRS pyproj understands ({exc})")) from exc
     if epsg is None:
-        raise MajorTomGenError(f"{item}: {value!r} has no EPSG code; Major TOM products use EPSG:326zz/327zz")
+        raise MajorTomGenError(_prefix(item, f"{value!r} has no EPSG code; Major TOM products use EPSG:326zz/327zz"))
     return f"EPSG:{epsg}"
+
+
+def _prefix(item: str | None, text: str) -> str:
+    return text if item is None else f"{item}: {text}"

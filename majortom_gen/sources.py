@@ -100,7 +100,11 @@ def read_metadata(path: str | os.PathLike, modality: str | Modality | None = Non
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise MetadataError(f"{url}: missing metadata columns {missing} (has {list(df.columns)})")
-    df["crs"] = [normalise_crs(v, item=f"{url} row {i} crs") for i, v in enumerate(df["crs"])]
+    mapping = {}
+    for value in df["crs"].unique():  # few distinct values among millions of rows
+        row = int((df["crs"] == value).to_numpy().nonzero()[0][0])
+        mapping[value] = normalise_crs(value, item=f"{url} row {row} crs")
+    df["crs"] = df["crs"].map(mapping)
     if "timestamp" in df.columns:
         parsed = pd.to_datetime(df["timestamp"], format="%Y%m%dT%H%M%S", utc=True, errors="coerce")
         bad = parsed.isna() & df["timestamp"].notna()

@@ -29,6 +29,8 @@ from diffusers.models.modeling_utils import ModelMixin
 
 CODEC_NAMES = ("patch-pca", "sd-vae")
 SD_SCALE_FACTOR = 0.18215
+MAX_FIT_BLOCKS = 100_000  # 8x8 blocks used to fit patch-pca (~100 fragments' worth)
+FIT_CHUNK = 32  # images per step when fitting / measuring PSNR
 # The kl-f8 VAE of Stable Diffusion 1.x (what COP-GEN-Beta used), as a diffusers config.
 SD_VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 256, "layers_per_block": 2,
@@ -82,10 +84,17 @@ class PatchPCAAutoencoder(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def fit(self, images: torch.Tensor) -> float:
         """Fit mean and components on images in [-1, 1] ``(N, 3, H, W)``; returns the PSNR
-        (dB, on the [0, 255] scale) of reconstructing them, and records it in the config."""
-        blocks = self._blocks(images.float()).reshape(-1, self.mean.numel()).double()
+        (dB, on the [0, 255] scale) of reconstructing them, and records it in the config.
+
+        Works in chunks of images on an evenly spread subset of at most ``MAX_FIT_BLOCKS``
+        blocks, so memory stays bounded whatever N is."""
+        n_blocks = len(images) * (images.shape[2] // self.config.patch_size) * (images.shape[3] // self.config.patch_size)
+        step = max(1, -(-n_blocks // MAX_FIT_BLOCKS))
+        parts = [self._blocks(chunk.float()).reshape(-1, self.mean.numel())[::step].double()
+                 for chunk in images.split(FIT_CHUNK)]
+        blocks = torch.cat(parts)
         mean = blocks.mean(0)
-        centred = blocks - mean
+        centred = blocks.sub_(mean)  # in place: no second copy
         cov = centred.T @ centred / max(len(blocks) - 1, 1)
         evals, evecs = torch.linalg.eigh(cov)  # ascending
         comps = evecs[:, -self.config.latent_channels:].flip(1)
@@ -94,7 +103,7 @@ class PatchPCAAutoencoder(ModelMixin, ConfigMixin):
         self.components.copy_(comps.float())
         coeff_std = float((centred @ comps).std())
         self.register_to_config(scaling_factor=1.0 / max(coeff_std, 1e-6))
-        psnr = float(reconstruction_psnr(self, images[: min(len(images), 256)]))
+        psnr = float(reconstruction_psnr(self, images))
         self.register_to_config(fit_psnr_db=round(psnr, 3))
         return psnr
 
@@ -116,11 +125,16 @@ class PatchPCAAutoencoder(ModelMixin, ConfigMixin):
 
 
 def reconstruction_psnr(codec, images: torch.Tensor) -> float:
-    """PSNR (dB, [0, 255] scale) of decode(mean latent) against ``images`` in [-1, 1]."""
+    """PSNR (dB, [0, 255] scale) of decode(mean latent) against ``images`` in [-1, 1],
+    computed in chunks."""
+    sq_err, count = 0.0, 0
     with torch.no_grad():
-        moments = codec.encode_moments(images)
-        rec = codec.decode(moments[:, :4] * codec.config.scaling_factor)
-    mse = ((rec.float() - images.float()) ** 2).mean().item() * (255.0 / 2) ** 2
+        for chunk in images.split(FIT_CHUNK):
+            moments = codec.encode_moments(chunk)
+            rec = codec.decode(moments[:, :4] * codec.config.scaling_factor)
+            sq_err += float(((rec.float() - chunk.float()) ** 2).sum())
+            count += chunk.numel()
+    mse = sq_err / max(count, 1) * (255.0 / 2) ** 2
     return 10 * math.log10(255.0**2 / max(mse, 1e-12))
 
 
