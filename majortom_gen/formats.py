@@ -108,7 +108,8 @@ def encode_geotiff(
 
 
 def decode_thumbnail(data: bytes, *, item: str = "thumbnail") -> np.ndarray:
-    """Decode PNG/JPEG thumbnail bytes to uint8 (H, W, 3) for RGB or (H, W) for greyscale.
+    """Decode PNG/JPEG thumbnail bytes to a read-only uint8 array, (H, W, 3) for RGB or
+    (H, W) for greyscale.
 
     Truncated or corrupt files raise :class:`DecodeError` naming ``item``."""
     if data is None or len(data) == 0:
@@ -121,7 +122,7 @@ def decode_thumbnail(data: bytes, *, item: str = "thumbnail") -> np.ndarray:
             img.load()  # forces a full decode: truncated files fail here
             if img.mode not in ("RGB", "L"):
                 img = img.convert("RGB")
-            return np.asarray(img, dtype=np.uint8).copy()
+            return np.asarray(img, dtype=np.uint8)  # read-only view of the decoded bytes
     except (OSError, UnidentifiedImageError, SyntaxError) as exc:
         raise DecodeError(f"{item}: corrupt or truncated {kind} ({exc})") from exc
 

@@ -49,21 +49,26 @@ class Fragment:
 
 
 def to_product_grid(thumb: np.ndarray) -> np.ndarray:
-    """Bring a decoded thumbnail to uint8 (1068, 1068, 3).
+    """Bring a decoded thumbnail to uint8 (1068, 1068, 3) (a view where possible).
 
     Greyscale (H, W) is replicated to 3 channels; a 356 px DEM thumbnail is resized with
     bilinear interpolation; rasters one pixel too large (1069) are cropped to 1068."""
+    grid = _product_grid_2d_or_rgb(thumb)
+    return np.repeat(grid[..., None], 3, axis=-1) if grid.ndim == 2 else grid
+
+
+def _product_grid_2d_or_rgb(thumb: np.ndarray) -> np.ndarray:
+    """Like :func:`to_product_grid` but keeps greyscale 2-D (replicated later, per fragment)."""
     if thumb.dtype != np.uint8:
         raise ValueError(f"thumbnail must be uint8, got {thumb.dtype}")
     if thumb.ndim == 2:
         if thumb.shape[0] < THUMBNAIL_PX:  # the 356 px DEM hillshade (30 m) -> 10 m grid
             thumb = np.asarray(Image.fromarray(thumb, "L").resize((THUMBNAIL_PX, THUMBNAIL_PX), Image.BILINEAR))
-        thumb = np.repeat(thumb[..., None], 3, axis=-1)
     elif thumb.ndim != 3 or thumb.shape[-1] != 3:
         raise ValueError(f"thumbnail must be (H, W) or (H, W, 3), got shape {thumb.shape}")
     if thumb.shape[0] < THUMBNAIL_PX or thumb.shape[1] < THUMBNAIL_PX:
         raise ValueError(f"thumbnail of shape {thumb.shape} is smaller than the {THUMBNAIL_PX} px product grid")
-    return np.ascontiguousarray(thumb[:THUMBNAIL_PX, :THUMBNAIL_PX])
+    return thumb[:THUMBNAIL_PX, :THUMBNAIL_PX]
 
 
 def fragment_windows(mode: str = "grid") -> list[tuple[int, int, int, int]]:
@@ -87,10 +92,12 @@ def cut_fragments(thumb: np.ndarray, product_transform: Affine, crs: str, mode: 
 
     ``product_transform`` is the 10 m transform of the 1068 px product grid (from the
     product's 10 m band GeoTIFF, or :meth:`majortom_gen.georef.ProductBox.transform`)."""
-    grid = to_product_grid(thumb)
+    grid = _product_grid_2d_or_rgb(thumb)
     out = []
     for fr, fc, r0, c0 in fragment_windows(mode):
         pixels = grid[r0:r0 + FRAGMENT_PX, c0:c0 + FRAGMENT_PX]  # a view of the 1068 grid
+        if pixels.ndim == 2:
+            pixels = np.repeat(pixels[..., None], 3, axis=-1)  # greyscale (DEM) -> 3 channels
         out.append(Fragment(fr, fc, r0, c0, pixels, fragment_transform(product_transform, r0, c0), crs))
     return out
 
