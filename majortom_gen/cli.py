@@ -314,26 +314,53 @@ def demo(
     workers: Annotated[int, typer.Option(help="Worker processes (default: all cores).")] = 0,
 ) -> None:
     """The main job on an embedded default, offline: a synthetic Major TOM world around
-    Turin, written in the Core format and inspected. (Ingestion, training, generation and
-    evaluation join as they land.)"""
+    Turin in the Core format, inspected, then ingested on a local Dask cluster into a
+    latent store with the offline codec. (Training, generation and evaluation join as
+    they land.)"""
     from majortom_gen.georef import default_grid
     from majortom_gen.regions import read_region
+    from majortom_gen.selection import Filters
+    from pipelines.ingest import IngestOptions
 
     if cells < 1:
         raise MajorTomGenError(f"--cells must be >= 1, got {cells}")
     ids = default_grid().cells_in(read_region(DEMO_REGION))[:cells]
+    n_workers = workers or (os.cpu_count() or 1)
     start = time.perf_counter()
-    world = out / "world"
+    world, store = out / "world", out / "store"
+    _reset_if_other_demo(out, {"seed": seed, "cells": ids})
     console.rule("[bold]1. synthetic Major TOM world")
     console.print(f"{len(ids)} cells around Turin, seed {seed} -> {world}")
-    run_synth(ids, world, seed=seed, workers=workers or (os.cpu_count() or 1), products_per_shard=500,
+    run_synth(ids, world, seed=seed, workers=n_workers, products_per_shard=500,
               quirks=(), modalities=("DEM", "S1RTC", "S2L1C", "S2L2A"))
     console.rule("[bold]2. inspect it")
     print_inspection(world, out / "world-preview.png")
+    console.rule("[bold]3. ingest into a latent store (local Dask cluster, offline patch-pca codec)")
+    run_ingest(str(world), ids, store, IngestOptions(workers=n_workers), modalities=("DEM", "S1RTC", "S2L1C", "S2L2A"),
+               filters=Filters(), rule="least-cloudy")
+    store_info(store)
     console.rule("[bold]done")
     console.print(f"wall time {time.perf_counter() - start:.1f} s. Repeat the steps by hand:")
-    console.print(f"  majortom-gen synth --cells {','.join(ids)} --out {world} --seed {seed}", highlight=False)
-    console.print(f"  majortom-gen inspect {world} --preview {out / 'world-preview.png'}", highlight=False)
+    for line in (f"majortom-gen synth --cells {','.join(ids)} --out {world} --seed {seed}",
+                 f"majortom-gen inspect {world} --preview {out / 'world-preview.png'}",
+                 f"majortom-gen ingest --source {world} --cells {','.join(ids)} --store {store}",
+                 f"majortom-gen store info {store}"):
+        console.print(f"  {line}", highlight=False, soft_wrap=True)
+    console.print("On real data: --source hf://datasets/Major-TOM (or a local mirror) and --codec sd-vae --codec-source <VAE>.")
+
+
+def _reset_if_other_demo(out: Path, params: dict) -> None:
+    """A demo folder is resumable for the same parameters; other parameters start afresh
+    (a store must not mix latents of two worlds)."""
+    import json
+    import shutil
+
+    record = out / "demo.json"
+    if record.exists() and json.loads(record.read_text()) != params:
+        for name in ("world", "store"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(params))
 
 
 def main() -> None:  # pragma: no cover - console-script shim

@@ -66,3 +66,7 @@ def test_demo_small(tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "world-preview.png").exists()
     assert sorted(p.name for p in (tmp_path / "world").iterdir()) == ["Core-DEM", "Core-S1RTC", "Core-S2L1C", "Core-S2L2A"]
+    from majortom_gen.store import LatentStore
+
+    info = LatentStore.open(tmp_path / "store").info()
+    assert info["cells"] == 2 and info["aligned_fragments"] == 32
