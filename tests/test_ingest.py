@@ -222,3 +222,34 @@ def test_ingest__killed_and_resumed_equals_uninterrupted(tmp_path, world8):
     a, b = _rows(killed), _rows(clean)
     assert len(a) == 128 and a.keys() == b.keys()
     assert a == b
+
+
+def test_ingest__on_an_existing_scheduler(tmp_path, world8):
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        report = ingest(world8, ["502U_60R"], tmp_path / "s", IngestOptions(scheduler=cluster.scheduler_address))
+        assert cluster.scheduler_address.startswith("tcp://") or cluster.scheduler_address.startswith("inproc://")
+    assert report.cells_written == 1 and report.fragments_written == 16
+
+
+def test_select__rule_and_filters(world8):
+    from majortom_gen.selection import Filters, choose_products, select
+    from majortom_gen.sources import read_metadata
+
+    md = read_metadata(world8 / "Core-S2L2A", "S2L2A")
+    dup = md.iloc[[0, 0]].copy()
+    dup["cloud_cover"] = [50.0, 5.0]
+    dup["product_id"] = ["cloudy", "clear"]
+    assert choose_products(dup)["product_id"].tolist() == ["clear"]
+    dup["timestamp"] = [md["timestamp"].iloc[0] + pd_timedelta(1), md["timestamp"].iloc[0]]
+    assert choose_products(dup, "most-recent")["product_id"].tolist() == ["cloudy"]
+    sel = select(world8, CELLS8, filters=Filters(max_cloud_cover=-1))
+    cov = sel.coverage()
+    assert cov["S2L2A"] == cov["S2L1C"] == 0 and cov["DEM"] == cov["S1RTC"] == 8
+
+
+def pd_timedelta(days):
+    import pandas as pd
+
+    return pd.Timedelta(days=days)
