@@ -134,20 +134,37 @@ def store_read(n_fragments: int = 10_000) -> None:
               f"{rate:,.0f} tuples/s (target >= 5,000) -> {t_copy / t_rand:.2f} of a contiguous in-memory copy")
 
 
+def _peak_rss(cmd: list[str]) -> tuple[float, float]:
+    """Run ``cmd``; sample the RSS of it and of its descendants (Dask workers) every 50 ms.
+    Returns the peaks in MB: (the process itself, the largest descendant)."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    me, peak_self, peak_child = psutil.Process(proc.pid), 0, 0
+    while proc.poll() is None:
+        try:
+            peak_self = max(peak_self, me.memory_info().rss)
+            for child in me.children(recursive=True):
+                peak_child = max(peak_child, child.memory_info().rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed with {proc.returncode}")
+    return peak_self / 2**20, peak_child / 2**20
+
+
 def peak_memory(cells_small: int, cells_big: int, workers: int) -> None:
-    """Peak RSS of an ingest in a fresh process (client) and of its Dask workers."""
-    code = ("import sys, resource, pathlib, tempfile\nfrom pipelines.ingest import ingest, IngestOptions\n"
-            "cells = sys.argv[2].split(',')\n"
-            f"ingest(sys.argv[1], cells, pathlib.Path(tempfile.mkdtemp()) / 's', IngestOptions(workers={workers}, cells_per_shard=4))\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+    """Peak RSS of an ingest (client process and its Dask workers) for few and many cells."""
+    code = ("import sys, pathlib, tempfile\nfrom pipelines.ingest import ingest, IngestOptions\n"
+            f"ingest(sys.argv[1], sys.argv[2].split(','), pathlib.Path(tempfile.mkdtemp()) / 's', "
+            f"IngestOptions(workers={workers}, cells_per_shard=4))\n")
     cells = default_grid().cells_in(read_region(REGION))[:cells_big]
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
         write_world(cells, Path(tmp) / "w", SynthOptions(seed=2, workers=workers))
         for n in (cells_small, cells_big):
-            out = subprocess.run([sys.executable, "-c", code, str(Path(tmp) / "w"), ",".join(cells[:n])],
-                                 capture_output=True, text=True, check=True).stdout.split()
-            peaks[n] = (int(out[-2]) / 1024, int(out[-1]) / 1024)
+            peaks[n] = _peak_rss([sys.executable, "-c", code, str(Path(tmp) / "w"), ",".join(cells[:n])])
     (s_main, s_child), (b_main, b_child) = peaks[cells_small], peaks[cells_big]
     print(f"[memory] peak RSS, {cells_small} cells: client {s_main:.0f} MB, largest worker {s_child:.0f} MB; "
           f"{cells_big} cells: client {b_main:.0f} MB, worker {b_child:.0f} MB -> ratios {b_main / s_main:.2f}, "

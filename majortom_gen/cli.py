@@ -41,6 +41,11 @@ def _user_errors(fn):
     return wrapper
 
 
+CellsOption = Annotated[Optional[list[str]], typer.Option(
+    help="Cell ids: --cells 501U_60R 502U_60R, comma-separated, or a text/CSV file of ids.")]
+RegionOption = Annotated[Optional[str], typer.Option(help="Vector file, WKT polygon or bbox 'west,south,east,north'.")]
+
+
 def _cells_from_options(cells: list[str] | None, region: str | None) -> list[str]:
     from majortom_gen.selection import cells_from
 
@@ -122,8 +127,8 @@ def run_synth(ids: list[str], out: Path, *, seed: int, workers: int, products_pe
 def synth(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Folder to write Core-*/ datasets into.")],
-    cells: Annotated[Optional[list[str]], typer.Option(help="Cell ids: --cells 501U_60R 502U_60R, comma-separated, or a text/CSV file of ids.")] = None,
-    region: Annotated[Optional[str], typer.Option(help="Vector file, WKT polygon or bbox 'west,south,east,north'.")] = None,
+    cells: CellsOption = None,
+    region: RegionOption = None,
     seed: Annotated[int, typer.Option(help="World seed: same seed, same bytes.")] = 0,
     workers: Annotated[int, typer.Option(help="Worker processes (default: all cores).")] = 0,
     products_per_shard: Annotated[int, typer.Option(help="Row groups (products) per images/part_*.parquet (real data: 500).")] = 500,
@@ -241,8 +246,8 @@ def ingest(
     ctx: typer.Context,
     source: Annotated[str, typer.Option(help="Folder (or URL, e.g. hf://datasets/Major-TOM) holding Core-*/ datasets.")],
     store: Annotated[Path, typer.Option(help="Latent store folder (created or extended).")],
-    cells: Annotated[Optional[list[str]], typer.Option(help="Cell ids, comma/space separated, or a text/CSV file of ids.")] = None,
-    region: Annotated[Optional[str], typer.Option(help="Vector file, WKT polygon or bbox 'west,south,east,north'.")] = None,
+    cells: CellsOption = None,
+    region: RegionOption = None,
     codec: Annotated[str, typer.Option(help="patch-pca (offline, fitted on the data) or sd-vae.")] = "patch-pca",
     codec_source: Annotated[Optional[str], typer.Option(help="sd-vae weights: hub id, folder, or autoencoder_kl_ema.pth.")] = None,
     modalities: Annotated[str, typer.Option(help="Comma-separated modalities.")] = "DEM,S1RTC,S2L1C,S2L2A",

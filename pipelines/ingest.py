@@ -33,6 +33,7 @@ from majortom_gen.errors import DecodeError, MajorTomGenError, ShardError
 from majortom_gen.formats import decode_thumbnail
 from majortom_gen.fragments import cut_fragments, to_unit_range
 from majortom_gen.georef import normalise_crs, product_box
+from majortom_gen.grid import parse_cell_id
 from majortom_gen.modalities import MODALITY_NAMES, get_modality
 from majortom_gen.selection import Filters, Selection, select
 from majortom_gen.store import CellLatents, CodecInfo, LatentStore, cells_table, write_shard_file
@@ -183,14 +184,8 @@ def plan_batches(selection: Selection, skip: set[str], cells_per_shard: int) -> 
     """Cells to ingest (those with at least one product, not yet stored), in batches,
     ordered so neighbouring cells (hence the same shard files) share a batch."""
     have = set(selection.products["grid_cell"])
-    todo = sorted((c for c in selection.cells if c in have and c not in skip), key=_cell_sort_key)
+    todo = sorted((c for c in selection.cells if c in have and c not in skip), key=parse_cell_id)
     return [todo[i:i + cells_per_shard] for i in range(0, len(todo), cells_per_shard)]
-
-
-def _cell_sort_key(cell: str) -> tuple[int, int]:
-    from majortom_gen.grid import parse_cell_id
-
-    return parse_cell_id(cell)
 
 
 def _products_of(selection: Selection) -> dict[str, dict[str, tuple]]:
@@ -312,8 +307,9 @@ def ingest(
         if progress:
             progress(report.cells_written + len(result["quarantined"]), total)
 
-    args = lambda batch, decoded: (str(store_root), batch, {c: products[c] for c in batch}, decoded, codec_spec,  # noqa: E731
-                                   options.fragment_mode, options.encode_batch, tuple(modalities))
+    def args(batch: list[str], decoded: list) -> tuple:
+        return (str(store_root), batch, {c: products[c] for c in batch}, decoded, codec_spec,
+                options.fragment_mode, options.encode_batch, tuple(modalities))
     if options.scheduler == "synchronous":
         for batch in batches:
             decoded = [(m, decode_task(m, shard, items, options.fragment_mode))
