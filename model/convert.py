@@ -1,0 +1,69 @@
+"""Load the published COP-GEN-Beta weights into :class:`model.uvit.MultiModalUViT`.
+
+The official checkpoint (``nnet_ema_114000.pth`` in the hub repo ``mespinosami/COP-GEN-Beta``)
+is a plain state dict of the research code's ``Triffuser`` network, whose submodule names
+this network keeps (``patch_embeds.{i}``, ``pos_embed``, ``in_blocks``, ``mid_block``,
+``out_blocks``, ``norm``, ``decoder_preds.{i}``), with modalities in the order dem, s1_rtc,
+s2_l1c, s2_l2a. The conversion therefore checks names and shapes and maps index i to the
+i-th modality name; outputs are identical.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from model.uvit import MultiModalUViT
+
+HUB_REPO = "mespinosami/COP-GEN-Beta"
+HUB_FILE = "nnet_ema_114000.pth"
+COP_GEN_BETA_MODALITIES = ("DEM", "S1RTC", "S2L1C", "S2L2A")  # dem, s1_rtc, s2_l1c, s2_l2a
+RELEASE_CONFIG = dict(img_size=32, in_chans=4, patch_size=2, embed_dim=1024, depth=20, num_heads=16,
+                      mlp_ratio=4.0, qkv_bias=False, mlp_time_embed=False)
+
+
+def from_cop_gen_beta(state_dict: Mapping[str, torch.Tensor], modalities: Sequence[str] = COP_GEN_BETA_MODALITIES,
+                      **network_config) -> MultiModalUViT:
+    """Build the network from an official state dict (keys optionally prefixed ``module.``).
+
+    ``network_config``: embed_dim, depth, num_heads, patch_size, img_size, in_chans, qkv_bias,
+    mlp_time_embed (defaults: the released model)."""
+    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    config = {**RELEASE_CONFIG, **network_config}
+    n_mod = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("patch_embeds."))
+    if n_mod != len(modalities):
+        raise ValueError(f"the checkpoint has {n_mod} modalities but {len(modalities)} names were given: {list(modalities)}")
+    net = MultiModalUViT(modalities=tuple(modalities), **config)
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+             if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError("the state dict does not match the network config "
+                         f"{config}: missing {missing[:6]}, unexpected {unexpected[:6]}, wrong shapes {wrong[:6]}")
+    net.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    return net.eval()
+
+
+def load_checkpoint(source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a local ``.pth`` file, or from the hub as ``repo_id[:filename]``
+    (default ``mespinosami/COP-GEN-Beta:nnet_ema_114000.pth``)."""
+    path = Path(source)
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        repo, _, name = str(source).partition(":")
+        path = Path(hf_hub_download(repo or HUB_REPO, name or HUB_FILE))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def convert(source: str | os.PathLike, out: str | os.PathLike, **network_config) -> MultiModalUViT:
+    """Convert an official checkpoint and ``save_pretrained`` it to ``out``."""
+    net = from_cop_gen_beta(load_checkpoint(source), **network_config)
+    net.save_pretrained(out)
+    return net

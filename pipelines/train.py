@@ -1,0 +1,66 @@
+"""Train the multimodal U-ViT on a latent store: the bridge between the store (geography
+side) and :mod:`model.train` (tensors only)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from majortom_gen.errors import MajorTomGenError
+from majortom_gen.store import LatentStore, load_aligned
+from model.codecs import SD_SCALE_FACTOR
+from model.config import load_config
+from model.train import TrainResult, train
+
+
+def store_scale_factor(store: LatentStore) -> float:
+    """The latent scale factor of the store's codec (patch-pca records its own)."""
+    codec = store.codec
+    if codec["name"] == "sd-vae":
+        return SD_SCALE_FACTOR
+    return float(codec["config"].get("scaling_factor", 1.0))
+
+
+def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike, *,
+                   max_steps: int | None = None, resume: bool = False, test_fraction: float = 0.05, split_seed: int = 0,
+                   progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
+    """Train on the store's training split (cells held out for testing by ``split_seed``)."""
+    cfg = load_config(config)
+    store = LatentStore.open(store_dir)
+    modalities = list(cfg.nnet.get("modalities", store.modalities))
+    arrays = load_aligned(store, modalities, split="train", test_fraction=test_fraction, seed=split_seed, cache=True)
+    if len(arrays) == 0:
+        raise MajorTomGenError(f"{store_dir}: no training fragment has all of {modalities}")
+    result = train(cfg, arrays.moments, out, scale_factor=store_scale_factor(store), max_steps=max_steps,
+                   resume=resume, progress=progress)
+    meta = {"store": str(Path(store_dir).resolve()), "codec": store.codec, "test_fraction": test_fraction,
+            "split_seed": split_seed, "train_fragments": len(arrays)}
+    (result.model_dir / "training_data.json").write_text(json.dumps(meta, indent=1))
+    plot_losses(Path(out) / "log.jsonl", Path(out) / "loss.png")
+    return result
+
+
+def plot_losses(log: Path, png: Path) -> Path:
+    """The loss curve (total and per modality) of a training log, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], label="total", color="black")
+    for key in sorted(k for k in rows[0] if k.startswith("loss_")):
+        ax.plot(steps, [r[key] for r in rows], label=key.removeprefix("loss_"), alpha=0.7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("epsilon MSE")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("training loss")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
