@@ -306,6 +306,89 @@ def json_dumps_short(config: dict) -> str:
     return text if len(text) < 200 else text[:197] + "..."
 
 
+# ----------------------------------------------------------------------------- model
+def run_train(config: str, store: Path, out: Path, *, max_steps: int | None, resume: bool):
+    from pipelines.train import train_on_store
+
+    start = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("training", total=None, rate="")
+
+        def tick(step: int, total: int, loss: float) -> None:
+            rate = step / max(time.perf_counter() - start, 1e-9)
+            progress.update(task, completed=step, total=total, rate=f"loss {loss:.4f}, {rate:.1f} steps/s")
+
+        try:
+            result = train_on_store(config, store, out, max_steps=max_steps, resume=resume, progress=tick)
+        except ValueError as exc:
+            raise MajorTomGenError(str(exc)) from None
+    console.print(f"[green]trained[/] {result.steps} steps, last loss {result.last_loss:.4f}; EMA model -> {result.model_dir}; "
+                  f"loss curve -> {out / 'loss.png'}", highlight=False)
+    return result
+
+
+@app.command()
+@_user_errors
+def train(
+    store: Annotated[Path, typer.Option(help="Latent store to train on (its training split).")],
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, log, loss curve, final EMA model.")],
+    config: Annotated[str, typer.Option(help="tiny, paper, release, or a YAML path.")] = "tiny",
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (default: the config's).")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume from the last checkpoint in --out.")] = False,
+) -> None:
+    """Train the multimodal U-ViT on a latent store (accelerate; GPU when present)."""
+    run_train(config, store, out, max_steps=max_steps, resume=resume)
+
+
+@app.command(context_settings={"allow_extra_args": True})
+@_user_errors
+def sample(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Option(help="A trained or converted model folder (save_pretrained).")],
+    store: Annotated[Path, typer.Option(help="Latent store holding the conditions.")],
+    out: Annotated[Path, typer.Option(help="Output folder: samples.npz, samples.json, PNG grids.")],
+    generate: Annotated[str, typer.Option(help="Modalities to generate, comma-separated.")],
+    condition: Annotated[str, typer.Option(help="Condition modalities, comma-separated, or 'none'.")] = "none",
+    cells: CellsOption = None,
+    region: RegionOption = None,
+    n_samples: Annotated[int, typer.Option(help="Samples per fragment.")] = 1,
+    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed; each fragment's noise derives from (seed, cell, fragment).")] = 0,
+    deterministic_conditions: Annotated[bool, typer.Option(help="Use the conditions' latent means, not samples.")] = False,
+) -> None:
+    """Generate any subset of modalities from any other subset, for fragments of a store."""
+    from majortom_gen.modalities import parse_modalities
+    from pipelines.sample import sample_store
+
+    ids = _cells_from_options((cells or []) + list(ctx.args), region)
+    cond = () if condition.strip().lower() in ("", "none") else parse_modalities(condition)
+    try:
+        result = sample_store(model, store, ids, cond, parse_modalities(generate), out, n_samples=n_samples, steps=steps,
+                              seed=seed, deterministic_conditions=deterministic_conditions)
+    except ValueError as exc:
+        raise MajorTomGenError(str(exc)) from None
+    console.print(f"[green]sampled[/] {result.fragments} fragments x {n_samples} -> {result.out} "
+                  f"({len(result.files)} files)", highlight=False)
+
+
+@app.command("convert-weights")
+@_user_errors
+def convert_weights(
+    out: Annotated[Path, typer.Option(help="Folder for the converted model (save_pretrained).")],
+    checkpoint: Annotated[str, typer.Option(help="nnet_ema_114000.pth path, or hub 'repo[:file]'.")] = "mespinosami/COP-GEN-Beta:nnet_ema_114000.pth",
+    config: Annotated[str, typer.Option(help="Network config the checkpoint was trained with.")] = "release",
+) -> None:
+    """Convert the published COP-GEN-Beta weights into this project's network."""
+    from pipelines.weights import convert_published
+
+    try:
+        net = convert_published(checkpoint, out, config)
+    except ValueError as exc:
+        raise MajorTomGenError(str(exc)) from None
+    n = sum(p.numel() for p in net.parameters())
+    console.print(f"[green]converted[/] {n / 1e6:.1f} M parameters, modalities {net.modalities} -> {out}", highlight=False)
+
+
 # ----------------------------------------------------------------------------- demo
 DEMO_REGION = "POLYGON ((7.45 44.97, 7.92 44.95, 7.95 45.22, 7.62 45.27, 7.42 45.15, 7.45 44.97))"  # Turin and its hills
 

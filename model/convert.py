@@ -62,8 +62,9 @@ def load_checkpoint(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def convert(source: str | os.PathLike, out: str | os.PathLike, **network_config) -> MultiModalUViT:
+def convert(source: str | os.PathLike, out: str | os.PathLike, modalities: Sequence[str] = COP_GEN_BETA_MODALITIES,
+            **network_config) -> MultiModalUViT:
     """Convert an official checkpoint and ``save_pretrained`` it to ``out``."""
-    net = from_cop_gen_beta(load_checkpoint(source), **network_config)
+    net = from_cop_gen_beta(load_checkpoint(source), modalities, **network_config)
     net.save_pretrained(out)
     return net
