@@ -1,0 +1,125 @@
+"""Model benchmarks, figures as ratios to baselines measured in the same run.
+
+    python benchmarks/model.py [--train-steps 20] [--reference-steps 250]
+
+1. Solver sweep: generate with 10/15/20/25/50 DPM-Solver++ steps on a fixed network and
+   fixed starting noise; report each one's RMS error against a 250-step reference solution,
+   relative to the 50-step error (so users can pick fewer steps knowingly).
+2. Throughput: forward+backward train steps/s and 4-modality sampling tuples/s for the
+   `tiny` config on the CPU (and `paper` / `release` on a GPU when present), with model FLOPs
+   utilisation against the device's peak when known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# run as a script, this file's folder comes first on sys.path and its name would shadow
+# the `model` package: drop the folder
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+
+from model.config import load_config  # noqa: E402
+from model.diffusion import draw_timesteps, diffusion_loss  # noqa: E402
+from model.sample import generate  # noqa: E402
+from model.uvit import MultiModalUViT  # noqa: E402
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
+
+
+def model_flops_per_sample(net: MultiModalUViT) -> float:
+    """Forward FLOPs of one sample (2 x multiply-adds): linear layers plus attention."""
+    c = net.config
+    m = len(c.modalities)
+    tokens = m + m * (c.img_size // c.patch_size) ** 2
+    d, hidden = c.embed_dim, int(c.embed_dim * c.mlp_ratio)
+    per_block = 2 * tokens * (3 * d * d + d * d + 2 * d * hidden) + 2 * 2 * tokens * tokens * d
+    blocks = c.depth + 1
+    skips = (c.depth // 2) * 2 * tokens * 2 * d * d
+    io = 2 * m * (c.img_size // c.patch_size) ** 2 * d * (c.patch_size**2 * c.in_chans) * 2
+    return float(blocks * per_block + skips + io)
+
+
+def solver_sweep(net: MultiModalUViT, ref_steps: int, device: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    c = net.config
+    shape = (c.in_chans, c.img_size, c.img_size)
+    cond = {"S2L2A": torch.randn(8, *shape, generator=g).to(device)}
+    noise = {m: torch.randn(8, *shape, generator=g) for m in ("DEM", "S1RTC")}
+    run = lambda steps: generate(net, cond, ["DEM", "S1RTC"], steps=steps, seed=0, initial_noise=noise)  # noqa: E731
+    ref = run(ref_steps)
+    errs = {}
+    for steps in (10, 15, 20, 25, 50):
+        out = run(steps)
+        errs[steps] = float(torch.sqrt(sum(((out[m] - ref[m]) ** 2).mean() for m in ("DEM", "S1RTC")) / 2))
+    line = ", ".join(f"{s} steps {e:.4f} ({e / errs[50]:.2f}x)" for s, e in errs.items())
+    print(f"[solver] RMS error vs a {ref_steps}-step reference (x the 50-step error): {line}")
+    best = min((s for s in errs if errs[s] <= errs[50] * 1.0001), default=50)
+    print(f"[solver] fewest steps reaching the 50-step accuracy: {best}")
+
+
+def throughput(config: str, device: str, batch: int, steps: int, dtype: torch.dtype) -> None:
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    net = MultiModalUViT(**cfg.nnet).to(device)
+    mods = net.modalities
+    c = net.config
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x0 = {m: torch.randn(batch, c.in_chans, c.img_size, c.img_size, device=device) for m in mods}
+    autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
+
+    def train_step():
+        t = draw_timesteps(batch, mods)
+        with autocast:
+            loss, _ = diffusion_loss(net, x0, t)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    train_step()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step()
+    sync()
+    dt = (time.perf_counter() - t0) / steps
+    flops = 3 * model_flops_per_sample(net) * batch / dt
+    peak = next((v for k, v in PEAK_FLOPS.items() if device == "cuda" and k in torch.cuda.get_device_name()), None)
+    mfu = f", MFU {flops / peak:.1%}" if peak else ""
+    print(f"[train] {config} on {device} ({str(dtype).split('.')[-1]}), batch {batch}: {1 / dt:.2f} steps/s, "
+          f"{flops / 1e12:.3f} TFLOP/s{mfu}")
+    net.eval()
+    cond = {}
+    t0 = time.perf_counter()
+    n = batch
+    generate(net, cond, mods, n_samples=n, steps=cfg.sample.steps, seed=0)
+    sync()
+    dt = time.perf_counter() - t0
+    print(f"[sample] {config} on {device}: {n / dt:.2f} four-modality tuples/s at {cfg.sample.steps} steps "
+          f"(batch {n})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-steps", type=int, default=20)
+    ap.add_argument("--reference-steps", type=int, default=250)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    net = MultiModalUViT(**load_config("tiny").nnet).to(device).eval()
+    solver_sweep(net, args.reference_steps, device)
+    throughput("tiny", "cpu", 32, args.train_steps, torch.float32)
+    if device == "cuda":
+        throughput("paper", "cuda", 256, args.train_steps, torch.bfloat16)
+        throughput("release", "cuda", 64, args.train_steps, torch.bfloat16)
+    else:
+        print("[gpu] no GPU available in this run: paper/release throughput not measured")
+
+
+if __name__ == "__main__":
+    main()
