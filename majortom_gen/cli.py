@@ -397,26 +397,29 @@ DEMO_REGION = "POLYGON ((7.45 44.97, 7.92 44.95, 7.95 45.22, 7.62 45.27, 7.42 45
 @_user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo-out"),
-    cells: Annotated[int, typer.Option(help="How many grid cells of the demo region to use.")] = 12,
-    seed: Annotated[int, typer.Option(help="Seed for the synthetic world.")] = 0,
+    cells: Annotated[int, typer.Option(help="How many grid cells of the demo region to use.")] = 24,
+    steps: Annotated[int, typer.Option(help="Training steps of the tiny model.")] = 400,
+    seed: Annotated[int, typer.Option(help="Seed for the synthetic world and the sampling.")] = 0,
     workers: Annotated[int, typer.Option(help="Worker processes (default: all cores).")] = 0,
 ) -> None:
     """The main job on an embedded default, offline: a synthetic Major TOM world around
-    Turin in the Core format, inspected, then ingested on a local Dask cluster into a
-    latent store with the offline codec. (Training, generation and evaluation join as
-    they land.)"""
+    Turin in the Core format, inspected, ingested on a local Dask cluster into a latent store
+    (offline codec), a tiny model trained on it, and DEM + S1RTC generated from S2 for a
+    held-out cell. (GeoTIFF export and evaluation join as they land.)"""
     from majortom_gen.georef import default_grid
     from majortom_gen.regions import read_region
     from majortom_gen.selection import Filters
+    from majortom_gen.store import split_cells
     from pipelines.ingest import IngestOptions
+    from pipelines.sample import sample_store
 
-    if cells < 1:
-        raise MajorTomGenError(f"--cells must be >= 1, got {cells}")
+    if cells < 2:
+        raise MajorTomGenError(f"--cells must be >= 2 (one is held out for generation), got {cells}")
     ids = default_grid().cells_in(read_region(DEMO_REGION))[:cells]
     n_workers = workers or (os.cpu_count() or 1)
     start = time.perf_counter()
-    world, store = out / "world", out / "store"
-    _reset_if_other_demo(out, {"seed": seed, "cells": ids})
+    world, store, run, samples = out / "world", out / "store", out / "train", out / "samples"
+    _reset_if_other_demo(out, {"seed": seed, "cells": ids, "steps": steps})
     console.rule("[bold]1. synthetic Major TOM world")
     console.print(f"{len(ids)} cells around Turin, seed {seed} -> {world}")
     run_synth(ids, world, seed=seed, workers=n_workers, products_per_shard=500,
@@ -427,14 +430,32 @@ def demo(
     run_ingest(str(world), ids, store, IngestOptions(workers=n_workers), modalities=("DEM", "S1RTC", "S2L1C", "S2L2A"),
                filters=Filters(), rule="least-cloudy")
     store_info(store)
+    console.rule(f"[bold]4. train the tiny model ({steps} steps, CPU)")
+    resume = (run / "checkpoints").exists()
+    run_train("tiny", store, run, max_steps=steps, resume=resume)
+    console.rule("[bold]5. generate DEM and S1RTC from S2L2A + S2L1C for a held-out cell")
+    _, test_cells = split_cells(ids, 0.05, 0)
+    result = sample_store(run / "model", store, test_cells, ("S2L1C", "S2L2A"), ("DEM", "S1RTC"), samples,
+                          n_samples=2, steps=25, seed=seed)
+    console.print(f"held-out cell(s) {', '.join(test_cells)}: {result.fragments} fragments x 2 samples -> {samples}")
+    console.print("  each PNG row: S2L1C | S2L2A | DEM sample 1 | DEM sample 2 | S1RTC sample 1 | S1RTC sample 2")
+    console.print(Text("  a few hundred CPU steps make a rough model: expect blurry, partly wrong structure; "
+                       "quality needs GPU-scale training or the published weights", style="yellow"))
     console.rule("[bold]done")
-    console.print(f"wall time {time.perf_counter() - start:.1f} s. Repeat the steps by hand:")
+    console.print(f"wall time {time.perf_counter() - start:.1f} s. Files: {out}/world-preview.png, {run}/loss.png, "
+                  + ", ".join(str(p) for p in result.files if p.suffix == ".png"), highlight=False, soft_wrap=True)
+    console.print("Repeat the steps by hand:")
     for line in (f"majortom-gen synth --cells {','.join(ids)} --out {world} --seed {seed}",
                  f"majortom-gen inspect {world} --preview {out / 'world-preview.png'}",
                  f"majortom-gen ingest --source {world} --cells {','.join(ids)} --store {store}",
-                 f"majortom-gen store info {store}"):
+                 f"majortom-gen store info {store}",
+                 f"majortom-gen train --config tiny --store {store} --out {run} --max-steps {steps}",
+                 f"majortom-gen sample --model {run / 'model'} --store {store} --cells {','.join(test_cells)} "
+                 f"--condition S2L1C,S2L2A --generate DEM,S1RTC --n-samples 2 --steps 25 --out {samples}"):
         console.print(f"  {line}", highlight=False, soft_wrap=True)
-    console.print("On real data: --source hf://datasets/Major-TOM (or a local mirror) and --codec sd-vae --codec-source <VAE>.")
+    console.print("On real data: --source hf://datasets/Major-TOM (or a local mirror), --codec sd-vae --codec-source "
+                  "<VAE>, and `majortom-gen convert-weights` for the published COP-GEN-Beta model (GPU advised).",
+                  soft_wrap=True)
 
 
 def _reset_if_other_demo(out: Path, params: dict) -> None:

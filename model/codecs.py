@@ -5,8 +5,8 @@
   hub id, a local ``save_pretrained`` folder, or an LDM/U-ViT style state dict file
   (``autoencoder_kl_ema.pth``, ``.ckpt``, ``.safetensors``); scale factor 0.18215.
 - ``patch-pca``: an offline linear codec fitted on the data in seconds: PCA over 8x8x3
-  pixel blocks keeps 4 components, giving 4 x 32 x 32 latents; its log-variance is a fixed
-  small constant. Honest about its quality: :meth:`PatchPCAAutoencoder.fit` returns the
+  pixel blocks keeps 4 components, whitened to unit variance each, giving 4 x 32 x 32
+  latents; its log-variance is a fixed small constant. Honest about its quality: :meth:`PatchPCAAutoencoder.fit` returns the
   reconstruction PSNR. It is a ``ModelMixin`` so it saves and loads like any diffusers model.
 
 Every codec reports ``info()`` = name, config and a hash of config and weights; a latent
@@ -66,7 +66,8 @@ class PatchPCAAutoencoder(ModelMixin, ConfigMixin):
         super().__init__()
         dim = in_channels * patch_size * patch_size
         self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("components", torch.zeros(dim, latent_channels))
+        self.register_buffer("components", torch.zeros(dim, latent_channels))  # orthonormal columns
+        self.register_buffer("component_std", torch.ones(latent_channels))  # whitening: unit variance per channel
 
     # (B, C, H, W) <-> (B, H/p * W/p, C*p*p)
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +102,10 @@ class PatchPCAAutoencoder(ModelMixin, ConfigMixin):
         comps = comps * torch.sign(comps.sum(0, keepdim=True) + 1e-12)  # deterministic sign
         self.mean.copy_(mean.float())
         self.components.copy_(comps.float())
-        coeff_std = float((centred @ comps).std())
-        self.register_to_config(scaling_factor=1.0 / max(coeff_std, 1e-6))
+        # whiten: the first component carries most of the variance; unit variance per channel
+        # keeps every latent channel on the scale diffusion models expect
+        self.component_std.copy_((centred @ comps).std(0).clamp(min=1e-6).float())
+        self.register_to_config(scaling_factor=1.0)
         psnr = float(reconstruction_psnr(self, images))
         self.register_to_config(fit_psnr_db=round(psnr, 3))
         return psnr
@@ -111,7 +114,7 @@ class PatchPCAAutoencoder(ModelMixin, ConfigMixin):
         """``(B, 3, H, W)`` in [-1, 1] -> ``(B, 8, H/8, W/8)`` moments (mean, constant logvar)."""
         b, _, h, w = images.shape
         p = self.config.patch_size
-        coeff = (self._blocks(images.float()) - self.mean) @ self.components  # (B, L, 4)
+        coeff = (self._blocks(images.float()) - self.mean) @ self.components / self.component_std  # (B, L, 4)
         mean = coeff.permute(0, 2, 1).reshape(b, self.config.latent_channels, h // p, w // p)
         return torch.cat([mean, torch.full_like(mean, self.config.logvar)], dim=1)
 
@@ -120,7 +123,7 @@ class PatchPCAAutoencoder(ModelMixin, ConfigMixin):
         b, c, h, w = latents.shape
         p = self.config.patch_size
         coeff = (latents.float() / self.config.scaling_factor).reshape(b, c, h * w).permute(0, 2, 1)
-        blocks = coeff @ self.components.T + self.mean
+        blocks = (coeff * self.component_std) @ self.components.T + self.mean
         return self._unblocks(blocks, h * p, w * p).clamp(-1, 1)
 
 

@@ -62,7 +62,7 @@ def test_synth__space_separated_cells_and_unwritable_out(tmp_path):
 
 
 def test_demo_small(tmp_path):
-    r = runner.invoke(app, ["demo", "--out", str(tmp_path), "--cells", "2", "--workers", "1"])
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path), "--cells", "2", "--steps", "3", "--workers", "1"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "world-preview.png").exists()
     assert sorted(p.name for p in (tmp_path / "world").iterdir()) == ["Core-DEM", "Core-S1RTC", "Core-S2L1C", "Core-S2L2A"]
@@ -70,3 +70,6 @@ def test_demo_small(tmp_path):
 
     info = LatentStore.open(tmp_path / "store").info()
     assert info["cells"] == 2 and info["aligned_fragments"] == 32
+    assert (tmp_path / "train" / "loss.png").exists() and (tmp_path / "train" / "model" / "config.json").exists()
+    pngs = list((tmp_path / "samples").glob("*.png"))
+    assert len(pngs) == 1 and (tmp_path / "samples" / "samples.npz").exists()
