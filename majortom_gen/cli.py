@@ -398,7 +398,7 @@ DEMO_REGION = "POLYGON ((7.45 44.97, 7.92 44.95, 7.95 45.22, 7.62 45.27, 7.42 45
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo-out"),
     cells: Annotated[int, typer.Option(help="How many grid cells of the demo region to use.")] = 24,
-    steps: Annotated[int, typer.Option(help="Training steps of the tiny model.")] = 400,
+    steps: Annotated[int, typer.Option(help="Training steps of the tiny model.")] = 600,
     seed: Annotated[int, typer.Option(help="Seed for the synthetic world and the sampling.")] = 0,
     workers: Annotated[int, typer.Option(help="Worker processes (default: all cores).")] = 0,
 ) -> None:
