@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -301,10 +302,11 @@ class LatentStore:
     def table(self, columns: Sequence[str] | None = None, cells: Iterable[str] | None = None) -> pa.Table:
         """All rows (optionally some columns, some cells) as one Arrow table."""
         paths = self.shard_paths()
-        if not paths:
-            return store_schema(self.modalities).empty_table() if columns is None else store_schema(self.modalities).empty_table().select(list(columns))
-        tables = [pq.read_table(p, columns=list(columns) if columns else None) for p in paths]
-        t = pa.concat_tables(tables)
+        if paths:
+            t = pa.concat_tables([pq.read_table(p, columns=list(columns) if columns else None) for p in paths])
+        else:
+            t = store_schema(self.modalities).empty_table()
+            t = t.select(list(columns)) if columns else t
         if cells is not None:
             t = t.filter(pc.is_in(t.column("grid_cell"), pa.array(sorted(set(cells)), pa.string())))
         return t
@@ -430,8 +432,6 @@ def load_aligned(store: LatentStore, modalities: Sequence[str], *, split: str | 
         np.save(tmp / "fragment_index.npy", frag)
         (tmp / "done").write_text("")
         if cache_dir.exists():
-            import shutil
-
             shutil.rmtree(cache_dir)
         os.replace(tmp, cache_dir)
         return load_aligned(store, modalities, split=split, test_fraction=test_fraction, seed=seed, cache=True)
