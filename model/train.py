@@ -71,8 +71,11 @@ def train(
     max_steps: int | None = None,
     resume: bool = False,
     progress: Callable[[int, int, float], None] | None = None,
+    on_checkpoint: Callable[[int, MultiModalUViT], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume) and write checkpoints, a log and the final EMA model under ``out``."""
+    """Train (or resume) and write checkpoints, a log and the final EMA model under ``out``.
+
+    ``on_checkpoint(step, ema_network)`` runs after each checkpoint (e.g. to draw a sample grid)."""
     out = Path(out)
     cfg, tcfg = config, config.train
     names = list(cfg.nnet.get("modalities", list(moments)))
@@ -134,15 +137,20 @@ def train(
                 log.flush()
             if step % tcfg.checkpoint_every == 0 or step == total:
                 _save_checkpoint(out, step, accelerator.unwrap_model(net), ema, opt, lr_sched, config)
+                if on_checkpoint is not None:
+                    on_checkpoint(step, _ema_network(ema, cfg.nnet, accelerator.device))
             if progress:
                 progress(step, total, loss_value)
-    final = accelerator.unwrap_model(net)
-    ema_net = MultiModalUViT(**cfg.nnet)
-    ema.copy_to(ema_net.parameters())
-    _atomic_save_pretrained(ema_net, out / "model")
+    _atomic_save_pretrained(_ema_network(ema, cfg.nnet, "cpu"), out / "model")
     (out / "model" / "run_config.json").write_text(json.dumps({**config.as_dict(), "scale_factor": scale_factor}, indent=1))
-    del final
     return TrainResult(step, loss_value, losses, out / "model")
+
+
+def _ema_network(ema: EMAModel, nnet: dict, device) -> MultiModalUViT:
+    """A fresh network holding the EMA weights (the training network is left untouched)."""
+    net = MultiModalUViT(**nnet).to(device)
+    ema.copy_to(net.parameters())
+    return net.eval()
 
 
 def _atomic_save_pretrained(net: MultiModalUViT, target: Path) -> None:

@@ -33,13 +33,39 @@ def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out:
     arrays = load_aligned(store, modalities, split="train", test_fraction=test_fraction, seed=split_seed, cache=True)
     if len(arrays) == 0:
         raise MajorTomGenError(f"{store_dir}: no training fragment has all of {modalities}")
+    grid = _sample_grid_callback(store, Path(store_dir), Path(out) / "samples", cfg.sample.steps)
     result = train(cfg, arrays.moments, out, scale_factor=store_scale_factor(store), max_steps=max_steps,
-                   resume=resume, progress=progress)
+                   resume=resume, progress=progress, on_checkpoint=grid)
     meta = {"store": str(Path(store_dir).resolve()), "codec": store.codec, "test_fraction": test_fraction,
             "split_seed": split_seed, "train_fragments": len(arrays)}
     (result.model_dir / "training_data.json").write_text(json.dumps(meta, indent=1))
     plot_losses(Path(out) / "log.jsonl", Path(out) / "loss.png")
     return result
+
+
+def _sample_grid_callback(store: LatentStore, store_dir: Path, folder: Path, steps: int):
+    """At each checkpoint: 4 joint samples of every modality, decoded with the store's
+    codec, as ``samples/step-NNNNNN.png`` (rows: samples; columns: modalities). Only when
+    the codec can be loaded offline (patch-pca, stored with the store)."""
+    if store.codec["name"] != "patch-pca" or not (store_dir / "codec" / "config.json").exists():
+        return None
+    import numpy as np
+    from PIL import Image
+
+    from majortom_gen.fragments import from_unit_range
+    from model.codecs import load_codec
+    from model.sample import generate
+
+    codec = load_codec("patch-pca", str(store_dir / "codec"))
+
+    def draw(step: int, net) -> None:
+        out = generate(net, {}, net.modalities, n_samples=4, steps=min(steps, 25), seed=0)
+        tiles = [from_unit_range(codec.decode(out[m].float().cpu()).numpy()) for m in net.modalities]
+        rows = [np.concatenate([t[i][::2, ::2] for t in tiles], axis=1) for i in range(4)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate(rows, axis=0)).save(folder / f"step-{step:06d}.png")
+
+    return draw
 
 
 def plot_losses(log: Path, png: Path) -> Path:

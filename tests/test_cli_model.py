@@ -31,6 +31,8 @@ def test_train_resume_and_sample(store, tmp_path):
     r = runner.invoke(app, ["train", "--store", str(store), "--out", str(run), "--max-steps", "4"])
     assert r.exit_code == 0, r.output
     assert (run / "model" / "config.json").exists() and (run / "loss.png").stat().st_size > 1000
+    grids = sorted((run / "samples").glob("step-*.png"))  # a sample grid per checkpoint
+    assert [g.name for g in grids] == ["step-000004.png"]
     r = runner.invoke(app, ["train", "--store", str(store), "--out", str(run), "--max-steps", "4"])
     assert r.exit_code == 2 and "--resume" in r.output
     r = runner.invoke(app, ["train", "--store", str(store), "--out", str(run), "--max-steps", "6", "--resume"])
