@@ -371,6 +371,20 @@ def sample(
                   f"({len(result.files)} files)", highlight=False)
 
 
+@app.command()
+@_user_errors
+def export(
+    samples: Annotated[Path, typer.Option(help="Output folder of `majortom-gen sample`.")],
+    store: Annotated[Path, typer.Option(help="The latent store the samples were drawn from.")],
+    out: Annotated[Path, typer.Option(help="Folder for the GeoTIFFs: <cell>/<modality>/f<fragment>_s<sample>.tif.")],
+) -> None:
+    """Write generated fragments as Cloud-Optimized GeoTIFFs in their cell's UTM CRS."""
+    from pipelines.export import export_samples
+
+    result = export_samples(samples, store, out)
+    console.print(f"[green]exported[/] {len(result.files)} COGs -> {result.out}", highlight=False)
+
+
 @app.command("convert-weights")
 @_user_errors
 def convert_weights(

@@ -26,7 +26,7 @@ def store(world, tmp_path_factory):
     return root
 
 
-def test_train_resume_and_sample(store, tmp_path):
+def test_train_resume_and_sample(store, world, tmp_path):
     run = tmp_path / "run"
     r = runner.invoke(app, ["train", "--store", str(store), "--out", str(run), "--max-steps", "4"])
     assert r.exit_code == 0, r.output
@@ -52,9 +52,35 @@ def test_train_resume_and_sample(store, tmp_path):
                             "--condition", "S2L2A,S2L1C", "--generate", "DEM,S1RTC", "--n-samples", "2", "--steps", "3",
                             "--out", str(tmp_path / "again")])
     assert np.array_equal(np.load(tmp_path / "again" / "samples.npz")["latent_DEM"], z["latent_DEM"])
+    _check_export(store, world, out, tmp_path / "tifs")
     r = runner.invoke(app, ["sample", "--model", str(run / "model"), "--store", str(store), "--cells", WORLD_CELLS[0],
                             "--generate", "LANDSAT", "--out", str(out)])
     assert r.exit_code == 2 and "unknown modality" in r.output
+
+
+def _check_export(store, world, samples, tifs):
+    """Exported COGs sit exactly on the source product's 10 m band grid, labelled honestly."""
+    import rasterio
+    from rasterio.windows import Window, transform as window_transform
+
+    from majortom_gen.sources import decode_band, read_metadata, read_product_of
+
+    r = runner.invoke(app, ["export", "--samples", str(samples), "--store", str(store), "--out", str(tifs)])
+    assert r.exit_code == 0, r.output
+    files = sorted(tifs.rglob("*.tif"))
+    assert len(files) == 16 * 2 * 2  # fragments x samples x generated modalities
+    md = read_metadata(world / "Core-S2L2A", "S2L2A")
+    row = md[(md.grid_cell == WORLD_CELLS[0]) & (md.nodata < 1)].iloc[0]
+    band = decode_band(read_product_of(row, ["B04"]), "B04")
+    with rasterio.open(tifs / WORLD_CELLS[0] / "DEM" / "f06_s1.tif") as ds:
+        assert ds.count == 1 and "hillshade" in ds.descriptions[0] and "not elevation" in ds.tags()["CONTENT"]
+        assert ds.crs.to_string() == band.crs and ds.tags()["CONDITION"] == "S2L1C,S2L2A"
+        expected = window_transform(Window(22 + 512, 22 + 256, 256, 256), band.transform)  # fragment 6 = row 1, col 2
+        for got, want in zip(ds.transform[:6], expected[:6]):
+            assert abs(got - want) < 0.1 * 10  # a tenth of a 10 m pixel
+        assert ds.profile["blockxsize"] == 256
+    with rasterio.open(tifs / WORLD_CELLS[0] / "S1RTC" / "f00_s0.tif") as ds:
+        assert ds.count == 3 and all("not backscatter" in d for d in ds.descriptions)
 
 
 def test_convert_weights(tmp_path):

@@ -1,0 +1,94 @@
+"""Export generated fragments as georeferenced Cloud-Optimized GeoTIFFs.
+
+One COG per (cell, fragment, modality, sample), in the cell's UTM CRS with the exact affine
+transform of that fragment's window in the 10 m product grid (from the store). Values are
+what the model makes: 8-bit thumbnails (S2 true colour, S1 false-colour dB composite, DEM
+hillshade as one band). Band descriptions and tags say so: a hillshade is never labelled
+elevation, nor a false-colour composite backscatter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from affine import Affine
+
+from majortom_gen.errors import MajorTomGenError
+from majortom_gen.fragments import from_unit_range
+from majortom_gen.store import LatentStore
+from model.codecs import load_codec
+
+BANDS = {
+    "S2L2A": ["red: S2 L2A true-colour thumbnail (B04), 8-bit, 1.3*(DN/1e4)**0.6",
+              "green: S2 L2A true-colour thumbnail (B03), 8-bit", "blue: S2 L2A true-colour thumbnail (B02), 8-bit"],
+    "S2L1C": ["red: S2 L1C true-colour thumbnail (B04), 8-bit, 1.3*(DN/1e4)**0.6",
+              "green: S2 L1C true-colour thumbnail (B03), 8-bit", "blue: S2 L1C true-colour thumbnail (B02), 8-bit"],
+    "S1RTC": ["red: S1 VV dB, min-max scaled per image (not backscatter)", "green: VV+VH composite (not backscatter)",
+              "blue: S1 VH dB, min-max scaled per image (not backscatter)"],
+    "DEM": ["hillshade of the DEM (azimuth 315, altitude 45), 8-bit (not elevation)"],
+}
+CONTENT = {
+    "S2L2A": "generated S2 L2A true-colour thumbnail (8-bit visualisation, not reflectance)",
+    "S2L1C": "generated S2 L1C true-colour thumbnail (8-bit visualisation, not reflectance)",
+    "S1RTC": "generated S1 RTC false-colour composite (8-bit visualisation, not backscatter)",
+    "DEM": "generated DEM hillshade (8-bit visualisation, not elevation)",
+}
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    files: list[Path]
+
+
+def write_fragment_cog(path: Path, pixels: np.ndarray, modality: str, crs: str, transform: Affine, tags: dict) -> Path:
+    """Write uint8 (256, 256, 3) pixels of one modality as a COG (DEM: one hillshade band)."""
+    bands = pixels.mean(axis=-1, keepdims=True).round().astype(np.uint8) if modality == "DEM" else pixels
+    data = np.moveaxis(bands, -1, 0)  # (bands, rows, cols)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    profile = dict(driver="COG", width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype="uint8",
+                   crs=crs, transform=transform, compress="deflate", blocksize=256)
+    with rasterio.open(tmp, "w", **profile) as ds:
+        ds.write(data)
+        for i, desc in enumerate(BANDS[modality], start=1):
+            ds.set_band_description(i, desc)
+        ds.update_tags(CONTENT=CONTENT[modality], **{k.upper(): str(v) for k, v in tags.items()})
+        if modality != "DEM":
+            ds.colorinterp = [rasterio.enums.ColorInterp.red, rasterio.enums.ColorInterp.green, rasterio.enums.ColorInterp.blue]
+    os.replace(tmp, path)
+    return path
+
+
+def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike) -> ExportResult:
+    """Decode a ``majortom-gen sample`` run and write one COG per fragment, modality and sample.
+
+    Files: ``out/<cell>/<modality>/f<fragment>_s<sample>.tif``; generated modalities only."""
+    samples_dir, store_dir, out = Path(samples_dir), Path(store_dir), Path(out)
+    meta = json.loads((samples_dir / "samples.json").read_text())
+    z = np.load(samples_dir / "samples.npz")
+    store = LatentStore.open(store_dir)
+    if store.codec["name"] != "patch-pca" or not (store_dir / "codec" / "config.json").exists():
+        raise MajorTomGenError(f"{store_dir}: export needs the store's codec offline (patch-pca); sd-vae export: pass the VAE")
+    codec = load_codec("patch-pca", str(store_dir / "codec"))
+    cells = sorted(set(z["grid_cell"].tolist()))
+    geo = store.lookup(cells=cells).set_index(["grid_cell", "fragment_index"])
+    files = []
+    for m in meta["generate"]:
+        latents = torch.from_numpy(z[f"latent_{m}"].astype(np.float32))
+        pixels = np.concatenate([from_unit_range(codec.decode(latents[i:i + 64]).numpy()) for i in range(0, len(latents), 64)])
+        for i, (cell, frag, s) in enumerate(zip(z["grid_cell"].tolist(), z["fragment_index"].tolist(), z["sample"].tolist())):
+            row = geo.loc[(cell, frag)]
+            transform = Affine(*row["utm_transform"])
+            product_ids = {p.removesuffix("_product_id"): row[p] for p in geo.columns if p.endswith("_product_id") and row[p]}
+            tags = {"grid_cell": cell, "fragment_index": frag, "sample": s, "model": meta["model"], "codec": meta["codec"],
+                    "condition": ",".join(meta["condition"]) or "none", "seed": meta["seed"], "steps": meta["steps"],
+                    "source_product_ids": json.dumps(product_ids)}
+            files.append(write_fragment_cog(out / cell / m / f"f{frag:02d}_s{s}.tif", pixels[i], m, row["utm_crs"], transform, tags))
+    return ExportResult(out, files)
