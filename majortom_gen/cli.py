@@ -419,7 +419,7 @@ def demo(
     """The main job on an embedded default, offline: a synthetic Major TOM world around
     Turin in the Core format, inspected, ingested on a local Dask cluster into a latent store
     (offline codec), a tiny model trained on it, and DEM + S1RTC generated from S2 for a
-    held-out cell. (GeoTIFF export and evaluation join as they land.)"""
+    held-out cell, exported as GeoTIFFs. (Mosaics and evaluation join as they land.)"""
     from majortom_gen.georef import default_grid
     from majortom_gen.regions import read_region
     from majortom_gen.selection import Filters
@@ -455,6 +455,14 @@ def demo(
     console.print("  each PNG row: S2L1C | S2L2A | DEM sample 1 | DEM sample 2 | S1RTC sample 1 | S1RTC sample 2")
     console.print(Text("  a few hundred CPU steps make a rough model: expect blurry, partly wrong structure; "
                        "quality needs GPU-scale training or the published weights", style="yellow"))
+    console.rule("[bold]6. export the generated fragments as GeoTIFFs (UTM, exact fragment transforms)")
+    from pipelines.export import export_samples
+
+    tifs = export_samples(samples, store, out / "geotiff")
+    console.print(f"{len(tifs.files)} Cloud-Optimized GeoTIFFs -> {tifs.out}/<cell>/<modality>/f<fragment>_s<sample>.tif")
+    console.print("  QGIS: Layer > Add Layer > Add Raster Layer, pick the .tif files (or drag them in); they land "
+                  "in their UTM zone, over the cell. Values are 8-bit visualisations (hillshade, false colour), "
+                  "not elevation or backscatter.", soft_wrap=True)
     console.rule("[bold]done")
     console.print(f"wall time {time.perf_counter() - start:.1f} s. Files: {out}/world-preview.png, {run}/loss.png, "
                   + ", ".join(str(p) for p in result.files if p.suffix == ".png"), highlight=False, soft_wrap=True)
@@ -465,7 +473,8 @@ def demo(
                  f"majortom-gen store info {store}",
                  f"majortom-gen train --config tiny --store {store} --out {run} --max-steps {steps}",
                  f"majortom-gen sample --model {run / 'model'} --store {store} --cells {','.join(test_cells)} "
-                 f"--condition S2L1C,S2L2A --generate DEM,S1RTC --n-samples 2 --steps 25 --out {samples}"):
+                 f"--condition S2L1C,S2L2A --generate DEM,S1RTC --n-samples 2 --steps 25 --out {samples}",
+                 f"majortom-gen export --samples {samples} --store {store} --out {out / 'geotiff'}"):
         console.print(f"  {line}", highlight=False, soft_wrap=True)
     console.print("On real data: --source hf://datasets/Major-TOM (or a local mirror), --codec sd-vae --codec-source "
                   "<VAE>, and `majortom-gen convert-weights` for the published COP-GEN-Beta model (GPU advised).",

@@ -73,3 +73,9 @@ def test_demo_small(tmp_path):
     assert (tmp_path / "train" / "loss.png").exists() and (tmp_path / "train" / "model" / "config.json").exists()
     pngs = list((tmp_path / "samples").glob("*.png"))
     assert len(pngs) == 1 and (tmp_path / "samples" / "samples.npz").exists()
+    tifs = list((tmp_path / "geotiff").rglob("*.tif"))
+    assert len(tifs) == 16 * 2 * 2
+    import rasterio
+
+    with rasterio.open(tifs[0]) as ds:
+        assert ds.crs.to_epsg() == 32632 and ds.transform.a == 10.0
