@@ -377,11 +377,17 @@ def export(
     samples: Annotated[Path, typer.Option(help="Output folder of `majortom-gen sample`.")],
     store: Annotated[Path, typer.Option(help="The latent store the samples were drawn from.")],
     out: Annotated[Path, typer.Option(help="Folder for the GeoTIFFs: <cell>/<modality>/f<fragment>_s<sample>.tif.")],
+    crs: Annotated[str, typer.Option(help="CRS of the blended mosaic COGs.")] = "EPSG:4326",
+    region: RegionOption = None,
+    mosaic: Annotated[bool, typer.Option(help="Also write mosaics: a VRT per UTM zone and a blended COG per modality and sample.")] = True,
 ) -> None:
-    """Write generated fragments as Cloud-Optimized GeoTIFFs in their cell's UTM CRS."""
+    """Write generated fragments as Cloud-Optimized GeoTIFFs in their cell's UTM CRS, and mosaics."""
+    from majortom_gen.georef import normalise_crs
+    from majortom_gen.regions import read_region
     from pipelines.export import export_samples
 
-    result = export_samples(samples, store, out)
+    result = export_samples(samples, store, out, mosaic=mosaic, dst_crs=normalise_crs(crs, item="--crs"),
+                            region=read_region(region) if region else None)
     console.print(f"[green]exported[/] {len(result.files)} COGs -> {result.out}", highlight=False)
 
 
@@ -459,7 +465,9 @@ def demo(
     from pipelines.export import export_samples
 
     tifs = export_samples(samples, store, out / "geotiff")
-    console.print(f"{len(tifs.files)} Cloud-Optimized GeoTIFFs -> {tifs.out}/<cell>/<modality>/f<fragment>_s<sample>.tif")
+    console.print(f"{len(tifs.files)} files -> {tifs.out}: <cell>/<modality>/f<fragment>_s<sample>.tif (fragment COGs), "
+                  "mosaic/<modality>_s<k>_EPSG4326.tif (blended), mosaic/*.vrt (per UTM zone), "
+                  "mosaic/<modality>_mean|std_EPSG4326.tif (over samples)", soft_wrap=True)
     console.print("  QGIS: Layer > Add Layer > Add Raster Layer, pick the .tif files (or drag them in); they land "
                   "in their UTM zone, over the cell. Values are 8-bit visualisations (hillshade, false colour), "
                   "not elevation or backscatter.", soft_wrap=True)

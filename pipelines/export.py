@@ -66,10 +66,13 @@ def write_fragment_cog(path: Path, pixels: np.ndarray, modality: str, crs: str, 
     return path
 
 
-def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike) -> ExportResult:
-    """Decode a ``majortom-gen sample`` run and write one COG per fragment, modality and sample.
-
-    Files: ``out/<cell>/<modality>/f<fragment>_s<sample>.tif``; generated modalities only."""
+def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike, *,
+                   mosaic: bool = True, dst_crs: str = "EPSG:4326", region=None) -> ExportResult:
+    """Decode a ``majortom-gen sample`` run and write one COG per fragment, modality and sample
+    (``out/<cell>/<modality>/f<fragment>_s<sample>.tif``, generated modalities only); with
+    ``mosaic``, per modality and sample a VRT per UTM zone and a blended COG in ``dst_crs``
+    clipped to ``region`` (``out/mosaic/``), plus mean/std rasters when there are several
+    samples."""
     samples_dir, store_dir, out = Path(samples_dir), Path(store_dir), Path(out)
     meta = json.loads((samples_dir / "samples.json").read_text())
     z = np.load(samples_dir / "samples.npz")
@@ -91,4 +94,24 @@ def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike,
                     "condition": ",".join(meta["condition"]) or "none", "seed": meta["seed"], "steps": meta["steps"],
                     "source_product_ids": json.dumps(product_ids)}
             files.append(write_fragment_cog(out / cell / m / f"f{frag:02d}_s{s}.tif", pixels[i], m, row["utm_crs"], transform, tags))
+    if mosaic:
+        files += _mosaics(files, out / "mosaic", meta, dst_crs, region)
     return ExportResult(out, files)
+
+
+def _mosaics(files: list[Path], folder: Path, meta: dict, dst_crs: str, region) -> list[Path]:
+    from pipelines.mosaic import vrts_per_zone, write_mosaic, write_uncertainty
+
+    written = []
+    for m in meta["generate"]:
+        per_sample = []
+        for s in range(meta["n_samples"]):
+            tifs = [f for f in files if f.parent.name == m and f.stem.endswith(f"_s{s}")]
+            stem = f"{m}_s{s}"
+            written += vrts_per_zone(tifs, folder, stem)
+            per_sample.append(write_mosaic(tifs, folder / f"{stem}_{dst_crs.replace(':', '')}.tif", dst_crs=dst_crs, region=region))
+        written += per_sample
+        if len(per_sample) > 1:
+            tag = dst_crs.replace(":", "")
+            written += write_uncertainty(per_sample, folder / f"{m}_mean_{tag}.tif", folder / f"{m}_std_{tag}.tif")
+    return written

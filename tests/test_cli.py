@@ -73,8 +73,9 @@ def test_demo_small(tmp_path):
     assert (tmp_path / "train" / "loss.png").exists() and (tmp_path / "train" / "model" / "config.json").exists()
     pngs = list((tmp_path / "samples").glob("*.png"))
     assert len(pngs) == 1 and (tmp_path / "samples" / "samples.npz").exists()
-    tifs = list((tmp_path / "geotiff").rglob("*.tif"))
+    tifs = [p for p in (tmp_path / "geotiff").rglob("*.tif") if p.parent.name != "mosaic"]
     assert len(tifs) == 16 * 2 * 2
+    assert (tmp_path / "geotiff" / "mosaic" / "DEM_mean_EPSG4326.tif").exists()
     import rasterio
 
     with rasterio.open(tifs[0]) as ds:

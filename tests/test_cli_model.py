@@ -67,8 +67,13 @@ def _check_export(store, world, samples, tifs):
 
     r = runner.invoke(app, ["export", "--samples", str(samples), "--store", str(store), "--out", str(tifs)])
     assert r.exit_code == 0, r.output
-    files = sorted(tifs.rglob("*.tif"))
+    files = sorted(p for p in tifs.rglob("*.tif") if p.parent.name != "mosaic")
     assert len(files) == 16 * 2 * 2  # fragments x samples x generated modalities
+    mosaic = tifs / "mosaic"
+    assert (mosaic / "DEM_s0_EPSG4326.tif").exists() and (mosaic / "DEM_std_EPSG4326.tif").exists()
+    assert (mosaic / "S1RTC_s1_EPSG32632.vrt").exists()
+    with rasterio.open(mosaic / "S1RTC_s1_EPSG32632.vrt") as ds:
+        assert ds.count == 3 and ds.read(1).max() > 0
     md = read_metadata(world / "Core-S2L2A", "S2L2A")
     row = md[(md.grid_cell == WORLD_CELLS[0]) & (md.nodata < 1)].iloc[0]
     band = decode_band(read_product_of(row, ["B04"]), "B04")

@@ -1,0 +1,70 @@
+"""Mosaics: two UTM zones, blending, clipping to a polygon, VRTs, uncertainty rasters."""
+
+from __future__ import annotations
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.features import geometry_mask
+from shapely.geometry import box
+from shapely.ops import unary_union
+
+from majortom_gen.fragments import fragment_windows
+from majortom_gen.georef import default_grid, product_box
+from majortom_gen.store import fragment_geometry
+from pipelines.export import write_fragment_cog
+from pipelines.mosaic import vrts_per_zone, write_mosaic, write_uncertainty
+
+
+def _fake_fragments(cells, folder, value_of):
+    """Constant-valued fragment COGs, georeferenced exactly as the store says."""
+    paths = []
+    windows = fragment_windows("grid")
+    for cell in cells:
+        geo = fragment_geometry(cell, windows)
+        crs = product_box(cell).crs
+        for (fr, fc, _, _), tr in zip(windows, geo["utm_transform"]):
+            pixels = np.full((256, 256, 3), value_of(cell), np.uint8)
+            paths.append(write_fragment_cog(folder / cell / f"f{fr * 4 + fc:02d}.tif", pixels, "S2L2A", crs, Affine(*tr), {}))
+    return paths
+
+
+def test_mosaic__two_utm_zones_clipped_and_blended(tmp_path):
+    grid = default_grid()
+    region = box(11.93, 45.01, 12.07, 45.07)  # straddles the 12 E boundary of UTM zones 32 and 33
+    cells = grid.cells_in(region)
+    zones = {grid.utm_epsg(c) for c in cells}
+    assert zones == {32632, 32633}
+    values = {c: 60 + 40 * i for i, c in enumerate(cells)}
+    tifs = _fake_fragments(cells, tmp_path / "frags", values.get)
+    vrts = vrts_per_zone(tifs, tmp_path, "S2L2A")
+    assert len(vrts) == 2
+    with rasterio.open(vrts[0]) as ds:
+        assert ds.crs.to_epsg() in zones and ds.read(1).max() > 0
+    out = write_mosaic(tifs, tmp_path / "S2L2A_mosaic.tif", dst_crs="EPSG:4326", region=region)
+    with rasterio.open(out) as ds:
+        data = ds.read(1)
+        inside = geometry_mask([region], out_shape=data.shape, transform=ds.transform, invert=True)
+        assert (data[inside] > 0).all()  # the mosaic covers the polygon
+        assert (data[~inside] == 0).all()  # and nothing outside it
+        cells_union = unary_union([grid.footprint(c) for c in cells])
+        rows, cols = np.nonzero(data)
+        xs, ys = rasterio.transform.xy(ds.transform, rows, cols)
+        assert cells_union.buffer(1e-4).contains(box(min(xs), min(ys), max(xs), max(ys)))
+        # overlaps between cells are blended: values between the cells' constants appear
+        assert len(set(np.unique(data[inside]).tolist()) - set(values.values())) > 0
+        assert ds.tags()["BLEND"].startswith("per-pixel mean")
+
+
+def test_mosaic__uncertainty_from_samples(tmp_path):
+    cells = default_grid().cells_in(box(7.65, 45.01, 7.70, 45.03))
+    mosaics = []
+    for s, v in enumerate((100, 200)):
+        tifs = _fake_fragments(cells, tmp_path / f"s{s}", lambda c, v=v: v)
+        mosaics.append(write_mosaic(tifs, tmp_path / f"m{s}.tif", dst_crs="EPSG:32632"))
+    mean, std = write_uncertainty(mosaics, tmp_path / "mean.tif", tmp_path / "std.tif")
+    with rasterio.open(mean) as m, rasterio.open(std) as s:
+        mv, sv = m.read(1), s.read(1)
+        ok = ~np.isnan(mv)
+        assert ok.mean() > 0.9
+        assert np.allclose(mv[ok], 150, atol=1) and np.allclose(sv[ok], 50, atol=1)
