@@ -391,6 +391,49 @@ def export(
     console.print(f"[green]exported[/] {len(result.files)} COGs -> {result.out}", highlight=False)
 
 
+@app.command("generate", context_settings={"allow_extra_args": True})
+@_user_errors
+def generate_region_cmd(
+    ctx: typer.Context,
+    store: Annotated[Path, typer.Option(help="Latent store holding what the region has.")],
+    model: Annotated[Path, typer.Option(help="A trained or converted model folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder: samples/, geotiff/ (fragments and mosaics), region.json.")],
+    generate: Annotated[str, typer.Option(help="Modalities to generate, comma-separated (e.g. DEM,S1RTC).")],
+    region: RegionOption = None,
+    cells: CellsOption = None,
+    condition: Annotated[str, typer.Option(help="'auto' (everything each cell has) or comma-separated modalities.")] = "auto",
+    source: Annotated[Optional[str], typer.Option(help="Major TOM source to ingest cells the store lacks.")] = None,
+    n_samples: Annotated[int, typer.Option(help="Samples per fragment (> 1 adds mean/std rasters).")] = 1,
+    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed; fragment noise derives from (seed, cell, fragment).")] = 0,
+    crs: Annotated[str, typer.Option(help="CRS of the mosaic COGs.")] = "EPSG:4326",
+) -> None:
+    """Fill a region: generate the missing modalities for the cells covering a polygon and
+    export them as GeoTIFFs and mosaics."""
+    from majortom_gen.georef import normalise_crs
+    from majortom_gen.modalities import parse_modalities
+    from majortom_gen.regions import read_region
+    from majortom_gen.selection import parse_cell_list
+    from pipelines.region import generate_region
+
+    geom = read_region(region) if region else None
+    ids = parse_cell_list((cells or []) + list(ctx.args))
+    if geom is None and not ids:
+        raise MajorTomGenError("give --region FILE|WKT|bbox or --cells IDS")
+    cond = "auto" if condition.strip().lower() == "auto" else parse_modalities(condition)
+    try:
+        result = generate_region(model, store, out, generate=parse_modalities(generate), region=geom, cells=ids,
+                                 condition=cond, source=source, n_samples=n_samples, steps=steps, seed=seed,
+                                 dst_crs=normalise_crs(crs, item="--crs"))
+    except ValueError as exc:
+        raise MajorTomGenError(str(exc)) from None
+    for name, group in result.groups.items():
+        console.print(f"conditioned on {name}: {len(group)} cell(s)", highlight=False)
+    for cell, why in result.skipped.items():
+        err_console.print(Text(f"skipped {cell}: {why}", style="yellow"))
+    console.print(f"[green]wrote[/] {len(result.files)} files -> {result.out}/geotiff (mosaics in geotiff/mosaic)", highlight=False)
+
+
 @app.command("convert-weights")
 @_user_errors
 def convert_weights(

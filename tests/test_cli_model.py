@@ -53,6 +53,7 @@ def test_train_resume_and_sample(store, world, tmp_path):
                             "--out", str(tmp_path / "again")])
     assert np.array_equal(np.load(tmp_path / "again" / "samples.npz")["latent_DEM"], z["latent_DEM"])
     _check_export(store, world, out, tmp_path / "tifs")
+    _check_generate_region(store, run / "model", tmp_path / "region")
     r = runner.invoke(app, ["sample", "--model", str(run / "model"), "--store", str(store), "--cells", WORLD_CELLS[0],
                             "--generate", "LANDSAT", "--out", str(out)])
     assert r.exit_code == 2 and "unknown modality" in r.output
@@ -86,6 +87,30 @@ def _check_export(store, world, samples, tifs):
         assert ds.profile["blockxsize"] == 256
     with rasterio.open(tifs / WORLD_CELLS[0] / "S1RTC" / "f00_s0.tif") as ds:
         assert ds.count == 3 and all("not backscatter" in d for d in ds.descriptions)
+
+
+def _check_generate_region(store, model, out):
+    import rasterio
+    from rasterio.features import geometry_mask
+
+    from majortom_gen.georef import default_grid
+
+    grid = default_grid()
+    inner = grid.footprint(WORLD_CELLS[1]).buffer(-0.02)  # inside one stored cell
+    beyond = grid.footprint("600U_5R").buffer(-0.02)  # a cell the store lacks
+    region = inner.union(beyond)
+    r = runner.invoke(app, ["generate", "--store", str(store), "--model", str(model), "--out", str(out),
+                            "--region", region.wkt, "--generate", "DEM", "--steps", "3"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "region.json").read_text())
+    assert summary["groups"] == {"S1RTC+S2L1C+S2L2A": [WORLD_CELLS[1]]} and "600U_5R" in summary["skipped"]
+    with rasterio.open(out / "geotiff" / "mosaic" / "DEM_s0_EPSG4326.tif") as ds:
+        data = ds.read(1)
+        inside = geometry_mask([inner], out_shape=data.shape, transform=ds.transform, invert=True)
+        assert (data[inside] > 0).all() and (data[~inside] == 0).all()
+    r = runner.invoke(app, ["generate", "--store", str(store), "--model", str(model), "--out", str(out),
+                            "--region", "POLYGON ((0 0, 1 1, 1 0, 0 1, 0 0))", "--generate", "DEM"])
+    assert r.exit_code == 2 and "invalid geometry" in r.output
 
 
 def test_convert_weights(tmp_path):

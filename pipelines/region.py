@@ -1,0 +1,99 @@
+"""Fill a region: the cells covering a polygon, conditioned on what the store has for each
+cell, the requested modalities generated, exported as GeoTIFFs and mosaics.
+
+With ``condition='auto'`` every cell is conditioned on all the modalities it has (except
+those asked for); cells with the same set of conditions are sampled together. Cells the
+store lacks are ingested first when a ``source`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from shapely.geometry.base import BaseGeometry
+
+from majortom_gen.errors import MajorTomGenError
+from majortom_gen.georef import default_grid
+from majortom_gen.store import LatentStore
+from pipelines.export import export_samples
+from pipelines.sample import sample_store
+
+
+@dataclass
+class RegionResult:
+    out: Path
+    cells: list[str]
+    groups: dict[str, list[str]]  # condition set -> cells
+    skipped: dict[str, str] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+
+def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike, *,
+                    generate: Sequence[str], region: BaseGeometry | None = None, cells: Sequence[str] | None = None,
+                    condition: str | Sequence[str] = "auto", source: str | None = None, n_samples: int = 1,
+                    steps: int = 50, seed: int = 0, dst_crs: str = "EPSG:4326") -> RegionResult:
+    grid = default_grid()
+    wanted = list(cells or []) + (grid.cells_in(region) if region is not None else [])
+    wanted = list(dict.fromkeys(wanted))
+    if not wanted:
+        raise MajorTomGenError("no cells: give a region or cell ids")
+    store = LatentStore.open(store_dir)
+    missing = [c for c in wanted if c not in store.stored_cells()]
+    if missing and source is not None:
+        from pipelines.ingest import IngestOptions, ingest
+
+        ingest(source, missing, store_dir, IngestOptions(codec=store.codec["name"]), modalities=tuple(store.modalities))
+        store = LatentStore.open(store_dir)
+    have = store.lookup(cells=wanted)
+    skipped = {c: "not in the store (ingest it, or pass --source)" for c in wanted if c not in set(have["grid_cell"])}
+    groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for cell, rows in have.groupby("grid_cell", sort=False):
+        available = [m for m in store.modalities if rows[f"has_{m}"].all()]
+        if condition == "auto":
+            cond = tuple(m for m in available if m not in generate)
+        else:
+            cond = tuple(condition)
+            lacking = [m for m in cond if m not in available]
+            if lacking:
+                skipped[cell] = f"lacks the condition(s) {lacking}"
+                continue
+        groups[cond].append(cell)
+    if not groups:
+        raise MajorTomGenError("no cell of the region can be generated: " + "; ".join(f"{c}: {r}" for c, r in skipped.items()))
+    out = Path(out)
+    runs = []
+    for cond, group_cells in groups.items():
+        name = "+".join(cond) or "unconditional"
+        runs.append(sample_store(model_dir, store_dir, group_cells, cond, list(generate), out / "samples" / name,
+                                 n_samples=n_samples, steps=steps, seed=seed).out)
+    merged = _merge_samples(runs, out / "samples" / "all")
+    result = export_samples(merged, store_dir, out / "geotiff", dst_crs=dst_crs, region=region)
+    summary = {"cells": wanted, "groups": {"+".join(k) or "unconditional": v for k, v in groups.items()},
+               "skipped": skipped, "generate": list(generate), "n_samples": n_samples, "seed": seed}
+    (out / "region.json").write_text(json.dumps(summary, indent=1))
+    return RegionResult(out, wanted, summary["groups"], skipped, result.files)
+
+
+def _merge_samples(runs: list[Path], target: Path) -> Path:
+    """Concatenate sample runs (same generated modalities) into one for export."""
+    arrays: dict[str, list[np.ndarray]] = defaultdict(list)
+    metas = []
+    for run in runs:
+        z = np.load(run / "samples.npz")
+        meta = json.loads((run / "samples.json").read_text())
+        metas.append(meta)
+        for key in ("grid_cell", "fragment_index", "sample") + tuple(f"latent_{m}" for m in meta["generate"]):
+            arrays[key].append(z[key])
+    target.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(target / "samples.npz", **{k: np.concatenate(v) for k, v in arrays.items()})
+    conditions = sorted({c for m in metas for c in m["condition"]})
+    (target / "samples.json").write_text(json.dumps({**metas[0], "condition": conditions,
+                                                     "condition_per_group": {str(r.name): m["condition"] for r, m in zip(runs, metas)}},
+                                                    indent=1))
+    return target
