@@ -54,6 +54,7 @@ def test_train_resume_and_sample(store, world, tmp_path):
     assert np.array_equal(np.load(tmp_path / "again" / "samples.npz")["latent_DEM"], z["latent_DEM"])
     _check_export(store, world, out, tmp_path / "tifs")
     _check_generate_region(store, run / "model", tmp_path / "region")
+    _check_ingest_on_the_fly(world, run / "model", tmp_path)
     r = runner.invoke(app, ["sample", "--model", str(run / "model"), "--store", str(store), "--cells", WORLD_CELLS[0],
                             "--generate", "LANDSAT", "--out", str(out)])
     assert r.exit_code == 2 and "unknown modality" in r.output
@@ -111,6 +112,19 @@ def _check_generate_region(store, model, out):
     r = runner.invoke(app, ["generate", "--store", str(store), "--model", str(model), "--out", str(out),
                             "--region", "POLYGON ((0 0, 1 1, 1 0, 0 1, 0 0))", "--generate", "DEM"])
     assert r.exit_code == 2 and "invalid geometry" in r.output
+
+
+def _check_ingest_on_the_fly(world, model, tmp_path):
+    from majortom_gen.store import LatentStore
+
+    partial = tmp_path / "partial-store"
+    ingest(world, list(WORLD_CELLS[:2]), partial, IngestOptions(scheduler="synchronous"))
+    r = runner.invoke(app, ["generate", "--store", str(partial), "--model", str(model), "--out", str(tmp_path / "fly"),
+                            "--cells", WORLD_CELLS[2], "--generate", "S1RTC", "--steps", "2", "--source", str(world),
+                            "--crs", "EPSG:32632"])
+    assert r.exit_code == 0, r.output
+    assert WORLD_CELLS[2] in LatentStore.open(partial).stored_cells()
+    assert (tmp_path / "fly" / "geotiff" / "mosaic" / "S1RTC_s0_EPSG32632.tif").exists()
 
 
 def test_convert_weights(tmp_path):
