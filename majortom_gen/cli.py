@@ -516,7 +516,9 @@ def demo(
                   "not elevation or backscatter.", soft_wrap=True)
     console.rule("[bold]done")
     console.print(f"wall time {time.perf_counter() - start:.1f} s. Files: {out}/world-preview.png, {run}/loss.png, "
-                  + ", ".join(str(p) for p in result.files if p.suffix == ".png"), highlight=False, soft_wrap=True)
+                  + ", ".join(str(p) for p in result.files if p.suffix == ".png")
+                  + f", {out}/geotiff/ ({len(tifs.files)} GeoTIFFs/VRTs; mosaics in {out}/geotiff/mosaic)",
+                  highlight=False, soft_wrap=True)
     console.print("Repeat the steps by hand:")
     for line in (f"majortom-gen synth --cells {','.join(ids)} --out {world} --seed {seed}",
                  f"majortom-gen inspect {world} --preview {out / 'world-preview.png'}",
