@@ -501,7 +501,7 @@ def demo(
     result = sample_store(run / "model", store, test_cells, ("S2L1C", "S2L2A"), ("DEM", "S1RTC"), samples,
                           n_samples=2, steps=25, seed=seed)
     console.print(f"held-out cell(s) {', '.join(test_cells)}: {result.fragments} fragments x 2 samples -> {samples}")
-    console.print("  each PNG row: S2L1C | S2L2A | DEM sample 1 | DEM sample 2 | S1RTC sample 1 | S1RTC sample 2")
+    console.print("  each PNG row: S2L1C | S2L2A | DEM sample 1 | DEM sample 2 | DEM real | S1RTC sample 1 | S1RTC sample 2 | S1RTC real")
     console.print(Text("  a few hundred CPU steps make a rough model: expect blurry, partly wrong structure; "
                        "quality needs GPU-scale training or the published weights", style="yellow"))
     console.rule("[bold]6. export the generated fragments as GeoTIFFs (UTM, exact fragment transforms)")

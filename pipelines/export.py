@@ -96,7 +96,29 @@ def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike,
             files.append(write_fragment_cog(out / cell / m / f"f{frag:02d}_s{s}.tif", pixels[i], m, row["utm_crs"], transform, tags))
     if mosaic:
         files += _mosaics(files, out / "mosaic", meta, dst_crs, region)
+    files.append(_write_index(out, samples_dir, meta, files))
     return ExportResult(out, files)
+
+
+def _write_index(out: Path, samples_dir: Path, meta: dict, files: list[Path]) -> Path:
+    """A markdown index of what was written, with the quick-looks of the sample run."""
+    lines = ["# Generated GeoTIFFs", "",
+             f"Model `{meta['model']}`, codec `{meta['codec']}`, conditions {', '.join(meta['condition']) or 'none'}, "
+             f"generated {', '.join(meta['generate'])}, {meta['n_samples']} sample(s), {meta['steps']} steps, seed {meta['seed']}.",
+             "", "Values are 8-bit visualisations as the model makes them (S2 true colour, S1 false colour, DEM "
+             "hillshade), not reflectance, backscatter or elevation. Open the files in QGIS with "
+             "*Layer → Add Raster Layer*; each carries its CRS and transform.", "", "## Mosaics", ""]
+    lines += [f"- [{f.name}]({f.relative_to(out)})" for f in files if f.parent.name == "mosaic"] or ["- (none)"]
+    lines += ["", "## Fragments by cell", ""]
+    cells = sorted({f.parent.parent.name for f in files if f.suffix == ".tif" and f.parent.parent.parent == out})
+    for cell in cells:
+        n = sum(1 for f in files if f.parent.parent.name == cell and f.parent.parent.parent == out)
+        quick = samples_dir / f"{cell}.png"
+        look = f" — quick-look: ![{cell}]({os.path.relpath(quick, out)})" if quick.exists() else ""
+        lines.append(f"- `{cell}/`: {n} fragment COGs{look}")
+    path = out / "index.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _mosaics(files: list[Path], folder: Path, meta: dict, dst_crs: str, region) -> list[Path]:

@@ -62,7 +62,8 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
     missing_in_store = [m for m in condition if m not in store.modalities]
     if missing_in_store:
         raise MajorTomGenError(f"the store has no {missing_in_store} to condition on")
-    table = store.table(["grid_cell", "fragment_index"] + list(condition), cells=cells)
+    real_cols = [m for m in generate_modalities if m in store.modalities]
+    table = store.table(["grid_cell", "fragment_index"] + list(dict.fromkeys(list(condition) + real_cols)), cells=cells)
     valid = np.ones(table.num_rows, bool)
     for m in condition:
         valid &= table.column(m).is_valid().to_numpy(zero_copy_only=False)
@@ -96,22 +97,38 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
     files = [out / "samples.npz", out / "samples.json"]
     codec_dir = Path(store_dir) / "codec"
     if store.codec["name"] == "patch-pca" and (codec_dir / "config.json").exists():
+        real = {}
+        for m in real_cols:  # the store's own latents of the generated modalities, where it has them
+            valid = table.column(m).is_valid().to_numpy(zero_copy_only=False)
+            moms = np.zeros((table.num_rows,) + MOMENT_SHAPE, np.float32)
+            if valid.any():
+                moms[valid] = _moments(table.filter(pa.array(valid)), m)
+            real[m] = (valid, moms)
         files += _png_grids(load_codec("patch-pca", str(codec_dir)), result, cell_ids, frag_ids, n_samples,
-                            list(condition), list(generate_modalities), out)
+                            list(condition), list(generate_modalities), out, real, scale)
     return SampleResult(out, len(cell_ids), files)
 
 
-def _png_grids(codec, result, cell_ids, frag_ids, n_samples, condition, generated, out: Path) -> list[Path]:
-    """One PNG per cell: rows = fragments, columns = conditions then each generated sample."""
+def _png_grids(codec, result, cell_ids, frag_ids, n_samples, condition, generated, out: Path,
+               real: dict[str, tuple[np.ndarray, np.ndarray]], scale: float) -> list[Path]:
+    """One quick-look PNG per cell; rows = fragments; columns = conditions, then for each
+    generated modality its samples and the real one where the store has it (grey if not)."""
     files = []
     images = {m: from_unit_range(codec.decode(result[m].float()).numpy()) for m in result}  # (B*n, 256, 256, 3)
+    real_images = {m: (valid, from_unit_range(codec.decode(torch.from_numpy(moms[:, :4] * scale)).numpy()))
+                   for m, (valid, moms) in real.items()}
+    grey = np.full((256, 256, 3), 128, np.uint8)
     for cell in dict.fromkeys(cell_ids):
         rows = []
         for i, (c, f) in enumerate(zip(cell_ids, frag_ids)):
             if c != cell:
                 continue
             tiles = [images[m][i * n_samples] for m in condition]
-            tiles += [images[m][i * n_samples + s] for m in generated for s in range(n_samples)]
+            for m in generated:
+                tiles += [images[m][i * n_samples + s] for s in range(n_samples)]
+                if m in real_images:
+                    valid, imgs = real_images[m]
+                    tiles.append(imgs[i] if valid[i] else grey)
             rows.append(np.concatenate([t[::2, ::2] for t in tiles], axis=1))
         path = out / f"{cell}.png"
         Image.fromarray(np.concatenate(rows, axis=0)).save(path)

@@ -71,6 +71,8 @@ def _check_export(store, world, samples, tifs):
     assert r.exit_code == 0, r.output
     files = sorted(p for p in tifs.rglob("*.tif") if p.parent.name != "mosaic")
     assert len(files) == 16 * 2 * 2  # fragments x samples x generated modalities
+    index = (tifs / "index.md").read_text()
+    assert "DEM_s0_EPSG4326.tif" in index and f"{WORLD_CELLS[0]}.png" in index and "not reflectance" in index
     mosaic = tifs / "mosaic"
     assert (mosaic / "DEM_s0_EPSG4326.tif").exists() and (mosaic / "DEM_std_EPSG4326.tif").exists()
     assert (mosaic / "S1RTC_s1_EPSG32632.vrt").exists()
