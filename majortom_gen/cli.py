@@ -7,6 +7,7 @@ on stderr and exit code 2; no traceback.
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 import os
 import time
 from pathlib import Path
@@ -41,21 +42,32 @@ def _user_errors(fn):
     return wrapper
 
 
-CellsOption = Annotated[Optional[list[str]], typer.Option(
-    help="Cell ids: --cells 501U_60R 502U_60R, comma-separated, or a text/CSV file of ids.")]
-RegionOption = Annotated[Optional[str], typer.Option(help="Vector file, WKT polygon or bbox 'west,south,east,north'.")]
-
-
-def _cells_from_options(cells: list[str] | None, region: str | None) -> list[str]:
+def _cells_from(cells: list[str] | None, region: str | None) -> list[str]:
     from majortom_gen.selection import cells_from
 
     return cells_from(cells, region)
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)
+CellsOption = Annotated[Optional[list[str]], typer.Option(
+    help="Cell ids: --cells 501U_60R 502U_60R, comma-separated, or a text/CSV file of ids.")]
+RegionOption = Annotated[Optional[str], typer.Option(help="Vector file, WKT polygon or bbox 'west,south,east,north'.")]
+
+
+@contextmanager
+def _progress(description: str, unit: str, total: int | None = None):
+    """A rich progress bar; yields ``update(done, total=None, note='')`` showing ``unit``/s."""
+    start = time.perf_counter()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total, rate="")
+
+        def update(done: int, total: int | None = None, note: str = "") -> None:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            progress.update(task, completed=done, total=total if total is not None else progress.tasks[task].total,
+                            rate=f"{note}{rate:.2f} {unit}/s")
+
+        yield update
 
 
 # ----------------------------------------------------------------------------- grid
@@ -110,16 +122,15 @@ def run_synth(ids: list[str], out: Path, *, seed: int, workers: int, products_pe
 
     options = SynthOptions(seed=seed, modalities=modalities, products_per_shard=products_per_shard,
                            quirks=quirks, workers=workers)
-    start = time.perf_counter()
-    with _progress() as progress:
-        task = progress.add_task("synthesising cells", total=len(ids), rate="")
+    done = 0
+    with _progress("synthesising cells", "cells", total=len(ids)) as update:
 
         def tick(cell: str) -> None:
-            done = progress.tasks[task].completed + 1
-            progress.update(task, advance=1, rate=f"{done / (time.perf_counter() - start):.2f} cells/s")
+            nonlocal done
+            done += 1
+            update(done)
 
-        written = write_world(ids, out, options, progress=tick)
-    return written
+        return write_world(ids, out, options, progress=tick)
 
 
 @app.command(context_settings={"allow_extra_args": True})
@@ -139,7 +150,7 @@ def synth(
     from majortom_gen.modalities import parse_modalities
     from majortom_gen.synth.world import QUIRKS
 
-    ids = _cells_from_options((cells or []) + list(ctx.args), region)
+    ids = _cells_from((cells or []) + list(ctx.args), region)
     chosen = tuple(QUIRKS) if quirks and "all" in quirks else tuple(quirks or ())
     written = run_synth(ids, out, seed=seed, workers=workers or (os.cpu_count() or 1),
                         products_per_shard=products_per_shard, quirks=chosen, modalities=parse_modalities(modalities))
@@ -213,15 +224,8 @@ EXIT_COMPLETED_WITH_ERRORS = 3
 def run_ingest(source: str, ids: list[str], store: Path, options, *, modalities: tuple[str, ...], filters, rule: str):
     from pipelines.ingest import ingest
 
-    start = time.perf_counter()
-    with _progress() as progress:
-        task = progress.add_task("ingesting cells", total=None, rate="")
-
-        def tick(done: int, total: int) -> None:
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            progress.update(task, completed=done, total=total, rate=f"{rate:.2f} cells/s")
-
-        report = ingest(source, ids, store, options, modalities=modalities, filters=filters, rule=rule, progress=tick)
+    with _progress("ingesting cells", "cells") as update:
+        report = ingest(source, ids, store, options, modalities=modalities, filters=filters, rule=rule, progress=update)
     console.print(f"[green]stored[/] {report.cells_written} cells, {report.fragments_written} fragments in "
                   f"{report.shards_written} shard(s) -> {report.store} ({report.seconds:.1f} s); "
                   f"{report.cells_already_stored} cells were already stored")
@@ -269,7 +273,7 @@ def ingest(
     from majortom_gen.selection import Filters
     from pipelines.ingest import IngestOptions
 
-    ids = _cells_from_options((cells or []) + list(ctx.args), region)
+    ids = _cells_from((cells or []) + list(ctx.args), region)
     options = IngestOptions(codec=codec, codec_source=codec_source, fragment_mode=fragments, cells_per_shard=cells_per_shard,
                             scheduler=scheduler, workers=workers or None, threads=threads, device=device, precision=precision)
     filters = Filters(start, end, max_cloud_cover, max_nodata)
@@ -310,13 +314,10 @@ def json_dumps_short(config: dict) -> str:
 def run_train(config: str, store: Path, out: Path, *, max_steps: int | None, resume: bool):
     from pipelines.train import train_on_store
 
-    start = time.perf_counter()
-    with _progress() as progress:
-        task = progress.add_task("training", total=None, rate="")
+    with _progress("training", "steps") as update:
 
         def tick(step: int, total: int, loss: float) -> None:
-            rate = step / max(time.perf_counter() - start, 1e-9)
-            progress.update(task, completed=step, total=total, rate=f"loss {loss:.4f}, {rate:.1f} steps/s")
+            update(step, total, note=f"loss {loss:.4f}, ")
 
         try:
             result = train_on_store(config, store, out, max_steps=max_steps, resume=resume, progress=tick)
@@ -360,7 +361,7 @@ def sample(
     from majortom_gen.modalities import parse_modalities
     from pipelines.sample import sample_store
 
-    ids = _cells_from_options((cells or []) + list(ctx.args), region)
+    ids = _cells_from((cells or []) + list(ctx.args), region)
     cond = () if condition.strip().lower() in ("", "none") else parse_modalities(condition)
     try:
         result = sample_store(model, store, ids, cond, parse_modalities(generate), out, n_samples=n_samples, steps=steps,

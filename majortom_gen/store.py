@@ -376,6 +376,14 @@ class AlignedArrays:
         return {m: a[idx] for m, a in self.moments.items()}
 
 
+def moment_array(table: pa.Table, column: str, dtype=np.float16) -> np.ndarray:
+    """A modality column without nulls as an array ``(rows, 8, 32, 32)``."""
+    if table.column(column).null_count:
+        raise StoreError(f"column {column} has {table.column(column).null_count} missing fragments; filter them first")
+    flat = table.column(column).combine_chunks().flatten() if table.num_rows else pa.array([], pa.float16())
+    return np.asarray(flat.to_numpy(zero_copy_only=False), dtype=dtype).reshape((-1,) + MOMENT_SHAPE)
+
+
 def split_cells(cells: Iterable[str], test_fraction: float = 0.05, seed: int = 0) -> tuple[list[str], list[str]]:
     """Reproducible train/test split by grid cell (no cell in both): a seeded permutation
     of the sorted cell ids."""
@@ -417,10 +425,7 @@ def load_aligned(store: LatentStore, modalities: Sequence[str], *, split: str | 
         keep = set(train if split == "train" else test)
         mask &= np.isin(t.column("grid_cell").to_numpy(zero_copy_only=False), list(keep))
     t = t.filter(pa.array(mask))
-    moments = {}
-    for m in modalities:
-        flat = t.column(m).combine_chunks().flatten() if t.num_rows else pa.array([], pa.float16())
-        moments[m] = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float16).reshape((-1,) + MOMENT_SHAPE)
+    moments = {m: moment_array(t, m) for m in modalities}
     cells = np.asarray(t.column("grid_cell").to_pylist(), dtype=str)
     frag = t.column("fragment_index").to_numpy()
     if cache:

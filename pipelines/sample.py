@@ -23,7 +23,7 @@ from PIL import Image
 
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.fragments import from_unit_range
-from majortom_gen.store import MOMENT_SHAPE, LatentStore
+from majortom_gen.store import MOMENT_SHAPE, LatentStore, moment_array
 from model.codecs import load_codec, sample_latents
 from model.sample import generate
 from model.uvit import MultiModalUViT
@@ -41,11 +41,6 @@ def fragment_seed(seed: int, cell: str, fragment: int, sample: int) -> int:
     """A stable 63-bit seed for one fragment sample."""
     digest = hashlib.sha256(f"{seed}|{cell}|{fragment}|{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _moments(table: pa.Table, m: str) -> np.ndarray:
-    flat = table.column(m).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(flat, dtype=np.float32).reshape((-1,) + MOMENT_SHAPE)
 
 
 def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cells: Sequence[str], condition: Sequence[str],
@@ -75,7 +70,7 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
     gen = torch.Generator().manual_seed(seed)
     cond = {}
     for m in condition:
-        mom = torch.from_numpy(_moments(table, m))
+        mom = torch.from_numpy(moment_array(table, m, np.float32))
         cond[m] = mom[:, :4] * scale if deterministic_conditions else sample_latents(mom, scale, gen)
     shape = (net.config.in_chans, net.config.img_size, net.config.img_size)
     noise = {m: torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(fragment_seed(seed, c, f, s)))
@@ -102,7 +97,7 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
             valid = table.column(m).is_valid().to_numpy(zero_copy_only=False)
             moms = np.zeros((table.num_rows,) + MOMENT_SHAPE, np.float32)
             if valid.any():
-                moms[valid] = _moments(table.filter(pa.array(valid)), m)
+                moms[valid] = moment_array(table.filter(pa.array(valid)), m, np.float32)
             real[m] = (valid, moms)
         files += _png_grids(load_codec("patch-pca", str(codec_dir)), result, cell_ids, frag_ids, n_samples,
                             list(condition), list(generate_modalities), out, real, scale)
