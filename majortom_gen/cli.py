@@ -435,6 +435,62 @@ def generate_region_cmd(
     console.print(f"[green]wrote[/] {len(result.files)} files -> {result.out}/geotiff (mosaics in geotiff/mosaic)", highlight=False)
 
 
+def run_evaluate(model: Path, store: Path, out: Path, options) -> list[dict]:
+    """Run the evaluation with a progress bar and print the Table-1 layout."""
+    from pipelines.evaluate import DISTRIBUTION_METRICS, evaluate
+
+    with _progress("evaluating", "fragments") as update:
+        result = evaluate(model, store, out, options, progress=lambda d, t, note: update(d, t, f"{note}: "))
+    table = Table(title=f"{result.fragments} {options.split} fragments; FID (Inception), precision/recall/F (DINOv2)")
+    table.add_column("condition")
+    table.add_column("generated")
+    for name in DISTRIBUTION_METRICS + ("psnr", "ssim"):
+        table.add_column(name, justify="right")
+    for r in result.rows:
+        table.add_row(r["condition"], r["modality"], *[("" if r[k] != r[k] else f"{r[k]:.3g}")
+                                                       for k in DISTRIBUTION_METRICS + ("psnr", "ssim")])
+    console.print(table)
+    console.print(f"[green]wrote[/] {', '.join(f.name for f in result.files if f.parent == result.out)} and plots/ -> {result.out}",
+                  highlight=False)
+    return result.rows
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    model: Annotated[Path, typer.Option(help="A trained or converted model folder.")],
+    store: Annotated[Path, typer.Option(help="Latent store with the real fragments.")],
+    out: Annotated[Path, typer.Option(help="Output folder: metrics.csv, table1.md, metrics.json, plots/.")],
+    conditions: Annotated[str, typer.Option(help="Condition sets, comma-separated; 'none' = unconditional; "
+                                                 "join modalities with '+' (S2L1C+S2L2A).")] = "none,DEM,S1RTC,S2L1C,S2L2A",
+    split: Annotated[str, typer.Option(help="Cells to evaluate on: test (held out in training), train or all.")] = "test",
+    n_samples: Annotated[int, typer.Option(help="Samples per fragment (best-of-n PSNR and spread use them all).")] = 1,
+    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed; each fragment's noise derives from (seed, cell, fragment).")] = 0,
+    k: Annotated[int, typer.Option(help="Nearest neighbours for precision/recall manifolds.")] = 3,
+    max_fragments: Annotated[Optional[int], typer.Option(help="Evaluate at most this many fragments.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Fragments per sampling/feature batch.")] = 32,
+    fid_extractor: Annotated[str, typer.Option(help="Inception state-dict file, or pt_inception-2015-12-05 (download).")] = "pt_inception-2015-12-05",
+    pr_extractor: Annotated[str, typer.Option(help="DINOv2 folder or hub id.")] = "facebook/dinov2-small",
+    codec: Annotated[Optional[str], typer.Option(help="Codec name (default: the store's).")] = None,
+    codec_source: Annotated[Optional[str], typer.Option(help="Codec folder/hub id/file (default: STORE/codec).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache (default: STORE/cache/eval).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
+) -> None:
+    """Evaluate a model the COP-GEN-Beta way: FID, precision, recall, F-score per condition
+    and generated modality (Table 1), plus PSNR/SSIM/MAE against the paired real fragment."""
+    from pipelines.evaluate import EvalOptions, parse_conditions
+
+    options = EvalOptions(conditions=parse_conditions(conditions), split=split, n_samples=n_samples, steps=steps,
+                          seed=seed, k=k, max_fragments=max_fragments, batch_size=batch_size,
+                          fid_extractor=fid_extractor, pr_extractor=pr_extractor, codec=codec, codec_source=codec_source,
+                          cache_dir=str(cache_dir) if cache_dir else None, device=device)
+    try:
+        run_evaluate(model, store, out, options)
+    except ValueError as exc:
+        raise MajorTomGenError(str(exc)) from None
+
+
 @app.command("convert-weights")
 @_user_errors
 def convert_weights(

@@ -58,6 +58,9 @@ def generate(
     if condition:
         b = next(iter(condition.values())).shape[0]
         shape = tuple(next(iter(condition.values())).shape[1:])
+    elif initial_noise:  # unconditional: the batch is the starting noise given
+        first = next(iter(initial_noise.values()))
+        b, shape = max(first.shape[0] // n_samples, 1), tuple(first.shape[1:])
     else:
         b = 1
         shape = latent_shape or (net.config.in_chans, net.config.img_size, net.config.img_size)
@@ -71,6 +74,8 @@ def generate(
     for m in generate:
         if initial_noise is not None and m in initial_noise:
             x[m] = initial_noise[m].to(device, torch.float32)
+            if tuple(x[m].shape) != (total, *shape):
+                raise ValueError(f"initial noise of {m} has shape {tuple(x[m].shape)}; expected {(total, *shape)}")
         else:
             x[m] = torch.randn((total, *shape), generator=gen).to(device)
     sched = sampling_scheduler(steps)

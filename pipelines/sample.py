@@ -37,9 +37,10 @@ class SampleResult:
     files: list[Path]
 
 
-def fragment_seed(seed: int, cell: str, fragment: int, sample: int) -> int:
-    """A stable 63-bit seed for one fragment sample."""
-    digest = hashlib.sha256(f"{seed}|{cell}|{fragment}|{sample}".encode()).digest()
+def fragment_seed(seed: int, cell: str, fragment: int, sample: int, modality: str = "") -> int:
+    """A stable 63-bit seed for one fragment sample (and modality: generated modalities
+    start from independent noise)."""
+    digest = hashlib.sha256(f"{seed}|{cell}|{fragment}|{sample}|{modality}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
@@ -73,7 +74,7 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
         mom = torch.from_numpy(moment_array(table, m, np.float32))
         cond[m] = mom[:, :4] * scale if deterministic_conditions else sample_latents(mom, scale, gen)
     shape = (net.config.in_chans, net.config.img_size, net.config.img_size)
-    noise = {m: torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(fragment_seed(seed, c, f, s)))
+    noise = {m: torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(fragment_seed(seed, c, f, s, m)))
                              for c, f in zip(cell_ids, frag_ids) for s in range(n_samples)])
              for m in generate_modalities}
     result = generate(net, cond, list(generate_modalities), n_samples=n_samples, steps=steps, seed=seed,

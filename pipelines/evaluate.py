@@ -1,0 +1,379 @@
+"""Evaluate a model on a store's held-out cells the way the COP-GEN-Beta paper does (Table 1).
+
+For every condition set (``none`` = unconditional, ``S1RTC``, ``S2L1C+S2L2A``, ...) the model
+generates every other modality for each test fragment; generated and real images are
+decoded with the store's codec to 256x256 RGB thumbnails and compared:
+
+- distribution metrics per generated modality: FID on Inception-v3 pool3 features,
+  improved precision / recall (k-NN manifolds, ``k``) and their F-score on DINOv2 features,
+  with the first sample of each fragment against the real images of all test fragments;
+- paired metrics for conditional generation: PSNR, SSIM and MAE of the first sample against
+  the fragment's real image, the best PSNR of the ``n_samples`` samples and their spread
+  (per-pixel standard deviation across samples, mean over the image, in 8-bit units).
+
+"Real" images are the codec's reconstruction of each fragment's stored latent mean (the
+store keeps latents, not pixels), so the metrics measure the generative model, not the
+codec (the codec's own PSNR is reported by ``ingest`` and in the store manifest).
+
+Features and paired metrics of each image set are cached under ``cache_dir`` by a key of
+everything that determines them (model weights, codec, fragments, seed, steps, extractor
+fingerprint), so a killed evaluation resumes where it stopped and gives the same numbers.
+Outputs (``metrics.csv``, ``table1.md``, ``metrics.json``, ``plots/``) are staged and moved
+into place complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from majortom_gen.errors import MajorTomGenError
+from majortom_gen.fragments import from_unit_range
+from majortom_gen.modalities import parse_modalities
+from majortom_gen.staging import staged_folder
+from majortom_gen.store import LatentStore, load_aligned
+from model import metrics
+from model.codecs import Codec, load_codec, sample_latents
+from model.features import DINOV2_DEFAULT, INCEPTION_DEFAULT, FeatureExtractor, load_extractor
+from model.sample import generate
+from model.uvit import MultiModalUViT
+from pipelines.sample import fragment_seed
+from pipelines.train import store_scale_factor
+
+DISTRIBUTION_METRICS = ("fid", "precision", "recall", "f_score")
+PAIRED_METRICS = ("psnr", "ssim", "mae", "psnr_best", "spread")
+LOWER_IS_BETTER = {"fid", "mae"}
+
+
+@dataclass
+class EvalOptions:
+    conditions: tuple[tuple[str, ...], ...] = ((), ("DEM",), ("S1RTC",), ("S2L1C",), ("S2L2A",))
+    split: str = "test"  # 'test' | 'train' | 'all'
+    n_samples: int = 1
+    steps: int = 50
+    seed: int = 0
+    k: int = 3
+    max_fragments: int | None = None
+    batch_size: int = 32
+    fid_extractor: str = INCEPTION_DEFAULT
+    pr_extractor: str = DINOV2_DEFAULT
+    codec: str | None = None  # codec name; default: the store's
+    codec_source: str | None = None  # default: STORE/codec for patch-pca
+    deterministic_conditions: bool = False
+    cache_dir: str | None = None  # default: STORE/cache/eval
+    device: str | None = None
+
+
+@dataclass
+class EvalResult:
+    out: Path
+    rows: list[dict]
+    fragments: int
+    files: list[Path] = field(default_factory=list)
+
+
+def parse_conditions(text: str | Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    """``"none,DEM,S2L1C+S2L2A"`` -> ``((), ("DEM",), ("S2L1C", "S2L2A"))``."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        out.append(() if item.lower() in ("none", "unconditional") else tuple(parse_modalities(item.replace("+", ","))))
+    if not out:
+        raise MajorTomGenError("no condition sets given (e.g. --conditions none,S1RTC,S2L1C+S2L2A)")
+    return tuple(dict.fromkeys(out))
+
+
+def condition_name(cond: Sequence[str]) -> str:
+    return "+".join(cond) if cond else "none"
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _folder_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:20]
+
+
+def _split_settings(model_dir: Path) -> tuple[float, int]:
+    """The test fraction and split seed the model was trained with (its held-out cells)."""
+    meta = model_dir / "training_data.json"
+    if meta.exists():
+        d = json.loads(meta.read_text())
+        return float(d.get("test_fraction", 0.05)), int(d.get("split_seed", 0))
+    return 0.05, 0
+
+
+def _open_codec(store: LatentStore, store_dir: Path, options: EvalOptions, device: torch.device) -> Codec:
+    name = options.codec or store.codec["name"]
+    source = options.codec_source
+    if source is None and name == "patch-pca":
+        source = str(store_dir / "codec")
+        if not (store_dir / "codec" / "config.json").exists():
+            raise MajorTomGenError(f"{store_dir}: no fitted patch-pca codec in codec/; pass --codec-source")
+    if source is None:
+        raise MajorTomGenError(f"codec {name!r} needs --codec-source (a hub id, folder or state-dict file)")
+    return load_codec(name, source, device=str(device))
+
+
+def _decode(codec: Codec, latents: torch.Tensor, batch: int) -> np.ndarray:
+    """Scaled latents -> uint8 RGB images ``(N, 256, 256, 3)``."""
+    return np.concatenate([from_unit_range(codec.decode(latents[i:i + batch]).numpy()) for i in range(0, len(latents), batch)])
+
+
+class _Cache:
+    """npz files keyed by content digests under one folder; writes are atomic."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str) -> dict[str, np.ndarray] | None:
+        path = self.folder / f"{key}.npz"
+        if not path.exists():
+            return None
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+
+    def put(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+        tmp = self.folder / f".{key}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.folder / f"{key}.npz")
+
+
+def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike,
+             options: EvalOptions | None = None,
+             progress: Callable[[int, int, str], None] | None = None) -> EvalResult:
+    """Run the Table-1 evaluation and write ``out/{metrics.csv, table1.md, metrics.json, plots/}``.
+    ``progress(done, total, note)`` is called after each batch of generated fragments."""
+    opts = options or EvalOptions()
+    model_dir, store_dir = Path(model_dir), Path(store_dir)
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = MultiModalUViT.from_pretrained(model_dir).eval().to(device)
+    store = LatentStore.open(store_dir)
+    modalities = [m for m in net.modalities if m in store.modalities]
+    for cond in opts.conditions:
+        unknown = [m for m in cond if m not in net.modalities]
+        if unknown:
+            raise MajorTomGenError(f"condition {condition_name(cond)}: the model does not know {unknown}; it models {net.modalities}")
+        absent = [m for m in cond if m not in modalities]
+        if absent:
+            raise MajorTomGenError(f"condition {condition_name(cond)}: the store has no {absent}")
+        if not [m for m in modalities if m not in cond]:
+            raise MajorTomGenError(f"condition {condition_name(cond)} leaves nothing to generate")
+    if opts.split not in ("test", "train", "all"):
+        raise MajorTomGenError(f"split must be test, train or all; got {opts.split!r}")
+    test_fraction, split_seed = _split_settings(model_dir)
+    arrays = load_aligned(store, modalities, split=None if opts.split == "all" else opts.split,
+                          test_fraction=test_fraction, seed=split_seed)
+    n = len(arrays) if opts.max_fragments is None else min(len(arrays), opts.max_fragments)
+    if n <= opts.k:
+        raise MajorTomGenError(f"{store_dir}: the {opts.split} split has {len(arrays)} fragment(s) with all of {modalities}; "
+                               f"precision/recall with k={opts.k} needs more than {opts.k}")
+    cells = [str(c) for c in arrays.grid_cell[:n]]
+    frags = [int(f) for f in arrays.fragment_index[:n]]
+    moments = {m: torch.from_numpy(np.asarray(arrays.moments[m][:n], np.float32)) for m in modalities}
+    scale = store_scale_factor(store)
+    codec = _open_codec(store, store_dir, opts, device)
+    extractors = {"fid": load_extractor("inception", opts.fid_extractor, device),
+                  "pr": load_extractor("dinov2", opts.pr_extractor, device)}
+    cache = _Cache(Path(opts.cache_dir) if opts.cache_dir else store_dir / "cache" / "eval")
+    base_key = (codec.info()["config_hash"], cells, frags, scale, extractors["fid"].fingerprint, extractors["pr"].fingerprint)
+
+    # real images: the codec's reconstruction of each stored latent mean
+    real_key = _digest("real", store.manifest["shards"], *base_key)
+    real = cache.get(real_key)
+    if real is None:
+        real = {}
+        for m in modalities:
+            images = _decode(codec, moments[m][:, :4] * scale, opts.batch_size)
+            real[f"images_{m}"] = images
+            real[f"fid_{m}"] = extractors["fid"](images, opts.batch_size)
+            real[f"pr_{m}"] = extractors["pr"](images, opts.batch_size)
+        cache.put(real_key, real)
+
+    model_digest = _folder_digest(model_dir)
+    total = n * len(opts.conditions)
+    done = 0
+    rows = []
+    for cond in opts.conditions:
+        generated = [m for m in modalities if m not in cond]
+        key = _digest("generated", model_digest, condition_name(cond), generated, opts.seed, opts.steps, opts.n_samples,
+                      opts.deterministic_conditions, *base_key)
+        result = cache.get(key)
+        if result is None:
+            result = _generate_set(net, codec, extractors, moments, real, cells, frags, cond, generated, scale, opts,
+                                   lambda k: progress(done + k, total, condition_name(cond)) if progress else None)
+            cache.put(key, result)
+        done += n
+        if progress:
+            progress(done, total, condition_name(cond))
+        for m in generated:
+            rows.append(_metrics_row(cond, m, real, result, opts.k, opts.n_samples))
+
+    settings = {**asdict(opts), "conditions": [condition_name(c) for c in opts.conditions], "model": str(model_dir),
+                "store": str(store_dir), "codec": codec.info()["name"], "fragments": n, "cells": sorted(set(cells)),
+                "test_fraction": test_fraction, "split_seed": split_seed, "device": str(device),
+                "extractors": {k: {"kind": e.kind, "source": e.source, "fingerprint": e.fingerprint} for k, e in extractors.items()},
+                "real_images": "codec reconstruction of each fragment's stored latent mean"}
+    with staged_folder(out) as tmp:
+        files = write_outputs(tmp, rows, settings)
+    out = Path(out)
+    return EvalResult(out, rows, n, [out / f.relative_to(tmp) for f in files])
+
+
+def _generate_set(net, codec, extractors: dict[str, FeatureExtractor], moments, real, cells, frags, cond, generated,
+                  scale, opts: EvalOptions, tick) -> dict[str, np.ndarray]:
+    """Generate ``generated`` given ``cond`` for every fragment (in batches); returns per modality
+    the features of the first samples and the per-fragment paired metrics."""
+    shape = (net.config.in_chans, net.config.img_size, net.config.img_size)
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(cells), opts.batch_size):
+        idx = range(start, min(start + opts.batch_size, len(cells)))
+        condition = {}
+        for m in cond:
+            mom = moments[m][start:idx.stop]
+            if opts.deterministic_conditions:
+                condition[m] = mom[:, :4] * scale
+            else:  # one seeded draw per fragment, independent of batching
+                condition[m] = torch.cat([sample_latents(mom[j - start:j - start + 1], scale,
+                                                         torch.Generator().manual_seed(fragment_seed(opts.seed, cells[j], frags[j], -1, m)))
+                                          for j in idx])
+        noise = {m: torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+                     fragment_seed(opts.seed, cells[j], frags[j], s, m))) for j in idx for s in range(opts.n_samples)])
+                 for m in generated}
+        out = generate(net, condition, generated, n_samples=opts.n_samples, steps=opts.steps, seed=opts.seed,
+                       initial_noise=noise, batch_size=opts.batch_size * opts.n_samples)
+        for m in generated:
+            images = _decode(codec, out[m].float().cpu(), opts.batch_size)  # (b * n_samples, 256, 256, 3)
+            images = images.reshape(len(idx), opts.n_samples, *images.shape[1:])
+            first = images[:, 0]
+            reference = real[f"images_{m}"][start:idx.stop]
+            psnrs = np.stack([metrics.psnr(images[:, s], reference) for s in range(opts.n_samples)], axis=1)
+            values = {
+                f"fid_{m}": extractors["fid"](first, opts.batch_size),
+                f"pr_{m}": extractors["pr"](first, opts.batch_size),
+                f"psnr_{m}": psnrs[:, 0],
+                f"ssim_{m}": metrics.ssim(first, reference),
+                f"mae_{m}": metrics.mae(first, reference),
+                f"psnr_best_{m}": psnrs.max(axis=1),
+                f"spread_{m}": images.astype(np.float32).std(axis=1).mean(axis=(1, 2, 3)),
+            }
+            for k, v in values.items():
+                parts.setdefault(k, []).append(v)
+        if tick:
+            tick(idx.stop)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _finite_mean(values: np.ndarray) -> float:
+    v = np.asarray(values, np.float64)
+    v = np.where(np.isinf(v), 100.0, v)  # identical images: cap PSNR at 100 dB
+    return float(v.mean())
+
+
+def _metrics_row(cond, m, real, result, k: int, n_samples: int) -> dict:
+    precision, recall = metrics.precision_recall(real[f"pr_{m}"], result[f"pr_{m}"], k=k)
+    row = {"condition": condition_name(cond), "modality": m, "n": int(len(result[f"fid_{m}"])),
+           "fid": metrics.fid_from_features(real[f"fid_{m}"], result[f"fid_{m}"]),
+           "precision": precision, "recall": recall, "f_score": metrics.f_score(precision, recall)}
+    for name in PAIRED_METRICS:
+        applies = bool(cond) and (n_samples > 1 or name not in ("psnr_best", "spread"))  # unconditional: no pair
+        row[name] = _finite_mean(result[f"{name}_{m}"]) if applies else math.nan
+    return row
+
+
+def _fmt(value: float, metric: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.2f}" if metric in ("fid", "psnr", "psnr_best", "mae", "spread") else f"{value:.3f}"
+
+
+def table_markdown(rows: list[dict], metrics_shown: Sequence[str], modalities: Sequence[str]) -> str:
+    """Rows: condition; columns: modality x metric ('—' where the modality is a condition)."""
+    conditions = list(dict.fromkeys(r["condition"] for r in rows))
+    by = {(r["condition"], r["modality"]): r for r in rows}
+    head = ["condition"] + [f"{m} {name.upper() if name == 'fid' else name}{'↓' if name in LOWER_IS_BETTER else '↑'}"
+                            for m in modalities for name in metrics_shown]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in conditions:
+        cells = [c]
+        for m in modalities:
+            row = by.get((c, m))
+            cells += [_fmt(row[name], name) if row else "—" for name in metrics_shown]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(folder: Path, rows: list[dict], settings: dict) -> list[Path]:
+    """``metrics.csv`` (one row per condition and modality), ``table1.md``, ``metrics.json``
+    and one bar chart per metric under ``plots/``."""
+    modalities = list(dict.fromkeys(r["modality"] for r in sorted(rows, key=lambda r: r["modality"])))
+    columns = ["condition", "modality", "n", *DISTRIBUTION_METRICS, *PAIRED_METRICS]
+    csv_path = folder / "metrics.csv"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in columns})
+    extractor_note = ("Feature extractors: " + "; ".join(f"{k}: {e['kind']} from {e['source']}" for k, e in settings["extractors"].items()))
+    md = [f"# Evaluation: {settings['model']}", "",
+          f"{settings['fragments']} fragments of {len(settings['cells'])} {settings['split']} cell(s); "
+          f"{settings['n_samples']} sample(s) per fragment, {settings['steps']} DPM-Solver++ steps, seed {settings['seed']}.",
+          "Real images: the codec's reconstruction of each fragment's stored latent.", extractor_note, "",
+          "## Generative metrics (FID on Inception features; precision, recall, F-score on DINOv2 features, "
+          f"k={settings['k']})", "", table_markdown(rows, DISTRIBUTION_METRICS, modalities), "",
+          "## Paired metrics against the real fragment (conditional rows only; spread in 8-bit units)", "",
+          table_markdown([r for r in rows if r["condition"] != "none"], PAIRED_METRICS, modalities), ""]
+    if settings.get("caveat"):
+        md += [f"> {settings['caveat']}", ""]
+    md_path = folder / "table1.md"
+    md_path.write_text("\n".join(md))
+    json_path = folder / "metrics.json"
+    json_path.write_text(json.dumps({"settings": settings, "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                                                     for k, v in r.items()} for r in rows]}, indent=1))
+    return [csv_path, md_path, json_path] + _plots(folder / "plots", rows, modalities)
+
+
+def _plots(folder: Path, rows: list[dict], modalities: list[str]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    conditions = list(dict.fromkeys(r["condition"] for r in rows))
+    by = {(r["condition"], r["modality"]): r for r in rows}
+    files = []
+    width = 0.8 / max(len(conditions), 1)
+    for name in DISTRIBUTION_METRICS + PAIRED_METRICS:
+        fig, ax = plt.subplots(figsize=(1.8 * len(modalities) + 2, 3.5))
+        for i, c in enumerate(conditions):
+            values = [by[(c, m)][name] if (c, m) in by else math.nan for m in modalities]
+            ax.bar(np.arange(len(modalities)) + i * width, values, width, label=c)
+        ax.set_xticks(np.arange(len(modalities)) + width * (len(conditions) - 1) / 2, modalities)
+        ax.set_ylabel(name + (" (lower is better)" if name in LOWER_IS_BETTER else ""))
+        ax.legend(title="condition", fontsize=7)
+        fig.tight_layout()
+        path = folder / f"{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
+    return files

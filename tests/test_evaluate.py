@@ -1,0 +1,84 @@
+"""`majortom-gen evaluate` end to end on a synthetic store, a tiny model and locally saved
+random extractors: the Table-1 outputs, caching, determinism and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from majortom_gen.cli import app
+from majortom_gen.store import split_cells
+from model.features import save_random_extractors
+from pipelines.ingest import IngestOptions, ingest
+
+from conftest import WORLD_CELLS
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    ingest(world, list(WORLD_CELLS), root / "store", IngestOptions(scheduler="synchronous"))
+    r = runner.invoke(app, ["train", "--store", str(root / "store"), "--out", str(root / "run"), "--max-steps", "3"])
+    assert r.exit_code == 0, r.output
+    return root, save_random_extractors(root / "extractors")
+
+
+def _args(root, ext, out, *extra):
+    return ["evaluate", "--model", str(root / "run" / "model"), "--store", str(root / "store"), "--out", str(out),
+            "--fid-extractor", str(ext["inception"]), "--pr-extractor", str(ext["dinov2"]), "--steps", "2",
+            "--max-fragments", "8", *extra]
+
+
+def test_evaluate_writes_the_table1_outputs(setup, tmp_path):
+    root, ext = setup
+    out = tmp_path / "eval"
+    r = runner.invoke(app, _args(root, ext, out, "--conditions", "none,S1RTC,S2L1C+S2L2A", "--n-samples", "2"))
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    pairs = [(row["condition"], row["modality"]) for row in rows]
+    assert pairs == [("none", m) for m in ("DEM", "S1RTC", "S2L1C", "S2L2A")] + \
+        [("S1RTC", m) for m in ("DEM", "S2L1C", "S2L2A")] + [("S2L1C+S2L2A", m) for m in ("DEM", "S1RTC")]
+    for row in rows:
+        assert row["n"] == "8" and float(row["fid"]) >= 0
+        assert 0 <= float(row["precision"]) <= 1 and 0 <= float(row["recall"]) <= 1
+        if row["condition"] == "none":  # no paired real image for unconditional samples
+            assert row["psnr"] == "" and row["ssim"] == ""
+        else:
+            assert 0 < float(row["psnr"]) < 100 and -1 <= float(row["ssim"]) <= 1
+            assert float(row["psnr_best"]) >= float(row["psnr"]) and float(row["spread"]) > 0
+    table = (out / "table1.md").read_text()
+    assert "| S1RTC | " in table and "DEM FID↓" in table and "S2L2A f_score↑" in table
+    s1_row = next(line for line in table.splitlines() if line.startswith("| S1RTC |"))
+    assert s1_row.count("—") == 4  # S1RTC is the condition: its 4 columns are empty
+    meta = json.loads((out / "metrics.json").read_text())
+    _, test_cells = split_cells(WORLD_CELLS, 0.05, 0)
+    assert meta["settings"]["cells"] == test_cells and len(meta["rows"]) == 9
+    assert meta["settings"]["extractors"]["fid"]["kind"] == "inception"
+    assert (out / "plots" / "fid.png").stat().st_size > 1000 and (out / "plots" / "ssim.png").exists()
+    assert not list(tmp_path.glob(".eval.partial-*"))
+
+    # a second run reads the cached features; a fresh cache recomputes the same numbers
+    again = tmp_path / "again"
+    r = runner.invoke(app, _args(root, ext, again, "--conditions", "none,S1RTC,S2L1C+S2L2A", "--n-samples", "2",
+                                 "--cache-dir", str(tmp_path / "fresh-cache")))
+    assert r.exit_code == 0, r.output
+    assert (again / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--conditions", "LANDSAT"], "unknown modality"),
+    (["--conditions", "DEM+S1RTC+S2L1C+S2L2A"], "leaves nothing to generate"),
+    (["--conditions", "S1RTC", "--k", "8"], "needs more than 8"),
+    (["--conditions", "S1RTC", "--split", "validation"], "split must be"),
+])
+def test_evaluate_bad_input(setup, tmp_path, extra, message):
+    root, ext = setup
+    r = runner.invoke(app, _args(root, ext, tmp_path / "bad", *extra))
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert not (tmp_path / "bad").exists()
