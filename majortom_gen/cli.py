@@ -311,7 +311,11 @@ def json_dumps_short(config: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- model
-def run_train(config: str, store: Path, out: Path, *, max_steps: int | None, resume: bool):
+DeviceOption = Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")]
+
+
+def run_train(config: str, store: Path, out: Path, *, max_steps: int | None, resume: bool, test_fraction: float = 0.05,
+              device: str | None = None):
     from pipelines.train import train_on_store
 
     with _progress("training", "steps") as update:
@@ -320,7 +324,8 @@ def run_train(config: str, store: Path, out: Path, *, max_steps: int | None, res
             update(step, total, note=f"loss {loss:.4f}, ")
 
         try:
-            result = train_on_store(config, store, out, max_steps=max_steps, resume=resume, progress=tick)
+            result = train_on_store(config, store, out, max_steps=max_steps, resume=resume, progress=tick,
+                                    test_fraction=test_fraction, device=device)
         except ValueError as exc:
             raise MajorTomGenError(str(exc)) from None
     console.print(f"[green]trained[/] {result.steps} steps, last loss {result.last_loss:.4f}; EMA model -> {result.model_dir}; "
@@ -336,9 +341,11 @@ def train(
     config: Annotated[str, typer.Option(help="tiny, paper, release, or a YAML path.")] = "tiny",
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (default: the config's).")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the last checkpoint in --out.")] = False,
+    test_fraction: Annotated[float, typer.Option(help="Share of cells held out for testing (by grid cell, seeded).")] = 0.05,
+    device: DeviceOption = None,
 ) -> None:
     """Train the multimodal U-ViT on a latent store (accelerate; GPU when present)."""
-    run_train(config, store, out, max_steps=max_steps, resume=resume)
+    run_train(config, store, out, max_steps=max_steps, resume=resume, test_fraction=test_fraction, device=device)
 
 
 @app.command(context_settings={"allow_extra_args": True})
@@ -356,6 +363,7 @@ def sample(
     steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed; each fragment's noise derives from (seed, cell, fragment).")] = 0,
     deterministic_conditions: Annotated[bool, typer.Option(help="Use the conditions' latent means, not samples.")] = False,
+    device: DeviceOption = None,
 ) -> None:
     """Generate any subset of modalities from any other subset, for fragments of a store."""
     from majortom_gen.modalities import parse_modalities
@@ -365,7 +373,7 @@ def sample(
     cond = () if condition.strip().lower() in ("", "none") else parse_modalities(condition)
     try:
         result = sample_store(model, store, ids, cond, parse_modalities(generate), out, n_samples=n_samples, steps=steps,
-                              seed=seed, deterministic_conditions=deterministic_conditions)
+                              seed=seed, deterministic_conditions=deterministic_conditions, device=device)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     console.print(f"[green]sampled[/] {result.fragments} fragments x {n_samples} -> {result.out} "
@@ -408,6 +416,7 @@ def generate_region_cmd(
     steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed; fragment noise derives from (seed, cell, fragment).")] = 0,
     crs: Annotated[str, typer.Option(help="CRS of the mosaic COGs.")] = "EPSG:4326",
+    device: DeviceOption = None,
 ) -> None:
     """Fill a region: generate the missing modalities for the cells covering a polygon and
     export them as GeoTIFFs and mosaics."""
@@ -425,7 +434,7 @@ def generate_region_cmd(
     try:
         result = generate_region(model, store, out, generate=parse_modalities(generate), region=geom, cells=ids,
                                  condition=cond, source=source, n_samples=n_samples, steps=steps, seed=seed,
-                                 dst_crs=normalise_crs(crs, item="--crs"))
+                                 dst_crs=normalise_crs(crs, item="--crs"), device=device)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     for name, group in result.groups.items():
@@ -433,6 +442,40 @@ def generate_region_cmd(
     for cell, why in result.skipped.items():
         err_console.print(Text(f"skipped {cell}: {why}", style="yellow"))
     console.print(f"[green]wrote[/] {len(result.files)} files -> {result.out}/geotiff (mosaics in geotiff/mosaic)", highlight=False)
+
+
+dataset_app = typer.Typer(no_args_is_help=True, help="Training sets by grid id: split subsets of a store, HF datasets export.")
+app.add_typer(dataset_app, name="dataset")
+
+
+@dataset_app.command("build", context_settings={"allow_extra_args": True})
+@_user_errors
+def dataset_build(
+    ctx: typer.Context,
+    store: Annotated[Path, typer.Option(help="Latent store to take the fragments from.")],
+    out: Annotated[Path, typer.Option(help="Output folder: a latent store with a split column, plus hf/.")],
+    cells: CellsOption = None,
+    region: RegionOption = None,
+    modalities: Annotated[Optional[str], typer.Option(help="Modalities every fragment must have (default: the store's).")] = None,
+    split: Annotated[str, typer.Option(help="spatial (blocks of neighbouring cells) or random (per cell).")] = "spatial",
+    test_fraction: Annotated[float, typer.Option(help="Share of cells in the test split.")] = 0.05,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    block_size: Annotated[int, typer.Option(help="Spatial blocks of N x N grid cells (about 10*N km).")] = 4,
+    hf: Annotated[bool, typer.Option(help="Also export a Hugging Face datasets DatasetDict to OUT/hf.")] = True,
+) -> None:
+    """A self-contained training set: the store's fragments for some cells (or all), split by
+    grid cell (spatially blocked, reproducible), as GeoParquet and as a `datasets` export."""
+    from majortom_gen.modalities import parse_modalities
+    from pipelines.dataset import build_dataset
+
+    ids = (cells or []) + list(ctx.args)
+    selected = _cells_from(ids, region) if (ids or region) else None
+    result = build_dataset(store, out, cells=selected, modalities=parse_modalities(modalities) if modalities else None,
+                           split=split, test_fraction=test_fraction, seed=seed, block=block_size, hf=hf)
+    for s in ("train", "test"):
+        console.print(f"{s:5s}: {len(result.cells[s]):5d} cells {result.fragments[s]:7d} fragments", highlight=False)
+    console.print(f"[green]wrote[/] {result.out} (latent store with a split column"
+                  f"{'; datasets export in ' + str(result.out / 'hf') if hf else ''})", highlight=False)
 
 
 def run_evaluate(model: Path, store: Path, out: Path, options) -> list[dict]:
@@ -475,7 +518,7 @@ def evaluate(
     codec: Annotated[Optional[str], typer.Option(help="Codec name (default: the store's).")] = None,
     codec_source: Annotated[Optional[str], typer.Option(help="Codec folder/hub id/file (default: STORE/codec).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache (default: STORE/cache/eval).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Evaluate a model the COP-GEN-Beta way: FID, precision, recall, F-score per condition
     and generated modality (Table 1), plus PSNR/SSIM/MAE against the paired real fragment."""
@@ -513,6 +556,10 @@ def convert_weights(
 DEMO_REGION = "POLYGON ((7.45 44.97, 7.92 44.95, 7.95 45.22, 7.62 45.27, 7.42 45.15, 7.45 44.97))"  # Turin and its hills
 
 
+DEMO_TEST_FRACTION = 0.125  # 3 of 24 cells held out: the region to fill and the evaluation set
+DEMO_CONDITIONS = "none,S1RTC,S2L2A,S2L1C+S2L2A"
+
+
 @app.command()
 @_user_errors
 def demo(
@@ -521,24 +568,33 @@ def demo(
     steps: Annotated[int, typer.Option(help="Training steps of the tiny model.")] = 600,
     seed: Annotated[int, typer.Option(help="Seed for the synthetic world and the sampling.")] = 0,
     workers: Annotated[int, typer.Option(help="Worker processes (default: all cores).")] = 0,
+    device: DeviceOption = None,
 ) -> None:
     """The main job on an embedded default, offline: a synthetic Major TOM world around
     Turin in the Core format, inspected, ingested on a local Dask cluster into a latent store
-    (offline codec), a tiny model trained on it, and DEM + S1RTC generated from S2 for a
-    held-out cell, exported as GeoTIFFs. (Mosaics and evaluation join as they land.)"""
+    (offline codec), a tiny model trained on it, a region polygon over held-out cells filled
+    with DEM + S1RTC generated from S2 (COGs, mosaics, quick-looks), and the Table-1
+    evaluation of the model on those cells."""
+    import geopandas as gpd
+    from shapely.ops import unary_union
+
     from majortom_gen.georef import default_grid
     from majortom_gen.regions import read_region
     from majortom_gen.selection import Filters
     from majortom_gen.store import split_cells
+    from model.features import save_random_extractors
+    from pipelines.evaluate import EvalOptions, parse_conditions
     from pipelines.ingest import IngestOptions
-    from pipelines.sample import sample_store
+    from pipelines.region import generate_region
 
-    if cells < 2:
-        raise MajorTomGenError(f"--cells must be >= 2 (one is held out for generation), got {cells}")
-    ids = default_grid().cells_in(read_region(DEMO_REGION))[:cells]
+    grid = default_grid()
+    ids = grid.cells_in(read_region(DEMO_REGION))[:cells]
+    if len(ids) < 4:
+        raise MajorTomGenError(f"--cells must be >= 4 (some are held out to fill and evaluate), got {cells}")
     n_workers = workers or (os.cpu_count() or 1)
     start = time.perf_counter()
-    world, store, run, samples = out / "world", out / "store", out / "train", out / "samples"
+    world, store, run = out / "world", out / "store", out / "train"
+    region_out, eval_out = out / "region", out / "evaluation"
     _reset_if_other_demo(out, {"seed": seed, "cells": ids, "steps": steps})
     console.rule("[bold]1. synthetic Major TOM world")
     console.print(f"{len(ids)} cells around Turin, seed {seed} -> {world}")
@@ -547,48 +603,89 @@ def demo(
     console.rule("[bold]2. inspect it")
     print_inspection(world, out / "world-preview.png")
     console.rule("[bold]3. ingest into a latent store (local Dask cluster, offline patch-pca codec)")
-    run_ingest(str(world), ids, store, IngestOptions(workers=n_workers), modalities=("DEM", "S1RTC", "S2L1C", "S2L2A"),
-               filters=Filters(), rule="least-cloudy")
+    run_ingest(str(world), ids, store, IngestOptions(workers=n_workers, device=device or "auto"),
+               modalities=("DEM", "S1RTC", "S2L1C", "S2L2A"), filters=Filters(), rule="least-cloudy")
     store_info(store)
-    console.rule(f"[bold]4. train the tiny model ({steps} steps, CPU)")
-    resume = (run / "checkpoints").exists()
-    run_train("tiny", store, run, max_steps=steps, resume=resume)
-    console.rule("[bold]5. generate DEM and S1RTC from S2L2A + S2L1C for a held-out cell")
-    _, test_cells = split_cells(ids, 0.05, 0)
-    result = sample_store(run / "model", store, test_cells, ("S2L1C", "S2L2A"), ("DEM", "S1RTC"), samples,
-                          n_samples=2, steps=25, seed=seed)
-    console.print(f"held-out cell(s) {', '.join(test_cells)}: {result.fragments} fragments x 2 samples -> {samples}")
-    console.print("  each PNG row: S2L1C | S2L2A | DEM sample 1 | DEM sample 2 | DEM real | S1RTC sample 1 | S1RTC sample 2 | S1RTC real")
-    console.print(Text("  a few hundred CPU steps make a rough model: expect blurry, partly wrong structure; "
-                       "quality needs GPU-scale training or the published weights", style="yellow"))
-    console.rule("[bold]6. export the generated fragments as GeoTIFFs (UTM, exact fragment transforms)")
-    from pipelines.export import export_samples
-
-    tifs = export_samples(samples, store, out / "geotiff")
-    console.print(f"{len(tifs.files)} files -> {tifs.out}: <cell>/<modality>/f<fragment>_s<sample>.tif (fragment COGs), "
-                  "mosaic/<modality>_s<k>_EPSG4326.tif (blended), mosaic/*.vrt (per UTM zone), "
-                  "mosaic/<modality>_mean|std_EPSG4326.tif (over samples)", soft_wrap=True)
-    console.print("  QGIS: Layer > Add Layer > Add Raster Layer, pick the .tif files (or drag them in); they land "
-                  "in their UTM zone, over the cell. Values are 8-bit visualisations (hillshade, false colour), "
-                  "not elevation or backscatter.", soft_wrap=True)
+    train_cells, test_cells = split_cells(ids, DEMO_TEST_FRACTION, 0)
+    console.rule(f"[bold]4. train the tiny model ({steps} steps) on {len(train_cells)} cells; "
+                 f"{len(test_cells)} held out")
+    run_train("tiny", store, run, max_steps=steps, resume=(run / "checkpoints").exists(),
+              test_fraction=DEMO_TEST_FRACTION, device=device)
+    console.rule("[bold]5. fill a region: DEM and S1RTC withheld, generated from S2L1C + S2L2A")
+    polygon = unary_union([grid.footprint(c) for c in test_cells]).buffer(-0.01)  # inside the held-out cells
+    region_file = out / "region.geojson"
+    gpd.GeoDataFrame({"name": ["demo region"]}, geometry=[polygon], crs="EPSG:4326").to_file(region_file, driver="GeoJSON")
+    console.print(f"region: {len(test_cells)} held-out cells {', '.join(test_cells)} (the model never saw them); "
+                  "the store keeps their real DEM/S1RTC for comparison, the model is not given them", soft_wrap=True)
+    region = generate_region(run / "model", store, region_out, generate=("DEM", "S1RTC"), region=polygon,
+                             condition=("S2L1C", "S2L2A"), n_samples=2, steps=25, seed=seed, device=device)
+    tifs = [f for f in region.files if f.suffix in (".tif", ".vrt")]
+    console.print(f"{len(tifs)} GeoTIFFs/VRTs -> {region_out}/geotiff: <cell>/<modality>/f<fragment>_s<sample>.tif "
+                  "(fragment COGs), mosaic/<modality>_s<k>_EPSG4326.tif (blended, clipped to the polygon), "
+                  "mosaic/*.vrt (per UTM zone), mosaic/<modality>_mean|std_EPSG4326.tif (over samples); "
+                  f"quick-looks {region_out}/samples/all/<cell>.png", soft_wrap=True)
+    console.print("  each quick-look row: S2L1C | S2L2A | DEM sample 1 | DEM sample 2 | DEM real | "
+                  "S1RTC sample 1 | S1RTC sample 2 | S1RTC real", soft_wrap=True)
+    console.rule("[bold]6. evaluate (Table-1 layout) on the held-out cells")
+    extractors = save_random_extractors(out / "extractors", seed=seed)
+    console.print(Text("  offline, the feature extractors are randomly initialised (the FID Inception-v3 "
+                       "architecture and a small DINOv2), saved locally: the numbers rank runs of this demo only "
+                       "and are not comparable with published FID/precision/recall (use the default extractors, "
+                       "downloaded once, for that). A few hundred CPU steps make a rough model: expect blurry, "
+                       "partly wrong structure.", style="yellow"), soft_wrap=True)
+    options = EvalOptions(conditions=parse_conditions(DEMO_CONDITIONS), steps=25, seed=seed, batch_size=48,
+                          fid_extractor=str(extractors["inception"]), pr_extractor=str(extractors["dinov2"]),
+                          device=device)
+    run_evaluate(run / "model", store, eval_out, options)
     console.rule("[bold]done")
-    console.print(f"wall time {time.perf_counter() - start:.1f} s. Files: {out}/world-preview.png, {run}/loss.png, "
-                  + ", ".join(str(p) for p in result.files if p.suffix == ".png")
-                  + f", {out}/geotiff/ ({len(tifs.files)} GeoTIFFs/VRTs; mosaics in {out}/geotiff/mosaic)",
-                  highlight=False, soft_wrap=True)
+    listing = _write_file_list(out)
+    console.print(f"wall time {time.perf_counter() - start:.1f} s; every file written is listed in {listing}:",
+                  highlight=False)
+    for folder, (n, size) in _folder_sizes(out).items():
+        console.print(f"  {folder + '/':24s} {n:5d} files {size / 2**20:8.1f} MiB", highlight=False)
+    console.print(f"Look at: {out}/world-preview.png, {run}/loss.png, {region_out}/samples/all/*.png, "
+                  f"{region_out}/geotiff/index.md, {eval_out}/table1.md, {eval_out}/plots/", soft_wrap=True, highlight=False)
+    console.print(f"QGIS: Layer > Add Layer > Add Raster Layer, pick {region_out}/geotiff/mosaic/DEM_mean_EPSG4326.tif "
+                  "(or any .tif/.vrt; or drag them in). Fragment COGs carry their cell's UTM CRS and land over their "
+                  "grid cell; mosaics are in EPSG:4326, clipped to the region. Values are 8-bit visualisations "
+                  "(hillshade, false colour), not elevation or backscatter.", soft_wrap=True, highlight=False)
     console.print("Repeat the steps by hand:")
+    dev = f" --device {device}" if device else ""
     for line in (f"majortom-gen synth --cells {','.join(ids)} --out {world} --seed {seed}",
                  f"majortom-gen inspect {world} --preview {out / 'world-preview.png'}",
                  f"majortom-gen ingest --source {world} --cells {','.join(ids)} --store {store}",
                  f"majortom-gen store info {store}",
-                 f"majortom-gen train --config tiny --store {store} --out {run} --max-steps {steps}",
-                 f"majortom-gen sample --model {run / 'model'} --store {store} --cells {','.join(test_cells)} "
-                 f"--condition S2L1C,S2L2A --generate DEM,S1RTC --n-samples 2 --steps 25 --out {samples}",
-                 f"majortom-gen export --samples {samples} --store {store} --out {out / 'geotiff'}"):
+                 f"majortom-gen train --config tiny --store {store} --out {run} --max-steps {steps} "
+                 f"--test-fraction {DEMO_TEST_FRACTION}{dev}",
+                 f"majortom-gen generate --model {run / 'model'} --store {store} --region {region_file} "
+                 f"--condition S2L1C,S2L2A --generate DEM,S1RTC --n-samples 2 --steps 25 --seed {seed} --out {region_out}{dev}",
+                 f"majortom-gen evaluate --model {run / 'model'} --store {store} --out {eval_out} --conditions "
+                 f"{DEMO_CONDITIONS} --steps 25 --fid-extractor {extractors['inception']} --pr-extractor "
+                 f"{extractors['dinov2']}{dev}"):
         console.print(f"  {line}", highlight=False, soft_wrap=True)
     console.print("On real data: --source hf://datasets/Major-TOM (or a local mirror), --codec sd-vae --codec-source "
-                  "<VAE>, and `majortom-gen convert-weights` for the published COP-GEN-Beta model (GPU advised).",
-                  soft_wrap=True)
+                  "<VAE>, `majortom-gen convert-weights` for the published COP-GEN-Beta model, and the default "
+                  "extractors for evaluation (GPU advised). See the README.", soft_wrap=True)
+
+
+def _folder_sizes(out: Path) -> dict[str, tuple[int, int]]:
+    sizes: dict[str, tuple[int, int]] = {}
+    for f in sorted(out.rglob("*")):
+        if f.is_file():
+            top = f.relative_to(out).parts[0] if len(f.relative_to(out).parts) > 1 else "."
+            n, size = sizes.get(top, (0, 0))
+            sizes[top] = (n + 1, size + f.stat().st_size)
+    return sizes
+
+
+def _write_file_list(out: Path) -> Path:
+    """``FILES.md``: every file under the demo folder with its size."""
+    path = out / "FILES.md"
+    lines = ["# Files written by `majortom-gen demo`", "", "| file | bytes |", "|---|---|"]
+    lines += [f"| {f.relative_to(out).as_posix()} | {f.stat().st_size} |"
+              for f in sorted(out.rglob("*")) if f.is_file() and f != path]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _reset_if_other_demo(out: Path, params: dict) -> None:

@@ -399,11 +399,21 @@ def split_cells(cells: Iterable[str], test_fraction: float = 0.05, seed: int = 0
     return train, test
 
 
+def recorded_split(store: LatentStore) -> dict[str, str] | None:
+    """``{cell: 'train' | 'test'}`` recorded by ``majortom-gen dataset build``, if the store is
+    such a training set (then it overrides ``test_fraction``/``seed`` splits)."""
+    d = store.manifest.get("dataset")
+    if not d:
+        return None
+    return {c: s for s, cells in d["cells"].items() for c in cells}
+
+
 def load_aligned(store: LatentStore, modalities: Sequence[str], *, split: str | None = None,
                  test_fraction: float = 0.05, seed: int = 0, cache: bool = False) -> AlignedArrays:
     """Fragments that have every requested modality, as contiguous arrays.
 
-    ``split`` = 'train' | 'test' | None keeps the cells of :func:`split_cells`. With
+    ``split`` = 'train' | 'test' | None keeps the cells of :func:`split_cells` (or the split
+    recorded in a training set built by ``dataset build``). With
     ``cache=True`` the arrays are written once under ``STORE/cache/`` and memory-mapped."""
     unknown = [m for m in modalities if m not in store.modalities]
     if unknown:
@@ -421,8 +431,12 @@ def load_aligned(store: LatentStore, modalities: Sequence[str], *, split: str | 
     if split is not None:
         if split not in ("train", "test"):
             raise StoreError(f"split must be 'train' or 'test', got {split!r}")
-        train, test = split_cells(t.column("grid_cell").to_pylist(), test_fraction, seed)
-        keep = set(train if split == "train" else test)
+        recorded = recorded_split(store)
+        if recorded is not None:
+            keep = {c for c, s in recorded.items() if s == split}
+        else:
+            train, test = split_cells(t.column("grid_cell").to_pylist(), test_fraction, seed)
+            keep = set(train if split == "train" else test)
         mask &= np.isin(t.column("grid_cell").to_numpy(zero_copy_only=False), list(keep))
     t = t.filter(pa.array(mask))
     moments = {m: moment_array(t, m) for m in modalities}

@@ -60,7 +60,17 @@ def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
     real, fake = np.asarray(real), np.asarray(fake)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature sets must be (N, D) with the same D; got {real.shape} and {fake.shape}")
-    return frechet_distance(*gaussian_moments(real), *gaussian_moments(fake))
+    (mu1, sigma1), (mu2, sigma2) = gaussian_moments(real), gaussian_moments(fake)
+    n, m, d = len(real), len(fake), real.shape[1]
+    if max(n, m) >= d:
+        return frechet_distance(mu1, sigma1, mu2, sigma2)
+    # Fewer samples than dimensions: with centred A (n, D), B (m, D), S1 S2 = A'A B'B / ((n-1)(m-1))
+    # has the nonzero eigenvalues of (A B')(A B')', so tr((S1 S2)^1/2) is the nuclear norm of A B'
+    # (an n x m matrix) -- exact, and far cheaper than D x D decompositions.
+    a, b = real - mu1, fake - mu2
+    trace_sqrt = linalg.svdvals(a @ b.T).sum() / np.sqrt((n - 1) * (m - 1))
+    diff = mu1 - mu2
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def _kth_neighbour_radii(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:

@@ -72,10 +72,12 @@ def train(
     resume: bool = False,
     progress: Callable[[int, int, float], None] | None = None,
     on_checkpoint: Callable[[int, MultiModalUViT], None] | None = None,
+    device: str | None = None,
 ) -> TrainResult:
     """Train (or resume) and write checkpoints, a log and the final EMA model under ``out``.
 
-    ``on_checkpoint(step, ema_network)`` runs after each checkpoint (e.g. to draw a sample grid)."""
+    ``on_checkpoint(step, ema_network)`` runs after each checkpoint (e.g. to draw a sample grid).
+    ``device='cpu'`` forces the CPU; otherwise accelerate picks the GPU(s) when present."""
     out = Path(out)
     cfg, tcfg = config, config.train
     names = list(cfg.nnet.get("modalities", list(moments)))
@@ -86,7 +88,7 @@ def train(
     if n == 0:
         raise ValueError("no training tuples: the store has no fragment with all the network's modalities")
     total = max_steps if max_steps is not None else tcfg.max_steps
-    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=device == "cpu" or not torch.cuda.is_available())
     torch.manual_seed(tcfg.seed)
     net = MultiModalUViT(**cfg.nnet)
     if tcfg.gradient_checkpointing:

@@ -21,6 +21,7 @@ from affine import Affine
 
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.fragments import from_unit_range
+from majortom_gen.staging import staged_folder
 from majortom_gen.store import LatentStore
 from model.codecs import load_codec
 
@@ -82,22 +83,24 @@ def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike,
     codec = load_codec("patch-pca", str(store_dir / "codec"))
     cells = sorted(set(z["grid_cell"].tolist()))
     geo = store.lookup(cells=cells).set_index(["grid_cell", "fragment_index"])
-    files = []
-    for m in meta["generate"]:
-        latents = torch.from_numpy(z[f"latent_{m}"].astype(np.float32))
-        pixels = np.concatenate([from_unit_range(codec.decode(latents[i:i + 64]).numpy()) for i in range(0, len(latents), 64)])
-        for i, (cell, frag, s) in enumerate(zip(z["grid_cell"].tolist(), z["fragment_index"].tolist(), z["sample"].tolist())):
-            row = geo.loc[(cell, frag)]
-            transform = Affine(*row["utm_transform"])
-            product_ids = {p.removesuffix("_product_id"): row[p] for p in geo.columns if p.endswith("_product_id") and row[p]}
-            tags = {"grid_cell": cell, "fragment_index": frag, "sample": s, "model": meta["model"], "codec": meta["codec"],
-                    "condition": ",".join(meta["condition"]) or "none", "seed": meta["seed"], "steps": meta["steps"],
-                    "source_product_ids": json.dumps(product_ids)}
-            files.append(write_fragment_cog(out / cell / m / f"f{frag:02d}_s{s}.tif", pixels[i], m, row["utm_crs"], transform, tags))
-    if mosaic:
-        files += _mosaics(files, out / "mosaic", meta, dst_crs, region)
-    files.append(_write_index(out, samples_dir, meta, files))
-    return ExportResult(out, files)
+    final = out
+    with staged_folder(final) as out:  # complete or nothing
+        files = []
+        for m in meta["generate"]:
+            latents = torch.from_numpy(z[f"latent_{m}"].astype(np.float32))
+            pixels = np.concatenate([from_unit_range(codec.decode(latents[i:i + 64]).numpy()) for i in range(0, len(latents), 64)])
+            for i, (cell, frag, s) in enumerate(zip(z["grid_cell"].tolist(), z["fragment_index"].tolist(), z["sample"].tolist())):
+                row = geo.loc[(cell, frag)]
+                transform = Affine(*row["utm_transform"])
+                product_ids = {p.removesuffix("_product_id"): row[p] for p in geo.columns if p.endswith("_product_id") and row[p]}
+                tags = {"grid_cell": cell, "fragment_index": frag, "sample": s, "model": meta["model"], "codec": meta["codec"],
+                        "condition": ",".join(meta["condition"]) or "none", "seed": meta["seed"], "steps": meta["steps"],
+                        "source_product_ids": json.dumps(product_ids)}
+                files.append(write_fragment_cog(out / cell / m / f"f{frag:02d}_s{s}.tif", pixels[i], m, row["utm_crs"], transform, tags))
+        if mosaic:
+            files += _mosaics(files, out / "mosaic", meta, dst_crs, region)
+        files.append(_write_index(out, samples_dir, meta, files))
+    return ExportResult(final, [final / f.relative_to(out) for f in files])
 
 
 def _write_index(out: Path, samples_dir: Path, meta: dict, files: list[Path]) -> Path:

@@ -39,6 +39,8 @@ def vrts_per_zone(tifs: Sequence[Path], out_dir: Path, stem: str) -> list[Path]:
         width, height = int(round((east - west) / res)), int(round((north - south) / res))
         count, descriptions = items[0][4], items[0][5]
         wkt = rasterio.crs.CRS.from_string(crs).to_wkt()
+        # paths relative to the VRT, so the output folder can be moved or copied whole
+        rel = {p: Path(os.path.relpath(p.resolve(), out_dir.resolve())).as_posix() for p, *_ in items}
         lines = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
                  f"  <SRS>{escape(wkt)}</SRS>",
                  f"  <GeoTransform>{west!r}, {res!r}, 0.0, {north!r}, 0.0, {-res!r}</GeoTransform>"]
@@ -49,7 +51,7 @@ def vrts_per_zone(tifs: Sequence[Path], out_dir: Path, stem: str) -> list[Path]:
             for path, tr, w, h, *_ in items:
                 xoff, yoff = (tr.c - west) / res, (north - tr.f) / res
                 lines += ["    <SimpleSource>",
-                          f'      <SourceFilename relativeToVRT="0">{escape(str(path.resolve()))}</SourceFilename>',
+                          f'      <SourceFilename relativeToVRT="1">{escape(rel[path])}</SourceFilename>',
                           f"      <SourceBand>{b}</SourceBand>",
                           f'      <SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>',
                           f'      <DstRect xOff="{xoff:.6f}" yOff="{yoff:.6f}" xSize="{w}" ySize="{h}"/>',

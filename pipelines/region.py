@@ -9,6 +9,7 @@ store lacks are ingested first when a ``source`` is given.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from shapely.geometry.base import BaseGeometry
 
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.georef import default_grid
+from majortom_gen.staging import staged_folder
 from majortom_gen.store import LatentStore
 from pipelines.export import export_samples
 from pipelines.sample import sample_store
@@ -37,7 +39,7 @@ class RegionResult:
 def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike, *,
                     generate: Sequence[str], region: BaseGeometry | None = None, cells: Sequence[str] | None = None,
                     condition: str | Sequence[str] = "auto", source: str | None = None, n_samples: int = 1,
-                    steps: int = 50, seed: int = 0, dst_crs: str = "EPSG:4326") -> RegionResult:
+                    steps: int = 50, seed: int = 0, dst_crs: str = "EPSG:4326", device: str | None = None) -> RegionResult:
     grid = default_grid()
     wanted = list(cells or []) + (grid.cells_in(region) if region is not None else [])
     wanted = list(dict.fromkeys(wanted))
@@ -66,18 +68,19 @@ def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, 
         groups[cond].append(cell)
     if not groups:
         raise MajorTomGenError("no cell of the region can be generated: " + "; ".join(f"{c}: {r}" for c, r in skipped.items()))
-    out = Path(out)
-    runs = []
-    for cond, group_cells in groups.items():
-        name = "+".join(cond) or "unconditional"
-        runs.append(sample_store(model_dir, store_dir, group_cells, cond, list(generate), out / "samples" / name,
-                                 n_samples=n_samples, steps=steps, seed=seed).out)
-    merged = _merge_samples(runs, out / "samples" / "all")
-    result = export_samples(merged, store_dir, out / "geotiff", dst_crs=dst_crs, region=region)
-    summary = {"cells": wanted, "groups": {"+".join(k) or "unconditional": v for k, v in groups.items()},
-               "skipped": skipped, "generate": list(generate), "n_samples": n_samples, "seed": seed}
-    (out / "region.json").write_text(json.dumps(summary, indent=1))
-    return RegionResult(out, wanted, summary["groups"], skipped, result.files)
+    final = Path(out)
+    with staged_folder(final) as out:  # complete or nothing
+        runs = []
+        for cond, group_cells in groups.items():
+            name = "+".join(cond) or "unconditional"
+            runs.append(sample_store(model_dir, store_dir, group_cells, cond, list(generate), out / "samples" / name,
+                                     n_samples=n_samples, steps=steps, seed=seed, device=device).out)
+        merged = _merge_samples(runs, out / "samples" / "all")
+        result = export_samples(merged, store_dir, out / "geotiff", dst_crs=dst_crs, region=region)
+        summary = {"cells": wanted, "groups": {"+".join(k) or "unconditional": v for k, v in groups.items()},
+                   "skipped": skipped, "generate": list(generate), "n_samples": n_samples, "seed": seed}
+        (out / "region.json").write_text(json.dumps(summary, indent=1))
+    return RegionResult(final, wanted, summary["groups"], skipped, [final / f.relative_to(out) for f in result.files])
 
 
 def _merge_samples(runs: list[Path], target: Path) -> Path:
@@ -91,6 +94,9 @@ def _merge_samples(runs: list[Path], target: Path) -> Path:
         for key in ("grid_cell", "fragment_index", "sample") + tuple(f"latent_{m}" for m in meta["generate"]):
             arrays[key].append(z[key])
     target.mkdir(parents=True, exist_ok=True)
+    for run in runs:  # the quick-looks (one PNG per cell) travel with the merged run
+        for png in run.glob("*.png"):
+            shutil.copy2(png, target / png.name)
     np.savez_compressed(target / "samples.npz", **{k: np.concatenate(v) for k, v in arrays.items()})
     conditions = sorted({c for m in metas for c in m["condition"]})
     (target / "samples.json").write_text(json.dumps({**metas[0], "condition": conditions,

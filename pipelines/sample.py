@@ -23,6 +23,7 @@ from PIL import Image
 
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.fragments import from_unit_range
+from majortom_gen.staging import staged_folder
 from majortom_gen.store import MOMENT_SHAPE, LatentStore, moment_array
 from model.codecs import load_codec, sample_latents
 from model.sample import generate
@@ -46,10 +47,10 @@ def fragment_seed(seed: int, cell: str, fragment: int, sample: int, modality: st
 
 def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cells: Sequence[str], condition: Sequence[str],
                  generate_modalities: Sequence[str], out: str | os.PathLike, *, n_samples: int = 1, steps: int = 50,
-                 seed: int = 0, deterministic_conditions: bool = False, batch_size: int = 64) -> SampleResult:
+                 seed: int = 0, deterministic_conditions: bool = False, batch_size: int = 64,
+                 device: str | None = None) -> SampleResult:
     net = MultiModalUViT.from_pretrained(model_dir).eval()
-    if torch.cuda.is_available():
-        net = net.to("cuda")
+    net = net.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     store = LatentStore.open(store_dir)
     scale = store_scale_factor(store)
     for m in list(condition) + list(generate_modalities):
@@ -79,30 +80,30 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
              for m in generate_modalities}
     result = generate(net, cond, list(generate_modalities), n_samples=n_samples, steps=steps, seed=seed,
                       initial_noise=noise, batch_size=batch_size)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = {f"latent_{m}": result[m].cpu().numpy().astype(np.float16) for m in result}
-    np.savez_compressed(out / "samples.npz", grid_cell=np.repeat(np.asarray(cell_ids), n_samples),
-                        fragment_index=np.repeat(np.asarray(frag_ids), n_samples),
-                        sample=np.tile(np.arange(n_samples), len(cell_ids)), **arrays)
-    (out / "samples.json").write_text(json.dumps({
-        "model": str(model_dir), "store": str(store_dir), "condition": list(condition), "generate": list(generate_modalities),
-        "n_samples": n_samples, "steps": steps, "seed": seed, "deterministic_conditions": deterministic_conditions,
-        "codec": store.codec["name"], "scale_factor": scale,
-        "latents": "scaled latents in the network's space; divide by scale_factor before decoding"}, indent=1))
-    files = [out / "samples.npz", out / "samples.json"]
-    codec_dir = Path(store_dir) / "codec"
-    if store.codec["name"] == "patch-pca" and (codec_dir / "config.json").exists():
-        real = {}
-        for m in real_cols:  # the store's own latents of the generated modalities, where it has them
-            valid = table.column(m).is_valid().to_numpy(zero_copy_only=False)
-            moms = np.zeros((table.num_rows,) + MOMENT_SHAPE, np.float32)
-            if valid.any():
-                moms[valid] = moment_array(table.filter(pa.array(valid)), m, np.float32)
-            real[m] = (valid, moms)
-        files += _png_grids(load_codec("patch-pca", str(codec_dir)), result, cell_ids, frag_ids, n_samples,
-                            list(condition), list(generate_modalities), out, real, scale)
-    return SampleResult(out, len(cell_ids), files)
+    final = Path(out)
+    with staged_folder(final) as out:  # complete or nothing
+        arrays = {f"latent_{m}": result[m].cpu().numpy().astype(np.float16) for m in result}
+        np.savez_compressed(out / "samples.npz", grid_cell=np.repeat(np.asarray(cell_ids), n_samples),
+                            fragment_index=np.repeat(np.asarray(frag_ids), n_samples),
+                            sample=np.tile(np.arange(n_samples), len(cell_ids)), **arrays)
+        (out / "samples.json").write_text(json.dumps({
+            "model": str(model_dir), "store": str(store_dir), "condition": list(condition), "generate": list(generate_modalities),
+            "n_samples": n_samples, "steps": steps, "seed": seed, "deterministic_conditions": deterministic_conditions,
+            "codec": store.codec["name"], "scale_factor": scale,
+            "latents": "scaled latents in the network's space; divide by scale_factor before decoding"}, indent=1))
+        files = [out / "samples.npz", out / "samples.json"]
+        codec_dir = Path(store_dir) / "codec"
+        if store.codec["name"] == "patch-pca" and (codec_dir / "config.json").exists():
+            real = {}
+            for m in real_cols:  # the store's own latents of the generated modalities, where it has them
+                valid = table.column(m).is_valid().to_numpy(zero_copy_only=False)
+                moms = np.zeros((table.num_rows,) + MOMENT_SHAPE, np.float32)
+                if valid.any():
+                    moms[valid] = moment_array(table.filter(pa.array(valid)), m, np.float32)
+                real[m] = (valid, moms)
+            files += _png_grids(load_codec("patch-pca", str(codec_dir)), result, cell_ids, frag_ids, n_samples,
+                                list(condition), list(generate_modalities), out, real, scale)
+    return SampleResult(final, len(cell_ids), [final / f.relative_to(out) for f in files])
 
 
 def _png_grids(codec, result, cell_ids, frag_ids, n_samples, condition, generated, out: Path,

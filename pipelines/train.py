@@ -25,7 +25,7 @@ def store_scale_factor(store: LatentStore) -> float:
 
 def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike, *,
                    max_steps: int | None = None, resume: bool = False, test_fraction: float = 0.05, split_seed: int = 0,
-                   progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
+                   progress: Callable[[int, int, float], None] | None = None, device: str | None = None) -> TrainResult:
     """Train on the store's training split (cells held out for testing by ``split_seed``)."""
     cfg = load_config(config)
     store = LatentStore.open(store_dir)
@@ -35,7 +35,7 @@ def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out:
         raise MajorTomGenError(f"{store_dir}: no training fragment has all of {modalities}")
     grid = _sample_grid_callback(store, Path(store_dir), Path(out) / "samples", cfg.sample.steps)
     result = train(cfg, arrays.moments, out, scale_factor=store_scale_factor(store), max_steps=max_steps,
-                   resume=resume, progress=progress, on_checkpoint=grid)
+                   resume=resume, progress=progress, on_checkpoint=grid, device=device)
     meta = {"store": str(Path(store_dir).resolve()), "codec": store.codec, "test_fraction": test_fraction,
             "split_seed": split_seed, "train_fragments": len(arrays)}
     (result.model_dir / "training_data.json").write_text(json.dumps(meta, indent=1))

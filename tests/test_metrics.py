@@ -119,3 +119,13 @@ def test_psnr_ssim_mae_agree_with_scikit_image():
         for i in range(len(x))], atol=1e-5)
     with pytest.raises(ValueError, match="differ in shape"):
         psnr(x[:2], x[:3])
+
+
+def test_fid_with_fewer_samples_than_dimensions_takes_the_exact_shortcut():
+    """With N < D the nuclear-norm path gives the same value as the D x D path."""
+    from model.metrics import frechet_distance, gaussian_moments
+
+    rng = np.random.default_rng(8)
+    real, fake = rng.normal(size=(40, 256)), rng.normal(size=(30, 256)) * 1.3 + 0.2
+    full = frechet_distance(*gaussian_moments(real), *gaussian_moments(fake))
+    assert fid_from_features(real, fake) == pytest.approx(full, rel=1e-6)
