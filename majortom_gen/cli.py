@@ -311,6 +311,8 @@ def json_dumps_short(config: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- model
+ReflectanceOption = Annotated[bool, typer.Option(
+    help="Also write generated S2 fragments as approximate reflectance (inverted thumbnail, below saturation only).")]
 DeviceOption = Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")]
 
 
@@ -389,13 +391,14 @@ def export(
     crs: Annotated[str, typer.Option(help="CRS of the blended mosaic COGs.")] = "EPSG:4326",
     region: RegionOption = None,
     mosaic: Annotated[bool, typer.Option(help="Also write mosaics: a VRT per UTM zone and a blended COG per modality and sample.")] = True,
+    reflectance: ReflectanceOption = False,
 ) -> None:
     """Write generated fragments as Cloud-Optimized GeoTIFFs in their cell's UTM CRS, and mosaics."""
     from majortom_gen.georef import normalise_crs
     from majortom_gen.regions import read_region
     from pipelines.export import export_samples
 
-    result = export_samples(samples, store, out, mosaic=mosaic, dst_crs=normalise_crs(crs, item="--crs"),
+    result = export_samples(samples, store, out, mosaic=mosaic, dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance,
                             region=read_region(region) if region else None)
     console.print(f"[green]exported[/] {len(result.files)} COGs -> {result.out}", highlight=False)
 
@@ -416,6 +419,7 @@ def generate_region_cmd(
     steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed; fragment noise derives from (seed, cell, fragment).")] = 0,
     crs: Annotated[str, typer.Option(help="CRS of the mosaic COGs.")] = "EPSG:4326",
+    reflectance: ReflectanceOption = False,
     device: DeviceOption = None,
 ) -> None:
     """Fill a region: generate the missing modalities for the cells covering a polygon and
@@ -434,7 +438,7 @@ def generate_region_cmd(
     try:
         result = generate_region(model, store, out, generate=parse_modalities(generate), region=geom, cells=ids,
                                  condition=cond, source=source, n_samples=n_samples, steps=steps, seed=seed,
-                                 dst_crs=normalise_crs(crs, item="--crs"), device=device)
+                                 dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance, device=device)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     for name, group in result.groups.items():

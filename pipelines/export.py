@@ -22,6 +22,7 @@ from affine import Affine
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.fragments import from_unit_range
 from majortom_gen.staging import staged_folder
+from majortom_gen.thumbnails import s2_reflectance_from_thumbnail
 from majortom_gen.store import LatentStore
 from model.codecs import load_codec
 
@@ -40,6 +41,12 @@ CONTENT = {
     "S1RTC": "generated S1 RTC false-colour composite (8-bit visualisation, not backscatter)",
     "DEM": "generated DEM hillshade (8-bit visualisation, not elevation)",
 }
+
+
+REFLECTANCE_CAVEAT = ("approximate reflectance (0..1) inverted from the generated 8-bit thumbnail with the "
+                      "official formula, reflectance = ((v + 0.5) / 255 / 1.3) ** (1 / 0.6); valid below saturation only "
+                      "(NaN where the thumbnail is 255, i.e. reflectance above ~0.64); quantisation error up to one 8-bit "
+                      "step (about 1% relative); a generated image, not a measurement")
 
 
 @dataclass
@@ -67,13 +74,38 @@ def write_fragment_cog(path: Path, pixels: np.ndarray, modality: str, crs: str, 
     return path
 
 
+def write_reflectance_cog(path: Path, pixels: np.ndarray, modality: str, crs: str, transform: Affine, tags: dict) -> Path:
+    """Write the approximate reflectance of a generated S2 thumbnail ``(256, 256, 3)`` uint8 as
+    a float32 COG of bands [B04, B03, B02] (NaN where a band is saturated), with the caveat in
+    its tags."""
+    if modality not in ("S2L1C", "S2L2A"):
+        raise MajorTomGenError(f"reflectance can only be inverted from S2 thumbnails, not {modality}")
+    refl = s2_reflectance_from_thumbnail(pixels).astype(np.float32)
+    refl[pixels >= 255] = np.nan
+    data = np.moveaxis(refl, -1, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    profile = dict(driver="COG", width=data.shape[2], height=data.shape[1], count=3, dtype="float32", nodata=np.nan,
+                   crs=crs, transform=transform, compress="deflate", predictor=3, blocksize=256)
+    kind = "surface" if modality == "S2L2A" else "top-of-atmosphere"
+    with rasterio.open(tmp, "w", **profile) as ds:
+        ds.write(data)
+        for i, band in enumerate(("B04", "B03", "B02"), start=1):
+            ds.set_band_description(i, f"{band}: approximate {kind} reflectance (0..1) inverted from the generated thumbnail")
+        ds.update_tags(CONTENT=f"generated {modality} {kind} reflectance, approximate", CAVEAT=REFLECTANCE_CAVEAT,
+                       **{k.upper(): str(v) for k, v in tags.items()})
+    os.replace(tmp, path)
+    return path
+
+
 def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike, *,
-                   mosaic: bool = True, dst_crs: str = "EPSG:4326", region=None) -> ExportResult:
+                   mosaic: bool = True, dst_crs: str = "EPSG:4326", region=None, reflectance: bool = False) -> ExportResult:
     """Decode a ``majortom-gen sample`` run and write one COG per fragment, modality and sample
     (``out/<cell>/<modality>/f<fragment>_s<sample>.tif``, generated modalities only); with
     ``mosaic``, per modality and sample a VRT per UTM zone and a blended COG in ``dst_crs``
     clipped to ``region`` (``out/mosaic/``), plus mean/std rasters when there are several
-    samples."""
+    samples. With ``reflectance``, generated S2 fragments also get ``..._reflectance.tif``:
+    approximate reflectance inverted from the thumbnail below saturation (see the CAVEAT tag)."""
     samples_dir, store_dir, out = Path(samples_dir), Path(store_dir), Path(out)
     meta = json.loads((samples_dir / "samples.json").read_text())
     z = np.load(samples_dir / "samples.npz")
@@ -97,6 +129,9 @@ def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike,
                         "condition": ",".join(meta["condition"]) or "none", "seed": meta["seed"], "steps": meta["steps"],
                         "source_product_ids": json.dumps(product_ids)}
                 files.append(write_fragment_cog(out / cell / m / f"f{frag:02d}_s{s}.tif", pixels[i], m, row["utm_crs"], transform, tags))
+                if reflectance and m in ("S2L1C", "S2L2A"):
+                    files.append(write_reflectance_cog(out / cell / m / f"f{frag:02d}_s{s}_reflectance.tif", pixels[i], m,
+                                                       row["utm_crs"], transform, tags))
         if mosaic:
             files += _mosaics(files, out / "mosaic", meta, dst_crs, region)
         files.append(_write_index(out, samples_dir, meta, files))
@@ -131,7 +166,7 @@ def _mosaics(files: list[Path], folder: Path, meta: dict, dst_crs: str, region) 
     for m in meta["generate"]:
         per_sample = []
         for s in range(meta["n_samples"]):
-            tifs = [f for f in files if f.parent.name == m and f.stem.endswith(f"_s{s}")]
+            tifs = [f for f in files if f.parent.name == m and f.stem.endswith(f"_s{s}")]  # thumbnails only
             stem = f"{m}_s{s}"
             written += vrts_per_zone(tifs, folder, stem)
             per_sample.append(write_mosaic(tifs, folder / f"{stem}_{dst_crs.replace(':', '')}.tif", dst_crs=dst_crs, region=region))

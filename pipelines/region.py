@@ -39,7 +39,8 @@ class RegionResult:
 def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike, *,
                     generate: Sequence[str], region: BaseGeometry | None = None, cells: Sequence[str] | None = None,
                     condition: str | Sequence[str] = "auto", source: str | None = None, n_samples: int = 1,
-                    steps: int = 50, seed: int = 0, dst_crs: str = "EPSG:4326", device: str | None = None) -> RegionResult:
+                    steps: int = 50, seed: int = 0, dst_crs: str = "EPSG:4326", device: str | None = None,
+                    reflectance: bool = False) -> RegionResult:
     grid = default_grid()
     wanted = list(cells or []) + (grid.cells_in(region) if region is not None else [])
     wanted = list(dict.fromkeys(wanted))
@@ -76,7 +77,7 @@ def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, 
             runs.append(sample_store(model_dir, store_dir, group_cells, cond, list(generate), out / "samples" / name,
                                      n_samples=n_samples, steps=steps, seed=seed, device=device).out)
         merged = _merge_samples(runs, out / "samples" / "all")
-        result = export_samples(merged, store_dir, out / "geotiff", dst_crs=dst_crs, region=region)
+        result = export_samples(merged, store_dir, out / "geotiff", dst_crs=dst_crs, region=region, reflectance=reflectance)
         summary = {"cells": wanted, "groups": {"+".join(k) or "unconditional": v for k, v in groups.items()},
                    "skipped": skipped, "generate": list(generate), "n_samples": n_samples, "seed": seed}
         (out / "region.json").write_text(json.dumps(summary, indent=1))

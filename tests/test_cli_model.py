@@ -114,6 +114,16 @@ def _check_generate_region(store, model, out):
     r = runner.invoke(app, ["generate", "--store", str(store), "--model", str(model), "--out", str(out),
                             "--region", "POLYGON ((0 0, 1 1, 1 0, 0 1, 0 0))", "--generate", "DEM"])
     assert r.exit_code == 2 and "invalid geometry" in r.output
+    assert (out / "geotiff" / "mosaic" / "DEM_s0_EPSG4326.tif").exists()  # a failed re-run leaves the output intact
+    s2 = out.with_name("region-s2")
+    r = runner.invoke(app, ["generate", "--store", str(store), "--model", str(model), "--out", str(s2), "--cells",
+                            WORLD_CELLS[1], "--generate", "S2L2A", "--condition", "S1RTC", "--steps", "2", "--reflectance"])
+    assert r.exit_code == 0, r.output
+    refl = sorted((s2 / "geotiff" / WORLD_CELLS[1] / "S2L2A").glob("*_reflectance.tif"))
+    assert len(refl) == 16
+    with rasterio.open(refl[0]) as ds:
+        assert ds.count == 3 and ds.dtypes[0] == "float32" and "CAVEAT" in ds.tags()
+    assert not [p for p in (s2 / "geotiff" / "mosaic").iterdir() if "reflectance" in p.name]
 
 
 def _check_ingest_on_the_fly(world, model, tmp_path):

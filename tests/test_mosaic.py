@@ -68,3 +68,32 @@ def test_mosaic__uncertainty_from_samples(tmp_path):
         ok = ~np.isnan(mv)
         assert ok.mean() > 0.9
         assert np.allclose(mv[ok], 150, atol=1) and np.allclose(sv[ok], 50, atol=1)
+
+
+def test_reflectance_export_inverts_the_thumbnail_below_saturation(tmp_path):
+    """The optional reflectance COG recovers the bands the thumbnail was made from, to the
+    8-bit quantisation, and marks saturated pixels as NaN, with the caveat in its tags."""
+    import pytest
+
+    from majortom_gen.errors import MajorTomGenError
+    from majortom_gen.thumbnails import s2_thumbnail
+    from pipelines.export import write_reflectance_cog
+
+    rng = np.random.default_rng(0)
+    refl = rng.uniform(0.01, 0.9, (3, 256, 256))  # B04, B03, B02
+    thumb = s2_thumbnail(*(refl * 1e4))
+    tr = Affine(10, 0, 399960, 0, -10, 5000040)
+    path = write_reflectance_cog(tmp_path / "f00_s0_reflectance.tif", thumb, "S2L2A", "EPSG:32632", tr, {"seed": 1})
+    with rasterio.open(path) as ds:
+        back = ds.read()
+        assert ds.dtypes[0] == "float32" and ds.transform == tr and ds.crs.to_epsg() == 32632
+        assert "below saturation" in ds.tags()["CAVEAT"] and ds.descriptions[0].startswith("B04: approximate surface")
+    thumb_bands = np.moveaxis(thumb, -1, 0).astype(float)
+    saturated = thumb_bands >= 255
+    assert saturated.any() and np.isnan(back[saturated]).all() and not np.isnan(back[~saturated]).any()
+    ok = ~saturated & (thumb_bands >= 10)
+    # one 8-bit step v -> v+1 changes reflectance by a factor ((v+1)/v)**(1/0.6)
+    rel = np.abs(back[ok] - refl[ok]) / refl[ok]
+    assert (rel <= ((thumb_bands[ok] + 1) / thumb_bands[ok]) ** (1 / 0.6) - 1).all()
+    with pytest.raises(MajorTomGenError, match="only be inverted from S2"):
+        write_reflectance_cog(tmp_path / "x.tif", thumb, "DEM", "EPSG:32632", tr, {})
