@@ -313,6 +313,8 @@ def json_dumps_short(config: dict) -> str:
 # ----------------------------------------------------------------------------- model
 ReflectanceOption = Annotated[bool, typer.Option(
     help="Also write generated S2 fragments as approximate reflectance (inverted thumbnail, below saturation only).")]
+WorkersOption = Annotated[Optional[int], typer.Option(
+    help="Sampling workers on a local Dask cluster (default: one per GPU when there are several, else in-process).")]
 DeviceOption = Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")]
 
 
@@ -366,6 +368,7 @@ def sample(
     seed: Annotated[int, typer.Option(help="Seed; each fragment's noise derives from (seed, cell, fragment).")] = 0,
     deterministic_conditions: Annotated[bool, typer.Option(help="Use the conditions' latent means, not samples.")] = False,
     device: DeviceOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Generate any subset of modalities from any other subset, for fragments of a store."""
     from majortom_gen.modalities import parse_modalities
@@ -374,8 +377,10 @@ def sample(
     ids = _cells_from((cells or []) + list(ctx.args), region)
     cond = () if condition.strip().lower() in ("", "none") else parse_modalities(condition)
     try:
-        result = sample_store(model, store, ids, cond, parse_modalities(generate), out, n_samples=n_samples, steps=steps,
-                              seed=seed, deterministic_conditions=deterministic_conditions, device=device)
+        with _progress("sampling", "fragments") as update:
+            result = sample_store(model, store, ids, cond, parse_modalities(generate), out, n_samples=n_samples,
+                                  steps=steps, seed=seed, deterministic_conditions=deterministic_conditions, device=device,
+                                  workers=workers, progress=update)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     console.print(f"[green]sampled[/] {result.fragments} fragments x {n_samples} -> {result.out} "
@@ -421,6 +426,7 @@ def generate_region_cmd(
     crs: Annotated[str, typer.Option(help="CRS of the mosaic COGs.")] = "EPSG:4326",
     reflectance: ReflectanceOption = False,
     device: DeviceOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Fill a region: generate the missing modalities for the cells covering a polygon and
     export them as GeoTIFFs and mosaics."""
@@ -436,9 +442,11 @@ def generate_region_cmd(
         raise MajorTomGenError("give --region FILE|WKT|bbox or --cells IDS")
     cond = "auto" if condition.strip().lower() == "auto" else parse_modalities(condition)
     try:
-        result = generate_region(model, store, out, generate=parse_modalities(generate), region=geom, cells=ids,
-                                 condition=cond, source=source, n_samples=n_samples, steps=steps, seed=seed,
-                                 dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance, device=device)
+        with _progress("sampling", "fragments") as update:
+            result = generate_region(model, store, out, generate=parse_modalities(generate), region=geom, cells=ids,
+                                     condition=cond, source=source, n_samples=n_samples, steps=steps, seed=seed,
+                                     dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance, device=device,
+                                     workers=workers, progress=update)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     for name, group in result.groups.items():

@@ -33,13 +33,16 @@ def generate(
     guidance: Mapping[str, float] | None = None,
     batch_size: int | None = None,
     latent_shape: tuple[int, int, int] | None = None,
+    marginal_noise: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Generate the modalities ``generate`` given ``condition`` (latents in the network's
     space, each (B, C, H, W)). Returns {modality: (B * n_samples, C, H, W)} for the generated
     and the condition modalities (samples of one input are consecutive; conditions are
     returned as given). ``initial_noise`` fixes the starting noise of generated modalities
     ((B * n_samples, C, H, W) each); ``guidance`` = {condition: w} adds classifier-free
-    guidance on that condition; ``batch_size`` bounds a network call."""
+    guidance on that condition; ``batch_size`` bounds a network call. ``marginal_noise`` fixes
+    the noise standing in for modalities that are neither given nor generated (and for guided
+    conditions in the unconditional branch); by default it is drawn from ``seed``."""
     names = list(net.config.modalities)
     unknown = [m for m in list(condition) + list(generate) if m not in names]
     if unknown:
@@ -69,7 +72,13 @@ def generate(
     gen.manual_seed(seed if seed is not None else torch.seed())
     cond = {m: _expand(x.to(device, torch.float32), n_samples) for m, x in condition.items()}
     free = [m for m in names if m not in condition and m not in generate]
-    fixed_noise = {m: torch.randn((total, *shape), generator=gen).to(device) for m in free + list(guidance)}
+    fixed_noise = {}
+    for m in free + list(guidance):
+        given = marginal_noise.get(m) if marginal_noise is not None else None
+        fixed_noise[m] = (given.to(device, torch.float32) if given is not None
+                          else torch.randn((total, *shape), generator=gen).to(device))
+        if tuple(fixed_noise[m].shape) != (total, *shape):
+            raise ValueError(f"marginal noise of {m} has shape {tuple(fixed_noise[m].shape)}; expected {(total, *shape)}")
     x = {}
     for m in generate:
         if initial_noise is not None and m in initial_noise:

@@ -42,11 +42,10 @@ from majortom_gen.modalities import parse_modalities
 from majortom_gen.staging import staged_folder
 from majortom_gen.store import LatentStore, load_aligned
 from model import metrics
-from model.codecs import Codec, load_codec, sample_latents
+from model.codecs import Codec, load_codec
 from model.features import DINOV2_DEFAULT, INCEPTION_DEFAULT, FeatureExtractor, load_extractor
-from model.sample import generate
 from model.uvit import MultiModalUViT
-from pipelines.sample import fragment_seed
+from pipelines.sample import condition_latents, sample_chunk
 from pipelines.train import store_scale_factor
 
 DISTRIBUTION_METRICS = ("fid", "precision", "recall", "f_score")
@@ -166,13 +165,13 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
     opts = options or EvalOptions()
     model_dir, store_dir = Path(model_dir), Path(store_dir)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = MultiModalUViT.from_pretrained(model_dir).eval().to(device)
+    model_modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
     store = LatentStore.open(store_dir)
-    modalities = [m for m in net.modalities if m in store.modalities]
+    modalities = [m for m in model_modalities if m in store.modalities]
     for cond in opts.conditions:
-        unknown = [m for m in cond if m not in net.modalities]
+        unknown = [m for m in cond if m not in model_modalities]
         if unknown:
-            raise MajorTomGenError(f"condition {condition_name(cond)}: the model does not know {unknown}; it models {net.modalities}")
+            raise MajorTomGenError(f"condition {condition_name(cond)}: the model does not know {unknown}; it models {model_modalities}")
         absent = [m for m in cond if m not in modalities]
         if absent:
             raise MajorTomGenError(f"condition {condition_name(cond)}: the store has no {absent}")
@@ -219,7 +218,7 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
                       opts.deterministic_conditions, *base_key)
         result = cache.get(key)
         if result is None:
-            result = _generate_set(net, codec, extractors, moments, real, cells, frags, cond, generated, scale, opts,
+            result = _generate_set(model_dir, device, codec, extractors, moments, real, cells, frags, cond, generated, scale, opts,
                                    lambda k: progress(done + k, total, condition_name(cond)) if progress else None)
             cache.put(key, result)
         done += n
@@ -239,30 +238,20 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
     return EvalResult(out, rows, n, [out / f.relative_to(tmp) for f in files])
 
 
-def _generate_set(net, codec, extractors: dict[str, FeatureExtractor], moments, real, cells, frags, cond, generated,
-                  scale, opts: EvalOptions, tick) -> dict[str, np.ndarray]:
-    """Generate ``generated`` given ``cond`` for every fragment (in batches); returns per modality
-    the features of the first samples and the per-fragment paired metrics."""
-    shape = (net.config.in_chans, net.config.img_size, net.config.img_size)
+def _generate_set(model_dir: Path, device: torch.device, codec, extractors: dict[str, FeatureExtractor], moments, real,
+                  cells, frags, cond, generated, scale, opts: EvalOptions, tick) -> dict[str, np.ndarray]:
+    """Generate ``generated`` given ``cond`` for every fragment (in batches, with the same
+    per-fragment draws as ``majortom-gen sample``); returns per modality the features of the
+    first samples and the per-fragment paired metrics."""
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(cells), opts.batch_size):
         idx = range(start, min(start + opts.batch_size, len(cells)))
-        condition = {}
-        for m in cond:
-            mom = moments[m][start:idx.stop]
-            if opts.deterministic_conditions:
-                condition[m] = mom[:, :4] * scale
-            else:  # one seeded draw per fragment, independent of batching
-                condition[m] = torch.cat([sample_latents(mom[j - start:j - start + 1], scale,
-                                                         torch.Generator().manual_seed(fragment_seed(opts.seed, cells[j], frags[j], -1, m)))
-                                          for j in idx])
-        noise = {m: torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
-                     fragment_seed(opts.seed, cells[j], frags[j], s, m))) for j in idx for s in range(opts.n_samples)])
-                 for m in generated}
-        out = generate(net, condition, generated, n_samples=opts.n_samples, steps=opts.steps, seed=opts.seed,
-                       initial_noise=noise, batch_size=opts.batch_size * opts.n_samples)
+        condition = condition_latents({m: moments[m][start:idx.stop] for m in cond}, scale, cells[start:idx.stop],
+                                      frags[start:idx.stop], opts.seed, opts.deterministic_conditions)
+        out = sample_chunk(str(model_dir), str(device), cells[start:idx.stop], frags[start:idx.stop], condition,
+                           generated, opts.n_samples, opts.steps, opts.seed, opts.batch_size * opts.n_samples)
         for m in generated:
-            images = _decode(codec, out[m].float().cpu(), opts.batch_size)  # (b * n_samples, 256, 256, 3)
+            images = _decode(codec, torch.from_numpy(out[m]).float(), opts.batch_size)  # (b * n_samples, 256, 256, 3)
             images = images.reshape(len(idx), opts.n_samples, *images.shape[1:])
             first = images[:, 0]
             reference = real[f"images_{m}"][start:idx.stop]

@@ -9,10 +9,10 @@ store lacks are ingested first when a ``source`` is given.
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,8 @@ def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, 
                     generate: Sequence[str], region: BaseGeometry | None = None, cells: Sequence[str] | None = None,
                     condition: str | Sequence[str] = "auto", source: str | None = None, n_samples: int = 1,
                     steps: int = 50, seed: int = 0, dst_crs: str = "EPSG:4326", device: str | None = None,
-                    reflectance: bool = False) -> RegionResult:
+                    reflectance: bool = False, workers: int | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> RegionResult:
     grid = default_grid()
     wanted = list(cells or []) + (grid.cells_in(region) if region is not None else [])
     wanted = list(dict.fromkeys(wanted))
@@ -75,7 +76,8 @@ def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, 
         for cond, group_cells in groups.items():
             name = "+".join(cond) or "unconditional"
             runs.append(sample_store(model_dir, store_dir, group_cells, cond, list(generate), out / "samples" / name,
-                                     n_samples=n_samples, steps=steps, seed=seed, device=device).out)
+                                     n_samples=n_samples, steps=steps, seed=seed, device=device,
+                                         workers=workers, progress=progress).out)
         merged = _merge_samples(runs, out / "samples" / "all")
         result = export_samples(merged, store_dir, out / "geotiff", dst_crs=dst_crs, region=region, reflectance=reflectance)
         summary = {"cells": wanted, "groups": {"+".join(k) or "unconditional": v for k, v in groups.items()},

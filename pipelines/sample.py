@@ -1,10 +1,13 @@
 """Sample missing modalities for fragments of a latent store.
 
 Conditions come from the store (latents sampled from their stored moments, or their mean
-with ``deterministic_conditions``). Each fragment's starting noise derives from
-(seed, grid cell, fragment, sample), so re-running part of a selection regenerates
-identical fragments. Writes ``samples.npz`` (latents, float16) and, when the store's codec
-can be loaded offline (patch-pca), one PNG per cell: conditions | generated samples.
+with ``deterministic_conditions``). Every random draw of a fragment -- its condition latents,
+its starting noise, the noise standing in for marginalised modalities -- derives from
+(seed, grid cell, fragment, sample, modality), so re-running part of a selection, in other
+batches or on other workers, regenerates identical fragments. Sampling runs in chunks, in
+process or on a local Dask cluster with one worker per GPU. Writes ``samples.npz`` (latents,
+float16) and, when the store's codec can be loaded offline (patch-pca), one PNG per cell:
+conditions | generated samples | real.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,17 +48,118 @@ def fragment_seed(seed: int, cell: str, fragment: int, sample: int, modality: st
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def fragment_noise(cells: Sequence[str], frags: Sequence[int], n_samples: int, modalities: Sequence[str], seed: int,
+                   shape: tuple[int, ...], tag: str = "") -> dict[str, torch.Tensor]:
+    """Standard normal noise ``(len(cells) * n_samples, *shape)`` per modality, each fragment
+    sample drawn from its own seed (seed, cell, fragment, sample, tag + modality): independent
+    of which other fragments are in the batch."""
+    return {m: torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(fragment_seed(seed, c, f, s, tag + m)))
+                            for c, f in zip(cells, frags) for s in range(n_samples)]) for m in modalities}
+
+
+def condition_latents(moments: dict[str, torch.Tensor], scale: float, cells: Sequence[str], frags: Sequence[int], seed: int,
+                      deterministic: bool) -> dict[str, torch.Tensor]:
+    """Scaled condition latents from stored moments ``(B, 8, 32, 32)``: the mean, or one draw per
+    fragment from its own seed."""
+    if deterministic:
+        return {m: mom[:, :4] * scale for m, mom in moments.items()}
+    out = {}
+    for m, mom in moments.items():
+        draws = [sample_latents(mom[i:i + 1], scale, torch.Generator().manual_seed(fragment_seed(seed, c, f, -1, m)))
+                 for i, (c, f) in enumerate(zip(cells, frags))]
+        out[m] = torch.cat(draws) if draws else mom[:, :4]
+    return out
+
+
+_NETS: dict[tuple[str, str], MultiModalUViT] = {}
+
+
+def _network(model_dir: str, device: str) -> MultiModalUViT:
+    """The model, loaded once per process and device (Dask workers keep it between tasks)."""
+    key = (str(model_dir), device)
+    if key not in _NETS:
+        _NETS[key] = MultiModalUViT.from_pretrained(model_dir).eval().to(device)
+    return _NETS[key]
+
+
+def _worker_device(device: str | None) -> str:
+    """On a Dask worker with GPUs: one GPU per worker (by worker index); else the given device."""
+    if device not in (None, "cuda") or not torch.cuda.is_available():
+        return device or "cpu"
+    try:
+        from distributed import get_worker
+
+        index = int(get_worker().name)
+    except (ImportError, ValueError, TypeError):
+        index = 0
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def sample_chunk(model_dir: str, device: str | None, cells: Sequence[str], frags: Sequence[int],
+                 cond: dict[str, torch.Tensor], generate_modalities: Sequence[str], n_samples: int, steps: int, seed: int,
+                 batch_size: int) -> dict[str, np.ndarray]:
+    """Generate one chunk of fragments (a Dask task or an in-process call); float16 latents."""
+    dev = _worker_device(device)
+    net = _network(model_dir, dev)
+    shape = (net.config.in_chans, net.config.img_size, net.config.img_size)
+    free = [m for m in net.modalities if m not in cond and m not in generate_modalities]
+    result = generate(net, cond, list(generate_modalities), n_samples=n_samples, steps=steps, seed=seed,
+                      initial_noise=fragment_noise(cells, frags, n_samples, generate_modalities, seed, shape),
+                      marginal_noise=fragment_noise(cells, frags, n_samples, free, seed, shape, tag="marginal:"),
+                      batch_size=batch_size)
+    return {m: v.cpu().numpy().astype(np.float16) for m, v in result.items()}
+
+
+def sample_fragments(model_dir: str, cells: Sequence[str], frags: Sequence[int], cond: dict[str, torch.Tensor],
+                     generate_modalities: Sequence[str], *, n_samples: int = 1, steps: int = 50, seed: int = 0,
+                     batch_size: int = 64, device: str | None = None, workers: int | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """Sample every fragment in chunks of ``batch_size``: in this process, or with ``workers``
+    > 1 on a local Dask cluster (default: one worker per GPU when there are several; each
+    worker holds the model once and uses its own GPU). The result does not depend on the
+    chunking or the number of workers (per-fragment noise)."""
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() and device in (None, "cuda") else 0
+    workers = workers if workers is not None else (n_gpus if n_gpus > 1 else 1)
+    chunks = [slice(i, min(i + batch_size, len(cells))) for i in range(0, len(cells), batch_size)]
+    args = [(str(model_dir), device, cells[c], frags[c], {m: v[c] for m, v in cond.items()}, list(generate_modalities),
+             n_samples, steps, seed, batch_size * n_samples) for c in chunks]
+    parts: list[dict[str, np.ndarray] | None] = [None] * len(chunks)
+    done = 0
+    if workers <= 1:
+        for i, a in enumerate(args):
+            parts[i] = sample_chunk(*a)
+            done += chunks[i].stop - chunks[i].start
+            if progress:
+                progress(done, len(cells))
+    else:
+        from distributed import Client, LocalCluster, as_completed
+
+        threads = max((os.cpu_count() or 1) // workers, 1)
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                          env={"OMP_NUM_THREADS": str(threads)}) as cluster, Client(cluster) as client:
+            futures = {client.submit(sample_chunk, *a, pure=False): i for i, a in enumerate(args)}
+            for fut in as_completed(futures):
+                i = futures[fut]
+                parts[i] = fut.result()
+                done += chunks[i].stop - chunks[i].start
+                if progress:
+                    progress(done, len(cells))
+    return {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}
+
+
 def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cells: Sequence[str], condition: Sequence[str],
                  generate_modalities: Sequence[str], out: str | os.PathLike, *, n_samples: int = 1, steps: int = 50,
                  seed: int = 0, deterministic_conditions: bool = False, batch_size: int = 64,
-                 device: str | None = None) -> SampleResult:
-    net = MultiModalUViT.from_pretrained(model_dir).eval()
-    net = net.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                 device: str | None = None, workers: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> SampleResult:
+    """Sample ``generate_modalities`` given ``condition`` for the stored fragments of ``cells``
+    and write ``out`` (see the module docstring)."""
+    modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
     store = LatentStore.open(store_dir)
     scale = store_scale_factor(store)
     for m in list(condition) + list(generate_modalities):
-        if m not in net.modalities:
-            raise MajorTomGenError(f"the model does not know modality {m!r}; it models {net.modalities}")
+        if m not in modalities:
+            raise MajorTomGenError(f"the model does not know modality {m!r}; it models {modalities}")
     missing_in_store = [m for m in condition if m not in store.modalities]
     if missing_in_store:
         raise MajorTomGenError(f"the store has no {missing_in_store} to condition on")
@@ -69,20 +173,15 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
         raise MajorTomGenError(f"no fragment of the {len(cells)} selected cells has all of {list(condition)}")
     cell_ids = table.column("grid_cell").to_pylist()
     frag_ids = table.column("fragment_index").to_pylist()
-    gen = torch.Generator().manual_seed(seed)
-    cond = {}
-    for m in condition:
-        mom = torch.from_numpy(moment_array(table, m, np.float32))
-        cond[m] = mom[:, :4] * scale if deterministic_conditions else sample_latents(mom, scale, gen)
-    shape = (net.config.in_chans, net.config.img_size, net.config.img_size)
-    noise = {m: torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(fragment_seed(seed, c, f, s, m)))
-                             for c, f in zip(cell_ids, frag_ids) for s in range(n_samples)])
-             for m in generate_modalities}
-    result = generate(net, cond, list(generate_modalities), n_samples=n_samples, steps=steps, seed=seed,
-                      initial_noise=noise, batch_size=batch_size)
+    moments = {m: torch.from_numpy(moment_array(table, m, np.float32)) for m in condition}
+    cond = condition_latents(moments, scale, cell_ids, frag_ids, seed, deterministic_conditions)
+    arrays = sample_fragments(str(model_dir), cell_ids, frag_ids, cond, generate_modalities, n_samples=n_samples,
+                              steps=steps, seed=seed, batch_size=batch_size, device=device, workers=workers,
+                              progress=progress)
+    result = {m: torch.from_numpy(a) for m, a in arrays.items()}
     final = Path(out)
     with staged_folder(final) as out:  # complete or nothing
-        arrays = {f"latent_{m}": result[m].cpu().numpy().astype(np.float16) for m in result}
+        arrays = {f"latent_{m}": a for m, a in arrays.items()}
         np.savez_compressed(out / "samples.npz", grid_cell=np.repeat(np.asarray(cell_ids), n_samples),
                             fragment_index=np.repeat(np.asarray(frag_ids), n_samples),
                             sample=np.tile(np.arange(n_samples), len(cell_ids)), **arrays)
