@@ -97,3 +97,36 @@ def test_reflectance_export_inverts_the_thumbnail_below_saturation(tmp_path):
     assert (rel <= ((thumb_bands[ok] + 1) / thumb_bands[ok]) ** (1 / 0.6) - 1).all()
     with pytest.raises(MajorTomGenError, match="only be inverted from S2"):
         write_reflectance_cog(tmp_path / "x.tif", thumb, "DEM", "EPSG:32632", tr, {})
+
+
+def test_outputs_open_with_gdalinfo(tmp_path):
+    """GDAL's own tool reads the fragment COGs (COG layout, UTM CRS, exact transform, band
+    descriptions), the VRTs (relative paths, after the folder is moved) and the mosaics."""
+    import json
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("gdalinfo") is None:
+        pytest.skip("gdalinfo is not installed (Debian: apt-get install gdal-bin; .ci/run installs it)")
+    cell = "501U_60R"
+    tifs = _fake_fragments([cell], tmp_path / "out" / "frags", lambda c: 120)
+    vrt = vrts_per_zone(tifs, tmp_path / "out" / "mosaic", "S2L2A")[0]
+    write_mosaic(tifs, tmp_path / "out" / "mosaic" / "S2L2A.tif", dst_crs="EPSG:4326")
+    shutil.move(tmp_path / "out", tmp_path / "moved")
+
+    def info(path):
+        return json.loads(subprocess.run(["gdalinfo", "-json", str(path)], check=True, capture_output=True, text=True).stdout)
+
+    frag = info(tmp_path / "moved" / "frags" / cell / tifs[0].name)
+    assert frag["metadata"]["IMAGE_STRUCTURE"]["LAYOUT"] == "COG"
+    assert "UTM zone 32N" in frag["coordinateSystem"]["wkt"]
+    with rasterio.open(tmp_path / "moved" / "frags" / cell / tifs[0].name) as ds:
+        assert frag["geoTransform"] == list(ds.transform.to_gdal())
+    assert frag["bands"][0]["description"].startswith("red: S2 L2A true-colour thumbnail")
+    moved_vrt = info(tmp_path / "moved" / "mosaic" / vrt.name)
+    assert len(moved_vrt["files"]) == 17 and all((tmp_path / "moved").as_posix() in f or f.endswith(".vrt")
+                                                  for f in moved_vrt["files"])
+    mosaic = info(tmp_path / "moved" / "mosaic" / "S2L2A.tif")
+    assert mosaic["coordinateSystem"]["wkt"].startswith("GEOGCRS[\"WGS 84\"")
