@@ -387,6 +387,36 @@ def sample(
                   f"({len(result.files)} files)", highlight=False)
 
 
+@app.command(context_settings={"allow_extra_args": True})
+@_user_errors
+def chain(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Option(help="A trained or converted model folder.")],
+    store: Annotated[Path, typer.Option(help="Latent store with both sides of the chain.")],
+    out: Annotated[Path, typer.Option(help="Output folder: chain.npz, chain.json, a PNG per cell.")],
+    a: Annotated[str, typer.Option(help="Start modalities (taken from the store), comma-separated.")],
+    b: Annotated[str, typer.Option(help="The other side, comma-separated.")],
+    n: Annotated[int, typer.Option(help="Generations: b from a, a from b, ... n times.")] = 4,
+    cells: CellsOption = None,
+    region: RegionOption = None,
+    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed (iteration i uses seed + i).")] = 0,
+    device: DeviceOption = None,
+) -> None:
+    """The paper's looping experiment: generate B from the real A, then A from the generated B,
+    n times, to see what survives repeated translation."""
+    from majortom_gen.modalities import parse_modalities
+    from pipelines.sample import chain_store
+
+    ids = _cells_from((cells or []) + list(ctx.args), region)
+    try:
+        result = chain_store(model, store, ids, parse_modalities(a), parse_modalities(b), n, out, steps=steps, seed=seed,
+                             device=device)
+    except ValueError as exc:
+        raise MajorTomGenError(str(exc)) from None
+    console.print(f"[green]chained[/] {result.fragments} fragments x {n} generations -> {result.out}", highlight=False)
+
+
 @app.command()
 @_user_errors
 def export(

@@ -176,3 +176,21 @@ def test_sampling_is_per_fragment_whatever_the_batch_and_workers(store, tmp_path
     assert np.array_equal(b["latent_S2L1C"][first], a["latent_S2L1C"])  # sampled conditions too
     assert np.array_equal(d["latent_DEM"], b["latent_DEM"])
     assert not np.array_equal(a["latent_DEM"][0], a["latent_DEM"][1])  # two samples differ
+
+
+def test_chain_cli(store, tmp_path):
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", "--store", str(store), "--out", str(run), "--max-steps", "2"]).exit_code == 0
+    out = tmp_path / "chain"
+    r = runner.invoke(app, ["chain", "--model", str(run / "model"), "--store", str(store), "--cells", WORLD_CELLS[0],
+                            "--a", "S1RTC", "--b", "S2L2A,DEM", "--n", "3", "--steps", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    z = np.load(out / "chain.npz")
+    assert json.loads((out / "chain.json").read_text())["outputs"] == [
+        "latent_DEM_1", "latent_S2L2A_1", "latent_S1RTC_2", "latent_DEM_3", "latent_S2L2A_3"]
+    assert z["latent_S1RTC_2"].shape == (16, 4, 32, 32) and z["real_S1RTC"].shape == (16, 4, 32, 32)
+    assert not np.array_equal(z["latent_S2L2A_1"], z["latent_S2L2A_3"])
+    assert (out / f"{WORLD_CELLS[0]}.png").exists()
+    r = runner.invoke(app, ["chain", "--model", str(run / "model"), "--store", str(store), "--cells", WORLD_CELLS[0],
+                            "--a", "S1RTC", "--b", "S1RTC", "--out", str(out)])
+    assert r.exit_code == 2 and "disjoint" in r.output
