@@ -24,9 +24,20 @@ def training_scheduler() -> DDPMScheduler:
     return DDPMScheduler(**SCHEDULE, clip_sample=False)
 
 
-def sampling_scheduler(steps: int) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++ (2nd order multistep) on the same schedule, with ``steps`` steps."""
-    sched = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2)
+SPACINGS = ("karras", "linspace")
+
+
+def sampling_scheduler(steps: int, spacing: str = "karras") -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2nd order multistep) on the same schedule, with ``steps`` steps.
+
+    ``spacing='karras'`` places the steps by the noise levels of Karras et al. (2022), dense
+    at low noise; ``'linspace'`` spaces the training timesteps evenly (diffusers' default).
+    Both solve the same ODE; on an exactly solvable case (Gaussian data, see
+    benchmarks/model.py) 25 Karras steps are about 3x more accurate than 50 evenly spaced ones."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown step spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    sched = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
+                                        use_karras_sigmas=spacing == "karras")
     sched.set_timesteps(steps)
     return sched
 

@@ -34,6 +34,7 @@ def generate(
     batch_size: int | None = None,
     latent_shape: tuple[int, int, int] | None = None,
     marginal_noise: Mapping[str, torch.Tensor] | None = None,
+    spacing: str = "karras",
 ) -> dict[str, torch.Tensor]:
     """Generate the modalities ``generate`` given ``condition`` (latents in the network's
     space, each (B, C, H, W)). Returns {modality: (B * n_samples, C, H, W)} for the generated
@@ -42,7 +43,8 @@ def generate(
     ((B * n_samples, C, H, W) each); ``guidance`` = {condition: w} adds classifier-free
     guidance on that condition; ``batch_size`` bounds a network call. ``marginal_noise`` fixes
     the noise standing in for modalities that are neither given nor generated (and for guided
-    conditions in the unconditional branch); by default it is drawn from ``seed``."""
+    conditions in the unconditional branch); by default it is drawn from ``seed``. ``spacing``
+    places the solver steps (see :func:`model.diffusion.sampling_scheduler`)."""
     names = list(net.config.modalities)
     unknown = [m for m in list(condition) + list(generate) if m not in names]
     if unknown:
@@ -87,7 +89,7 @@ def generate(
                 raise ValueError(f"initial noise of {m} has shape {tuple(x[m].shape)}; expected {(total, *shape)}")
         else:
             x[m] = torch.randn((total, *shape), generator=gen).to(device)
-    sched = sampling_scheduler(steps)
+    sched = sampling_scheduler(steps, spacing)
     x_flat = torch.cat([x[m] for m in generate], dim=1)  # solve the generated modalities jointly
     split = [x[m].shape[1] for m in generate]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" and dtype == torch.float32 else _null()
