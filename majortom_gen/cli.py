@@ -673,8 +673,9 @@ def demo(
     console.print(Text("  offline, the feature extractors are randomly initialised (the FID Inception-v3 "
                        "architecture and a small DINOv2), saved locally: the numbers rank runs of this demo only "
                        "and are not comparable with published FID/precision/recall (use the default extractors, "
-                       "downloaded once, for that). A few hundred CPU steps make a rough model: expect blurry, "
-                       "partly wrong structure.", style="yellow"), soft_wrap=True)
+                       "downloaded once, for that). A few hundred CPU steps make a rough model: samples get the "
+                       "colours and coarse layout but stay noisy and blocky (sharpness needs thousands of steps on a "
+                       "GPU, or the published weights).", style="yellow"), soft_wrap=True)
     options = EvalOptions(conditions=parse_conditions(DEMO_CONDITIONS), steps=25, seed=seed, batch_size=48,
                           fid_extractor=str(extractors["inception"]), pr_extractor=str(extractors["dinov2"]),
                           device=device)
