@@ -313,6 +313,8 @@ def json_dumps_short(config: dict) -> str:
 # ----------------------------------------------------------------------------- model
 ReflectanceOption = Annotated[bool, typer.Option(
     help="Also write generated S2 fragments as approximate reflectance (inverted thumbnail, below saturation only).")]
+CodecSourceOption = Annotated[Optional[str], typer.Option(
+    help="For stores made with sd-vae: the same VAE (hub id, folder or .pth) to decode with; patch-pca needs nothing.")]
 WorkersOption = Annotated[Optional[int], typer.Option(
     help="Sampling workers on a local Dask cluster (default: one per GPU when there are several, else in-process).")]
 DeviceOption = Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")]
@@ -369,6 +371,7 @@ def sample(
     deterministic_conditions: Annotated[bool, typer.Option(help="Use the conditions' latent means, not samples.")] = False,
     device: DeviceOption = None,
     workers: WorkersOption = None,
+    codec_source: CodecSourceOption = None,
 ) -> None:
     """Generate any subset of modalities from any other subset, for fragments of a store."""
     from majortom_gen.modalities import parse_modalities
@@ -380,7 +383,7 @@ def sample(
         with _progress("sampling", "fragments") as update:
             result = sample_store(model, store, ids, cond, parse_modalities(generate), out, n_samples=n_samples,
                                   steps=steps, seed=seed, deterministic_conditions=deterministic_conditions, device=device,
-                                  workers=workers, progress=update)
+                                  workers=workers, progress=update, codec_source=codec_source)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     console.print(f"[green]sampled[/] {result.fragments} fragments x {n_samples} -> {result.out} "
@@ -402,6 +405,7 @@ def chain(
     steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed (iteration i uses seed + i).")] = 0,
     device: DeviceOption = None,
+    codec_source: CodecSourceOption = None,
 ) -> None:
     """The paper's looping experiment: generate B from the real A, then A from the generated B,
     n times, to see what survives repeated translation."""
@@ -411,7 +415,7 @@ def chain(
     ids = _cells_from((cells or []) + list(ctx.args), region)
     try:
         result = chain_store(model, store, ids, parse_modalities(a), parse_modalities(b), n, out, steps=steps, seed=seed,
-                             device=device)
+                             device=device, codec_source=codec_source)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     console.print(f"[green]chained[/] {result.fragments} fragments x {n} generations -> {result.out}", highlight=False)
@@ -427,6 +431,7 @@ def export(
     region: RegionOption = None,
     mosaic: Annotated[bool, typer.Option(help="Also write mosaics: a VRT per UTM zone and a blended COG per modality and sample.")] = True,
     reflectance: ReflectanceOption = False,
+    codec_source: CodecSourceOption = None,
 ) -> None:
     """Write generated fragments as Cloud-Optimized GeoTIFFs in their cell's UTM CRS, and mosaics."""
     from majortom_gen.georef import normalise_crs
@@ -434,6 +439,7 @@ def export(
     from pipelines.export import export_samples
 
     result = export_samples(samples, store, out, mosaic=mosaic, dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance,
+                            codec_source=codec_source,
                             region=read_region(region) if region else None)
     console.print(f"[green]exported[/] {len(result.files)} COGs -> {result.out}", highlight=False)
 
@@ -457,6 +463,7 @@ def generate_region_cmd(
     reflectance: ReflectanceOption = False,
     device: DeviceOption = None,
     workers: WorkersOption = None,
+    codec_source: CodecSourceOption = None,
 ) -> None:
     """Fill a region: generate the missing modalities for the cells covering a polygon and
     export them as GeoTIFFs and mosaics."""
@@ -476,7 +483,7 @@ def generate_region_cmd(
             result = generate_region(model, store, out, generate=parse_modalities(generate), region=geom, cells=ids,
                                      condition=cond, source=source, n_samples=n_samples, steps=steps, seed=seed,
                                      dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance, device=device,
-                                     workers=workers, progress=update)
+                                     workers=workers, progress=update, codec_source=codec_source)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     for name, group in result.groups.items():

@@ -24,7 +24,6 @@ from majortom_gen.fragments import from_unit_range
 from majortom_gen.staging import staged_folder
 from majortom_gen.thumbnails import s2_reflectance_from_thumbnail
 from majortom_gen.store import LatentStore
-from model.codecs import load_codec
 
 BANDS = {
     "S2L2A": ["red: S2 L2A true-colour thumbnail (B04), 8-bit, 1.3*(DN/1e4)**0.6",
@@ -99,7 +98,8 @@ def write_reflectance_cog(path: Path, pixels: np.ndarray, modality: str, crs: st
 
 
 def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike, *,
-                   mosaic: bool = True, dst_crs: str = "EPSG:4326", region=None, reflectance: bool = False) -> ExportResult:
+                   mosaic: bool = True, dst_crs: str = "EPSG:4326", region=None, reflectance: bool = False,
+                   codec_source: str | None = None) -> ExportResult:
     """Decode a ``majortom-gen sample`` run and write one COG per fragment, modality and sample
     (``out/<cell>/<modality>/f<fragment>_s<sample>.tif``, generated modalities only); with
     ``mosaic``, per modality and sample a VRT per UTM zone and a blended COG in ``dst_crs``
@@ -110,9 +110,12 @@ def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike,
     meta = json.loads((samples_dir / "samples.json").read_text())
     z = np.load(samples_dir / "samples.npz")
     store = LatentStore.open(store_dir)
-    if store.codec["name"] != "patch-pca" or not (store_dir / "codec" / "config.json").exists():
-        raise MajorTomGenError(f"{store_dir}: export needs the store's codec offline (patch-pca); sd-vae export: pass the VAE")
-    codec = load_codec("patch-pca", str(store_dir / "codec"))
+    from pipelines.sample import open_store_codec
+
+    codec = open_store_codec(store_dir, codec_source)
+    if codec is None:
+        raise MajorTomGenError(f"{store_dir}: the store's latents were made by {store.codec['name']}; "
+                               "pass --codec-source (the same VAE: hub id, folder or .pth) to decode them")
     cells = sorted(set(z["grid_cell"].tolist()))
     geo = store.lookup(cells=cells).set_index(["grid_cell", "fragment_index"])
     final = out

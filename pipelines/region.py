@@ -41,7 +41,7 @@ def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, 
                     condition: str | Sequence[str] = "auto", source: str | None = None, n_samples: int = 1,
                     steps: int = 50, seed: int = 0, dst_crs: str = "EPSG:4326", device: str | None = None,
                     reflectance: bool = False, workers: int | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> RegionResult:
+                    progress: Callable[[int, int], None] | None = None, codec_source: str | None = None) -> RegionResult:
     grid = default_grid()
     wanted = list(cells or []) + (grid.cells_in(region) if region is not None else [])
     wanted = list(dict.fromkeys(wanted))
@@ -77,9 +77,10 @@ def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, 
             name = "+".join(cond) or "unconditional"
             runs.append(sample_store(model_dir, store_dir, group_cells, cond, list(generate), out / "samples" / name,
                                      n_samples=n_samples, steps=steps, seed=seed, device=device,
-                                         workers=workers, progress=progress).out)
+                                         workers=workers, progress=progress, codec_source=codec_source).out)
         merged = _merge_samples(runs, out / "samples" / "all")
-        result = export_samples(merged, store_dir, out / "geotiff", dst_crs=dst_crs, region=region, reflectance=reflectance)
+        result = export_samples(merged, store_dir, out / "geotiff", dst_crs=dst_crs, region=region, reflectance=reflectance,
+                                codec_source=codec_source)
         summary = {"cells": wanted, "groups": {"+".join(k) or "unconditional": v for k, v in groups.items()},
                    "skipped": skipped, "generate": list(generate), "n_samples": n_samples, "seed": seed}
         (out / "region.json").write_text(json.dumps(summary, indent=1))

@@ -41,6 +41,24 @@ class SampleResult:
     files: list[Path]
 
 
+def open_store_codec(store_dir: str | os.PathLike, source: str | None = None, device: str = "cpu"):
+    """The codec that made a store's latents: its fitted patch-pca (``STORE/codec``), or the
+    sd-vae at ``source`` (hub id, folder or state-dict file), checked against the store's
+    record. None when it cannot be had offline (sd-vae without ``source``)."""
+    store = LatentStore.open(store_dir)
+    name = store.codec["name"]
+    folder = Path(store_dir) / "codec"
+    if source is None and name == "patch-pca" and (folder / "config.json").exists():
+        source = str(folder)
+    if source is None:
+        return None
+    codec = load_codec(name, source, device=device)
+    if codec.info()["config_hash"] != store.codec["config_hash"]:
+        raise MajorTomGenError(f"codec {source} ({codec.info()['config_hash'][:12]}) is not the one that made the store's "
+                               f"latents ({store.codec['config_hash'][:12]})")
+    return codec
+
+
 def fragment_seed(seed: int, cell: str, fragment: int, sample: int, modality: str = "") -> int:
     """A stable 63-bit seed for one fragment sample (and modality: generated modalities
     start from independent noise)."""
@@ -151,7 +169,7 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
                  generate_modalities: Sequence[str], out: str | os.PathLike, *, n_samples: int = 1, steps: int = 50,
                  seed: int = 0, deterministic_conditions: bool = False, batch_size: int = 64,
                  device: str | None = None, workers: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> SampleResult:
+                 progress: Callable[[int, int], None] | None = None, codec_source: str | None = None) -> SampleResult:
     """Sample ``generate_modalities`` given ``condition`` for the stored fragments of ``cells``
     and write ``out`` (see the module docstring)."""
     modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
@@ -191,8 +209,8 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
             "codec": store.codec["name"], "scale_factor": scale,
             "latents": "scaled latents in the network's space; divide by scale_factor before decoding"}, indent=1))
         files = [out / "samples.npz", out / "samples.json"]
-        codec_dir = Path(store_dir) / "codec"
-        if store.codec["name"] == "patch-pca" and (codec_dir / "config.json").exists():
+        codec = open_store_codec(store_dir, codec_source)
+        if codec is not None:
             real = {}
             for m in real_cols:  # the store's own latents of the generated modalities, where it has them
                 valid = table.column(m).is_valid().to_numpy(zero_copy_only=False)
@@ -200,7 +218,7 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
                 if valid.any():
                     moms[valid] = moment_array(table.filter(pa.array(valid)), m, np.float32)
                 real[m] = (valid, moms)
-            files += _png_grids(load_codec("patch-pca", str(codec_dir)), result, cell_ids, frag_ids, n_samples,
+            files += _png_grids(codec, result, cell_ids, frag_ids, n_samples,
                                 list(condition), list(generate_modalities), out, real, scale)
     return SampleResult(final, len(cell_ids), [final / f.relative_to(out) for f in files])
 
@@ -234,7 +252,7 @@ def _png_grids(codec, result, cell_ids, frag_ids, n_samples, condition, generate
 
 def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cells: Sequence[str], a: Sequence[str],
                 b: Sequence[str], n: int, out: str | os.PathLike, *, steps: int = 50, seed: int = 0,
-                batch_size: int = 64, device: str | None = None) -> SampleResult:
+                batch_size: int = 64, device: str | None = None, codec_source: str | None = None) -> SampleResult:
     """The paper's looping experiment on stored fragments: generate ``b`` from the real ``a``,
     then ``a`` from the generated ``b``, ``n`` times (iteration i uses seed + i). Writes
     ``chain.npz`` (``latent_<M>_<i>`` for every iteration's output, float16), ``chain.json``
@@ -286,9 +304,8 @@ def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cell
                                                     "b": list(b), "n": n, "steps": steps, "seed": seed,
                                                     "outputs": [f"latent_{m}_{i}" for m, i in order]}, indent=1))
         files = [tmp / "chain.npz", tmp / "chain.json"]
-        codec_dir = Path(store_dir) / "codec"
-        if store.codec["name"] == "patch-pca" and (codec_dir / "config.json").exists():
-            codec = load_codec("patch-pca", str(codec_dir))
+        codec = open_store_codec(store_dir, codec_source)
+        if codec is not None:
             columns = [real[m] for m in list(a) + list(b)] + [torch.from_numpy(outputs[f"latent_{m}_{i}"]).float()
                                                               for m, i in order]
             images = [from_unit_range(codec.decode(c).numpy()) for c in columns]

@@ -194,3 +194,40 @@ def test_chain_cli(store, tmp_path):
     r = runner.invoke(app, ["chain", "--model", str(run / "model"), "--store", str(store), "--cells", WORLD_CELLS[0],
                             "--a", "S1RTC", "--b", "S1RTC", "--out", str(out)])
     assert r.exit_code == 2 and "disjoint" in r.output
+
+
+def test_sd_vae_store_exports_with_the_same_vae(world, tmp_path):
+    """A store made with an sd-vae decodes only with that VAE: export says to pass it, refuses
+    another one, and writes georeferenced COGs with it."""
+    import rasterio
+    from diffusers import AutoencoderKL
+
+    from test_codecs import TINY_VAE
+
+    torch.manual_seed(0)
+    AutoencoderKL(**TINY_VAE).save_pretrained(tmp_path / "vae")
+    torch.manual_seed(1)
+    AutoencoderKL(**TINY_VAE).save_pretrained(tmp_path / "other-vae")
+    store = tmp_path / "store"
+    ingest(world, [WORLD_CELLS[0]], store, IngestOptions(scheduler="synchronous", codec="sd-vae",
+                                                         codec_source=str(tmp_path / "vae")))
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", "--store", str(store), "--out", str(run), "--max-steps", "2",
+                               "--test-fraction", "0"]).exit_code == 0
+    samples = tmp_path / "samples"
+    r = runner.invoke(app, ["sample", "--model", str(run / "model"), "--store", str(store), "--cells", WORLD_CELLS[0],
+                            "--condition", "S2L2A", "--generate", "DEM", "--steps", "2", "--out", str(samples)])
+    assert r.exit_code == 0, r.output
+    assert not list(samples.glob("*.png"))  # no VAE given: latents only
+    r = runner.invoke(app, ["export", "--samples", str(samples), "--store", str(store), "--out", str(tmp_path / "t0")])
+    assert r.exit_code == 2 and "pass --codec-source" in r.output
+    r = runner.invoke(app, ["export", "--samples", str(samples), "--store", str(store), "--out", str(tmp_path / "t1"),
+                            "--codec-source", str(tmp_path / "other-vae")])
+    assert r.exit_code == 2 and "is not the one that made the store's latents" in r.output
+    r = runner.invoke(app, ["export", "--samples", str(samples), "--store", str(store), "--out", str(tmp_path / "t2"),
+                            "--codec-source", str(tmp_path / "vae"), "--no-mosaic"])
+    assert r.exit_code == 0, r.output
+    tifs = sorted((tmp_path / "t2" / WORLD_CELLS[0] / "DEM").glob("*.tif"))
+    assert len(tifs) == 16
+    with rasterio.open(tifs[0]) as ds:
+        assert ds.crs.to_epsg() == 32632 and ds.tags()["CODEC"] == "sd-vae"
