@@ -128,13 +128,24 @@ def decode_task(modality: str, shard: str, items: list[tuple[str, int, str]], mo
 _CODECS: dict[tuple, Any] = {}
 
 
+def _on_dask_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
 def _worker_codec(name: str, source: str | None, device: str, precision: str, threads: int):
     """The codec, loaded once per worker process."""
     import torch
 
     from model.codecs import load_codec
 
-    torch.set_num_threads(max(threads, 1))
+    if _on_dask_worker():  # workers share the cores; in-process (synchronous) runs keep the caller's setting
+        torch.set_num_threads(max(threads, 1))
     key = (name, source, device, precision)
     if key not in _CODECS:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
