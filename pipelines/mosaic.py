@@ -94,15 +94,27 @@ def blend(tifs: Sequence[Path], dst_crs: str, transform, width: int, height: int
         count = ds.count
     total = np.zeros((count, height, width), np.float64)
     weight = np.zeros((height, width), np.float64)
+    inverse = ~transform
     for t in tifs:
         with rasterio.open(t) as ds:
+            # reproject into the fragment's own window of the grid (plus a pixel), not the whole
+            # grid: the cost grows with the number of fragments, not fragments x mosaic size
+            west, south, east, north = transform_bounds(ds.crs, dst_crs, *ds.bounds, densify_pts=21)
+            c0, r0 = inverse @ (west, north)
+            c1, r1 = inverse @ (east, south)
+            c0, r0 = max(int(np.floor(c0)) - 1, 0), max(int(np.floor(r0)) - 1, 0)
+            c1, r1 = min(int(np.ceil(c1)) + 1, width), min(int(np.ceil(r1)) + 1, height)
+            if c0 >= c1 or r0 >= r1:
+                continue  # outside the (clipped) grid
+            window_transform = transform @ rasterio.Affine.translation(c0, r0)
             src = ds.read().astype(np.float32)
-            dst = np.full((count, height, width), np.nan, np.float32)
-            reproject(src, dst, src_transform=ds.transform, src_crs=ds.crs, dst_transform=transform, dst_crs=dst_crs,
-                      resampling=Resampling.bilinear, src_nodata=None, dst_nodata=np.nan)
+            dst = np.full((count, r1 - r0, c1 - c0), np.nan, np.float32)
+            reproject(src, dst, src_transform=ds.transform, src_crs=ds.crs, dst_transform=window_transform,
+                      dst_crs=dst_crs, resampling=Resampling.bilinear, src_nodata=None, dst_nodata=np.nan)
         valid = ~np.isnan(dst[0])
-        total[:, valid] += dst[:, valid]
-        weight += valid
+        sub_total, sub_weight = total[:, r0:r1, c0:c1], weight[r0:r1, c0:c1]
+        sub_total[:, valid] += dst[:, valid]
+        sub_weight += valid
     mean = np.where(weight > 0, total / np.maximum(weight, 1), 0).astype(np.float32)
     return mean, weight
 
