@@ -122,7 +122,7 @@ def preview_sheet(path: str | os.PathLike, out_png: str | os.PathLike, max_produ
     path = Path(path)
     rows: list[np.ndarray] = []
     if path.is_file():
-        modality = detect_modality(pq.read_schema(path).names)
+        detect_modality(pq.read_schema(path).names)  # refuses a shard of no known modality
         n = min(pq.ParquetFile(path).metadata.num_row_groups, max_products)
         thumbs = [decode_product_thumbnail(read_product(path, i, ["thumbnail"]), item=f"{path} row group {i}") for i in range(n)]
         rows.append(_strip(thumbs))

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.grid import parse_cell_id
 from majortom_gen.staging import staged_folder
-from majortom_gen.store import MOMENT_SHAPE, LatentStore, store_schema, write_shard_file
+from majortom_gen.store import MOMENT_SHAPE, LatentStore, store_schema
 
 SPLITS = ("train", "test")
 
