@@ -631,8 +631,7 @@ def demo(
     from majortom_gen.regions import read_region
     from majortom_gen.selection import Filters
     from majortom_gen.store import split_cells
-    from model.features import save_random_extractors
-    from pipelines.evaluate import EvalOptions, parse_conditions
+    from pipelines.evaluate import EvalOptions, offline_extractors, parse_conditions
     from pipelines.ingest import IngestOptions
     from pipelines.region import generate_region
 
@@ -676,7 +675,7 @@ def demo(
     console.print("  each quick-look row: S2L1C | S2L2A | DEM sample 1 | DEM sample 2 | DEM real | "
                   "S1RTC sample 1 | S1RTC sample 2 | S1RTC real", soft_wrap=True)
     console.rule("[bold]6. evaluate (Table-1 layout) on the held-out cells")
-    extractors = save_random_extractors(out / "extractors", seed=seed)
+    extractors = offline_extractors(out / "extractors", seed=seed)
     console.print(Text("  offline, the feature extractors are randomly initialised (the FID Inception-v3 "
                        "architecture and a small DINOv2), saved locally: the numbers rank runs of this demo only "
                        "and are not comparable with published FID/precision/recall (use the default extractors, "

@@ -399,6 +399,22 @@ def split_cells(cells: Iterable[str], test_fraction: float = 0.05, seed: int = 0
     return train, test
 
 
+def has_all(table: pa.Table, modalities: Sequence[str]) -> np.ndarray:
+    """Boolean mask of the rows that have every one of ``modalities``."""
+    mask = np.ones(table.num_rows, bool)
+    for m in modalities:
+        mask &= table.column(m).is_valid().to_numpy(zero_copy_only=False)
+    return mask
+
+
+def complete_rows(table: pa.Table, modalities: Sequence[str], what: str) -> pa.Table:
+    """The rows having every one of ``modalities``; an error naming ``what`` if none has."""
+    table = table.filter(pa.array(has_all(table, modalities)))
+    if table.num_rows == 0:
+        raise StoreError(f"no fragment of {what} has all of {list(modalities)}")
+    return table
+
+
 def recorded_split(store: LatentStore) -> dict[str, str] | None:
     """``{cell: 'train' | 'test'}`` recorded by ``majortom-gen dataset build``, if the store is
     such a training set (then it overrides ``test_fraction``/``seed`` splits)."""
@@ -425,9 +441,7 @@ def load_aligned(store: LatentStore, modalities: Sequence[str], *, split: str | 
                              np.load(cache_dir / "grid_cell.npy", allow_pickle=False),
                              np.load(cache_dir / "fragment_index.npy"))
     t = store.table(["grid_cell", "fragment_index"] + list(modalities))
-    mask = np.ones(t.num_rows, bool)
-    for m in modalities:
-        mask &= t.column(m).is_valid().to_numpy(zero_copy_only=False)
+    mask = has_all(t, modalities)
     if split is not None:
         if split not in ("train", "test"):
             raise StoreError(f"split must be 'train' or 'test', got {split!r}")

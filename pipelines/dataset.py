@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.grid import parse_cell_id
 from majortom_gen.staging import staged_folder
-from majortom_gen.store import MOMENT_SHAPE, LatentStore, store_schema
+from majortom_gen.store import MOMENT_SHAPE, LatentStore, complete_rows, store_schema
 
 SPLITS = ("train", "test")
 
@@ -91,12 +91,7 @@ def build_dataset(store_dir: str | os.PathLike, out: str | os.PathLike, *, cells
         absent = sorted(set(cells) - set(table.column("grid_cell").to_pylist()))
         if len(absent) == len(set(cells)):
             raise MajorTomGenError(f"none of the {len(set(cells))} selected cells is in the store {store_dir}")
-    mask = np.ones(table.num_rows, bool)
-    for m in mods:
-        mask &= table.column(m).is_valid().to_numpy(zero_copy_only=False)
-    table = table.filter(pa.array(mask))
-    if table.num_rows == 0:
-        raise MajorTomGenError(f"no fragment of the selection has all of {mods}")
+    table = complete_rows(table, mods, "the selection")
     chosen = sorted(set(table.column("grid_cell").to_pylist()))
     assignment = spatial_split(chosen, test_fraction, seed, block if split == "spatial" else 1)
     table = table.append_column("split", pa.array([assignment[c] for c in table.column("grid_cell").to_pylist()],

@@ -80,6 +80,14 @@ class EvalResult:
     files: list[Path] = field(default_factory=list)
 
 
+def offline_extractors(folder: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+    """Randomly initialised extractors saved under ``folder`` (no network): for demos and
+    tests only; their numbers compare runs with the same extractors, nothing else."""
+    from model.features import save_random_extractors
+
+    return save_random_extractors(folder, seed=seed)
+
+
 def parse_conditions(text: str | Sequence[str]) -> tuple[tuple[str, ...], ...]:
     """``"none,DEM,S2L1C+S2L2A"`` -> ``((), ("DEM",), ("S2L1C", "S2L2A"))``."""
     items = text.split(",") if isinstance(text, str) else list(text)

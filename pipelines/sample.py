@@ -27,7 +27,7 @@ from PIL import Image
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.fragments import from_unit_range
 from majortom_gen.staging import staged_folder
-from majortom_gen.store import MOMENT_SHAPE, LatentStore, moment_array
+from majortom_gen.store import MOMENT_SHAPE, LatentStore, complete_rows, moment_array
 from model.codecs import load_codec, sample_latents
 from model.sample import generate
 from model.uvit import MultiModalUViT
@@ -183,12 +183,7 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
         raise MajorTomGenError(f"the store has no {missing_in_store} to condition on")
     real_cols = [m for m in generate_modalities if m in store.modalities]
     table = store.table(["grid_cell", "fragment_index"] + list(dict.fromkeys(list(condition) + real_cols)), cells=cells)
-    valid = np.ones(table.num_rows, bool)
-    for m in condition:
-        valid &= table.column(m).is_valid().to_numpy(zero_copy_only=False)
-    table = table.filter(pa.array(valid))
-    if table.num_rows == 0:
-        raise MajorTomGenError(f"no fragment of the {len(cells)} selected cells has all of {list(condition)}")
+    table = complete_rows(table, condition, f"the {len(cells)} selected cells")
     cell_ids = table.column("grid_cell").to_pylist()
     frag_ids = table.column("fragment_index").to_pylist()
     moments = {m: torch.from_numpy(moment_array(table, m, np.float32)) for m in condition}
@@ -273,12 +268,7 @@ def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cell
     if absent:
         raise MajorTomGenError(f"the store has no {absent}")
     table = store.table(["grid_cell", "fragment_index"] + list(a) + list(b), cells=cells)
-    valid = np.ones(table.num_rows, bool)
-    for m in list(a) + list(b):
-        valid &= table.column(m).is_valid().to_numpy(zero_copy_only=False)
-    table = table.filter(pa.array(valid))
-    if table.num_rows == 0:
-        raise MajorTomGenError(f"no fragment of the {len(cells)} selected cells has all of {list(a) + list(b)}")
+    table = complete_rows(table, list(a) + list(b), f"the {len(cells)} selected cells")
     cell_ids = table.column("grid_cell").to_pylist()
     frag_ids = table.column("fragment_index").to_pylist()
     real = {m: torch.from_numpy(moment_array(table, m, np.float32))[:, :4] * scale for m in list(a) + list(b)}
