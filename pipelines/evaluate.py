@@ -42,10 +42,10 @@ from majortom_gen.modalities import parse_modalities
 from majortom_gen.staging import staged_folder
 from majortom_gen.store import LatentStore, load_aligned
 from model import metrics
-from model.codecs import Codec, load_codec
+from model.codecs import Codec
 from model.features import DINOV2_DEFAULT, INCEPTION_DEFAULT, FeatureExtractor, load_extractor
 from model.uvit import MultiModalUViT
-from pipelines.sample import condition_latents, sample_chunk
+from pipelines.sample import condition_latents, open_store_codec, sample_chunk
 from pipelines.train import store_scale_factor
 
 DISTRIBUTION_METRICS = ("fid", "precision", "recall", "f_score")
@@ -129,15 +129,13 @@ def _split_settings(model_dir: Path) -> tuple[float, int]:
 
 
 def _open_codec(store: LatentStore, store_dir: Path, options: EvalOptions, device: torch.device) -> Codec:
-    name = options.codec or store.codec["name"]
-    source = options.codec_source
-    if source is None and name == "patch-pca":
-        source = str(store_dir / "codec")
-        if not (store_dir / "codec" / "config.json").exists():
-            raise MajorTomGenError(f"{store_dir}: no fitted patch-pca codec in codec/; pass --codec-source")
-    if source is None:
-        raise MajorTomGenError(f"codec {name!r} needs --codec-source (a hub id, folder or state-dict file)")
-    return load_codec(name, source, device=str(device))
+    """The codec that made the store's latents (see :func:`pipelines.sample.open_store_codec`)."""
+    if options.codec and options.codec != store.codec["name"]:
+        raise MajorTomGenError(f"the store's latents were made by {store.codec['name']}, not {options.codec}")
+    codec = open_store_codec(store_dir, options.codec_source, device=str(device))
+    if codec is None:
+        raise MajorTomGenError(f"codec {store.codec['name']!r} needs --codec-source (a hub id, folder or state-dict file)")
+    return codec
 
 
 def _decode(codec: Codec, latents: torch.Tensor, batch: int) -> np.ndarray:

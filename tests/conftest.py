@@ -17,3 +17,14 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     write_world(WORLD_CELLS, root, SynthOptions(seed=7, products_per_shard=2, quirks=QUIRKS, workers=1))
     return root
+
+
+@pytest.fixture(scope="session")
+def store(world, tmp_path_factory):
+    """The world's three cells ingested (patch-pca) into a latent store, shared by the model,
+    dataset and evaluation tests (they only read it, or add keyed caches)."""
+    from pipelines.ingest import IngestOptions, ingest
+
+    root = tmp_path_factory.mktemp("store") / "store"
+    ingest(world, list(WORLD_CELLS), root, IngestOptions(scheduler="synchronous"))
+    return root

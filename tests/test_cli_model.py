@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -17,13 +16,6 @@ from conftest import WORLD_CELLS
 from test_model import official_state_dict
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def store(world, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli-store") / "store"
-    ingest(world, list(WORLD_CELLS), root, IngestOptions(scheduler="synchronous"))
-    return root
 
 
 def test_train_resume_and_sample(store, world, tmp_path):

@@ -11,18 +11,9 @@ from majortom_gen.errors import MajorTomGenError
 from majortom_gen.grid import parse_cell_id
 from majortom_gen.store import LatentStore, load_aligned, moment_array
 from pipelines.dataset import spatial_split
-from pipelines.ingest import IngestOptions, ingest
 
-from conftest import WORLD_CELLS
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def store(world, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ds-store") / "store"
-    ingest(world, list(WORLD_CELLS), root, IngestOptions(scheduler="synchronous"))
-    return root
 
 
 def test_spatial_split_is_blocked_reproducible_and_disjoint():

@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from majortom_gen.cli import app
 from majortom_gen.store import split_cells
 from model.features import save_random_extractors
-from pipelines.ingest import IngestOptions, ingest
 
 from conftest import WORLD_CELLS
 
@@ -20,24 +19,23 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def setup(world, tmp_path_factory):
+def setup(store, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    ingest(world, list(WORLD_CELLS), root / "store", IngestOptions(scheduler="synchronous"))
-    r = runner.invoke(app, ["train", "--store", str(root / "store"), "--out", str(root / "run"), "--max-steps", "3"])
+    r = runner.invoke(app, ["train", "--store", str(store), "--out", str(root / "run"), "--max-steps", "3"])
     assert r.exit_code == 0, r.output
-    return root, save_random_extractors(root / "extractors")
+    return root, store, save_random_extractors(root / "extractors")
 
 
-def _args(root, ext, out, *extra):
-    return ["evaluate", "--model", str(root / "run" / "model"), "--store", str(root / "store"), "--out", str(out),
+def _args(root, store, ext, out, *extra):
+    return ["evaluate", "--model", str(root / "run" / "model"), "--store", str(store), "--out", str(out),
             "--fid-extractor", str(ext["inception"]), "--pr-extractor", str(ext["dinov2"]), "--steps", "2",
             "--max-fragments", "8", *extra]
 
 
 def test_evaluate_writes_the_table1_outputs(setup, tmp_path):
-    root, ext = setup
+    root, store, ext = setup
     out = tmp_path / "eval"
-    r = runner.invoke(app, _args(root, ext, out, "--conditions", "none,S1RTC,S2L1C+S2L2A", "--n-samples", "2"))
+    r = runner.invoke(app, _args(root, store, ext, out, "--conditions", "none,S1RTC,S2L1C+S2L2A", "--n-samples", "2"))
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     pairs = [(row["condition"], row["modality"]) for row in rows]
@@ -64,7 +62,7 @@ def test_evaluate_writes_the_table1_outputs(setup, tmp_path):
 
     # a second run reads the cached features; a fresh cache recomputes the same numbers
     again = tmp_path / "again"
-    r = runner.invoke(app, _args(root, ext, again, "--conditions", "none,S1RTC,S2L1C+S2L2A", "--n-samples", "2",
+    r = runner.invoke(app, _args(root, store, ext, again, "--conditions", "none,S1RTC,S2L1C+S2L2A", "--n-samples", "2",
                                  "--cache-dir", str(tmp_path / "fresh-cache")))
     assert r.exit_code == 0, r.output
     assert (again / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
@@ -77,8 +75,8 @@ def test_evaluate_writes_the_table1_outputs(setup, tmp_path):
     (["--conditions", "S1RTC", "--split", "validation"], "split must be"),
 ])
 def test_evaluate_bad_input(setup, tmp_path, extra, message):
-    root, ext = setup
-    r = runner.invoke(app, _args(root, ext, tmp_path / "bad", *extra))
+    root, store, ext = setup
+    r = runner.invoke(app, _args(root, store, ext, tmp_path / "bad", *extra))
     assert r.exit_code == 2, r.output
     assert message in r.output
     assert not (tmp_path / "bad").exists()
