@@ -1,16 +1,21 @@
 """Latent codecs: images in [-1, 1] ``(B, 3, 256, 256)`` <-> latent moments ``(B, 8, 32, 32)``
-(mean and log-variance of 4 channels) and scaled latents ``(B, 4, 32, 32)``.
+(mean and log-variance of 4 channels) <-> the network's latents ``(B, 4, 32, 32)``.
 
+- ``small-vae`` (the default, offline): a small kl-f8 ``AutoencoderKL`` the project trains on
+  the thumbnails of its synthetic world (``majortom-gen codec train``); the trained one ships
+  in the package (:data:`SHIPPED_CODEC`, with the command, seed and data that made it).
 - ``sd-vae``: the Stable Diffusion kl-f8 VAE (diffusers ``AutoencoderKL``), loaded from a
   hub id, a local ``save_pretrained`` folder, or an LDM/U-ViT style state dict file
   (``autoencoder_kl_ema.pth``, ``.ckpt``, ``.safetensors``); scale factor 0.18215.
-- ``patch-pca``: an offline linear codec fitted on the data in seconds: PCA over 8x8x3
-  pixel blocks keeps 4 components, whitened to unit variance each, giving 4 x 32 x 32
-  latents; its log-variance is a fixed small constant. Honest about its quality: :meth:`PatchPCAAutoencoder.fit` returns the
-  reconstruction PSNR. It is a ``ModelMixin`` so it saves and loads like any diffusers model.
+- ``patch-pca``: a linear codec fitted on the data in seconds: PCA over 8x8x3 pixel blocks
+  keeps 4 components, whitened, giving 4 x 32 x 32 latents; its log-variance is a fixed small
+  constant. Any latent error decodes as an 8 px block, so it is kept for comparison only.
 
-Every codec reports ``info()`` = name, config and a hash of config and weights; a latent
-store records it and refuses to mix codecs.
+A codec folder holds the model's own files and ``codec.json``: the codec's name, one
+:class:`LatentNorm` per modality (the network's latents are zero-mean, unit-variance per
+modality) and how the codec was made. Every codec reports ``info()`` = name, config
+(normalisations included) and a hash of config and weights; a latent store records it and
+refuses to mix codecs.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +34,10 @@ from diffusers import AutoencoderKL
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-CODEC_NAMES = ("patch-pca", "sd-vae")
+CODEC_NAMES = ("small-vae", "patch-pca", "sd-vae")
+DEFAULT_CODEC = "small-vae"
+CODEC_RECORD = "codec.json"  # name, per-modality normalisation and provenance, beside the model files
+SHIPPED_CODEC = Path(__file__).resolve().parent / "weights" / "small-vae"  # the trained small-vae
 SD_SCALE_FACTOR = 0.18215
 MAX_FIT_BLOCKS = 100_000  # 8x8 blocks used to fit patch-pca (~100 fragments' worth)
 FIT_CHUNK = 32  # images per step when fitting / measuring PSNR
@@ -129,38 +139,109 @@ class PatchPCAAutoencoder(ModelMixin, ConfigMixin):
 
 def reconstruction_psnr(codec, images: torch.Tensor) -> float:
     """PSNR (dB, [0, 255] scale) of decode(mean latent) against ``images`` in [-1, 1],
-    computed in chunks."""
+    computed in chunks (``codec``: anything with ``encode_moments`` and ``decode``)."""
     sq_err, count = 0.0, 0
     with torch.no_grad():
         for chunk in images.split(FIT_CHUNK):
             moments = codec.encode_moments(chunk)
-            rec = codec.decode(moments[:, :4] * codec.config.scaling_factor)
+            rec = codec.decode(moments[:, :moments.shape[1] // 2])
             sq_err += float(((rec.float() - chunk.float()) ** 2).sum())
             count += chunk.numel()
     mse = sq_err / max(count, 1) * (255.0 / 2) ** 2
     return 10 * math.log10(255.0**2 / max(mse, 1e-12))
 
 
+def fit_latent_norms(codec: "Codec", images: Mapping[str, torch.Tensor]) -> dict[str, LatentNorm]:
+    """One :class:`LatentNorm` per modality from its images in [-1, 1] (the means of their
+    latents, encoded in chunks)."""
+    out = {}
+    for m, x in images.items():
+        means = torch.cat([codec.encode_moments(chunk)[:, :4] for chunk in x.split(FIT_CHUNK)])
+        out[m] = LatentNorm.fit(means)
+    return out
+
+
+@dataclass(frozen=True)
+class LatentNorm:
+    """One modality's map from a codec's latents ``z`` to the network's space:
+    ``x = (z - shift) * scale``, per latent channel ``shift`` and one ``scale``, so that the
+    network sees zero-mean, unit-variance latents whatever the codec and the modality (as the
+    noise schedule assumes). Stable Diffusion's VAE uses ``shift = 0, scale = 0.18215`` for
+    everything; COP-GEN fits one scale per modality."""
+
+    shift: tuple[float, ...]
+    scale: float
+
+    def _shift(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.shift, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+
+    def to_network(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self._shift(z)) * self.scale
+
+    def from_network(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.scale + self._shift(x)
+
+    def as_dict(self) -> dict:
+        return {"shift": list(self.shift), "scale": self.scale}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatentNorm":
+        return cls(tuple(float(v) for v in d["shift"]), float(d["scale"]))
+
+    @classmethod
+    def fit(cls, means: torch.Tensor) -> "LatentNorm":
+        """From latent means ``(N, C, H, W)``: shift = per-channel mean, scale = 1 / the std
+        of the shifted latents over all channels (rounded to 6 significant digits, so the
+        record reads the same everywhere)."""
+        m = means.double()
+        shift = m.mean(dim=(0, 2, 3))
+        std = float((m - shift.view(1, -1, 1, 1)).std())
+        return cls(tuple(float(f"{v:.6g}") for v in shift.tolist()), float(f"{1.0 / max(std, 1e-6):.6g}"))
+
+
+def default_norm(name: str, channels: int = 4) -> LatentNorm:
+    """The normalisation of a codec that records none: Stable Diffusion's 0.18215 for
+    sd-vae (what the published COP-GEN-Beta weights expect), identity otherwise."""
+    return LatentNorm((0.0,) * channels, SD_SCALE_FACTOR if name == "sd-vae" else 1.0)
+
+
+def latent_norms(codec_info: dict, modalities: Sequence[str]) -> dict[str, LatentNorm]:
+    """Each modality's normalisation from a codec record (``Codec.info()``, or a store
+    manifest's ``codec``): the fitted ones it holds, or the codec's default."""
+    fitted = (codec_info.get("config") or {}).get("latent_norm") or {}
+    return {m: LatentNorm.from_dict(fitted[m]) if m in fitted else default_norm(codec_info["name"]) for m in modalities}
+
+
 class Codec:
-    """The codec interface the pipelines use, over a patch-pca or sd-vae model."""
+    """The codec interface the pipelines use: images <-> latent moments, latents <-> the
+    network's space (per-modality :class:`LatentNorm`), save and load as one folder.
+
+    ``model`` is an ``AutoencoderKL`` (``small-vae``: the project's learned codec;
+    ``sd-vae``: Stable Diffusion's kl-f8) or a :class:`PatchPCAAutoencoder` (``patch-pca``).
+    Latents ``z`` are the autoencoder's own (unscaled) latents."""
 
     def __init__(self, name: str, model: torch.nn.Module, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 source: str | None = None) -> None:
+                 source: str | None = None, norms: Mapping[str, LatentNorm] | None = None,
+                 provenance: dict | None = None) -> None:
         if name not in CODEC_NAMES:
             raise ValueError(f"unknown codec {name!r}; valid codecs: {', '.join(CODEC_NAMES)}")
         self.name, self.source = name, source
-        self.device, self.dtype = torch.device(device), dtype
-        # patch-pca stays float32 (it is tiny); the VAE may run in fp16/bf16 on a GPU
-        cast = name == "sd-vae" and dtype != torch.float32
-        self.model = (model.to(self.device, dtype) if cast else model.to(self.device)).eval()
+        self.device = torch.device(device)
+        # patch-pca stays float32 (it is tiny); a VAE may run in fp16/bf16 on a GPU
+        self.dtype = dtype if isinstance(model, AutoencoderKL) else torch.float32
+        self.model = (model.to(self.device) if self.dtype == torch.float32 else model.to(self.device, self.dtype)).eval()
+        self.norms: dict[str, LatentNorm] = dict(norms or {})
+        self.provenance = dict(provenance or {})
         self._hash: str | None = None
 
-    @property
-    def scale_factor(self) -> float:
-        return float(self.model.config.scaling_factor if self.name == "patch-pca" else SD_SCALE_FACTOR)
+    def norm(self, modality: str) -> LatentNorm:
+        return self.norms.get(modality) or default_norm(self.name)
 
     def config(self) -> dict:
-        return {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}
+        config = {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}
+        if self.norms:
+            config["latent_norm"] = {m: n.as_dict() for m, n in sorted(self.norms.items())}
+        return config
 
     def info(self) -> dict:
         if self._hash is None:
@@ -169,29 +250,40 @@ class Codec:
 
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, 256, 256)`` in [-1, 1] -> float32 ``(B, 8, 32, 32)`` moments on the CPU."""
-        x = images.to(self.device, self.dtype if self.name == "sd-vae" else torch.float32)
-        if self.name == "sd-vae":
+        """``(B, 3, 256, 256)`` in [-1, 1] -> float32 ``(B, 8, 32, 32)`` moments (mean and
+        log-variance of the latents) on the CPU."""
+        x = images.to(self.device, self.dtype)
+        if isinstance(self.model, AutoencoderKL):
             moments = self.model.encode(x).latent_dist.parameters
         else:
             moments = self.model.encode_moments(x)
         return moments.float().cpu()
 
-    def sample(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return sample_latents(moments, self.scale_factor, generator)
+    def to_network(self, moments: torch.Tensor, modality: str, generator: torch.Generator | None = None, *,
+                   sample: bool = True) -> torch.Tensor:
+        """Moments ``(B, 8, H, W)`` -> the network's latents ``(B, 4, H, W)`` of ``modality``:
+        a draw from the posterior (``sample=True``) or its mean, normalised."""
+        z = sample_latents(moments, 1.0, generator) if sample else moments[:, :moments.shape[1] // 2].float()
+        return self.norm(modality).to_network(z)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents ``(B, 4, 32, 32)`` -> images ``(B, 3, 256, 256)`` in [-1, 1], CPU float32."""
-        z = latents.to(self.device, self.dtype if self.name == "sd-vae" else torch.float32)
-        if self.name == "sd-vae":
-            out = self.model.decode(z / self.scale_factor).sample
-        else:
-            out = self.model.decode(z)
+        """Latents ``z`` ``(B, 4, 32, 32)`` -> images ``(B, 3, 256, 256)`` in [-1, 1], CPU float32."""
+        z = latents.to(self.device, self.dtype)
+        out = self.model.decode(z).sample if isinstance(self.model, AutoencoderKL) else self.model.decode(z)
         return out.float().clamp(-1, 1).cpu()
 
+    def decode_network(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """The network's latents of ``modality`` -> images in [-1, 1]."""
+        return self.decode(self.norm(modality).from_network(x.float()))
+
     def save(self, folder: str | os.PathLike) -> None:
+        """The model files (``save_pretrained``) and ``codec.json`` (name, normalisations, provenance)."""
+        folder = Path(folder)
         self.model.save_pretrained(folder)
+        record = {"name": self.name, "latent_norm": {m: n.as_dict() for m, n in sorted(self.norms.items())},
+                  "provenance": self.provenance}
+        (folder / CODEC_RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def load_sd_vae(source: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Codec:
@@ -225,22 +317,44 @@ def vae_from_ldm_state_dict(state: dict[str, torch.Tensor], config: dict[str, An
     return model
 
 
-def load_codec(name: str, source: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Codec:
-    """A codec by name: ``patch-pca`` from a folder written by :meth:`Codec.save`;
-    ``sd-vae`` from a hub id, folder or state-dict file."""
-    if name == "patch-pca":
-        if source is None:
-            raise ValueError("patch-pca needs the folder of a fitted codec")
-        return Codec(name, PatchPCAAutoencoder.from_pretrained(source), source=str(source))
-    if name == "sd-vae":
-        if source is None:
+def load_codec(name: str | None = None, source: str | os.PathLike | None = None, *, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> Codec:
+    """A codec from a folder written by :meth:`Codec.save` (its ``codec.json`` names it), the
+    shipped small-vae (``name='small-vae'`` without ``source``), or an sd-vae from a hub id,
+    folder or state-dict file. ``name``, when given, must match the folder's record."""
+    if name is not None and name not in CODEC_NAMES:
+        raise ValueError(f"unknown codec {name!r}; valid codecs: {', '.join(CODEC_NAMES)}")
+    if source is None:
+        if name == "small-vae":
+            source = SHIPPED_CODEC
+        elif name == "sd-vae":
             raise ValueError("sd-vae needs a hub id, a local folder or a .pth/.ckpt file (e.g. stabilityai/sd-vae-ft-ema)")
-        return load_sd_vae(source, device=device, dtype=dtype)
-    raise ValueError(f"unknown codec {name!r}; valid codecs: {', '.join(CODEC_NAMES)}")
+        else:
+            raise ValueError(f"{name or 'a codec'} needs the folder it was saved to")
+    record_file = Path(source) / CODEC_RECORD
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+        if name is not None and record["name"] != name:
+            raise ValueError(f"{source} holds a {record['name']} codec, not {name}")
+        model_cls = PatchPCAAutoencoder if record["name"] == "patch-pca" else AutoencoderKL
+        norms = {m: LatentNorm.from_dict(d) for m, d in record.get("latent_norm", {}).items()}
+        return Codec(record["name"], model_cls.from_pretrained(source), device=device, dtype=dtype, source=str(source),
+                     norms=norms, provenance=record.get("provenance"))
+    if name == "sd-vae":
+        return load_sd_vae(str(source), device=device, dtype=dtype)
+    config_file = Path(source) / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "PatchPCAAutoencoder":
+        # a patch-pca folder of a store made before codec.json existed: identity normalisation
+        return Codec("patch-pca", PatchPCAAutoencoder.from_pretrained(source), source=str(source))
+    raise ValueError(f"{source}: not a codec folder (no {CODEC_RECORD}); sd-vae sources need --codec sd-vae")
 
 
-def fit_patch_pca(images: torch.Tensor, **config: Any) -> tuple[Codec, float]:
-    """Fit a patch-pca codec on images in [-1, 1]; returns the codec and its PSNR (dB)."""
+def fit_patch_pca(images: torch.Tensor | Mapping[str, torch.Tensor], **config: Any) -> tuple[Codec, float]:
+    """Fit a patch-pca codec on images in [-1, 1] (one tensor, or one per modality: then each
+    modality gets its own :class:`LatentNorm`); returns the codec and its PSNR (dB)."""
+    by_modality = dict(images) if isinstance(images, Mapping) else {}
     model = PatchPCAAutoencoder(**config)
-    psnr = model.fit(images)
-    return Codec("patch-pca", model), psnr
+    psnr = model.fit(torch.cat(list(by_modality.values())) if by_modality else images)
+    codec = Codec("patch-pca", model)
+    codec.norms = fit_latent_norms(codec, by_modality)
+    return codec, psnr

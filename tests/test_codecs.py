@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from model.codecs import Codec, fit_patch_pca, load_codec, reconstruction_psnr, sample_latents, vae_from_ldm_state_dict
+from model.codecs import (SHIPPED_CODEC, Codec, LatentNorm, fit_patch_pca, latent_norms, load_codec, reconstruction_psnr,
+                          sample_latents, vae_from_ldm_state_dict)
 
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
                 block_out_channels=[8, 16, 16, 16], norm_num_groups=4, act_fn="silu",
@@ -30,12 +31,12 @@ def test_patch_pca__shapes_psnr_and_roundtrip(tmp_path):
     assert reconstruction_psnr(codec.model, noise) < 15  # and it says so on white noise
     m = codec.encode_moments(x[:4])
     assert m.shape == (4, 8, 32, 32) and torch.all(m[:, 4:] == codec.model.config.logvar)
-    z = codec.sample(m, torch.Generator().manual_seed(0))
-    assert z.shape == (4, 4, 32, 32) and 0.3 < z.std().item() < 3  # scaled to about unit variance
+    z = sample_latents(m, 1.0, torch.Generator().manual_seed(0))
+    assert z.shape == (4, 4, 32, 32) and 0.3 < z.std().item() < 3  # whitened: about unit variance
     rec = codec.decode(z)
     assert rec.shape == (4, 3, 256, 256) and rec.min() >= -1 and rec.max() <= 1
     codec.save(tmp_path / "pca")
-    again = load_codec("patch-pca", str(tmp_path / "pca"))
+    again = load_codec(None, str(tmp_path / "pca"))  # codec.json names it
     assert again.info() == codec.info()
     assert torch.equal(again.encode_moments(x[:2]), codec.encode_moments(x[:2]))
 
@@ -54,9 +55,11 @@ def test_sd_vae__from_pretrained_folder(tmp_path):
     x = smooth_images(2)
     m = codec.encode_moments(x)
     assert m.shape == (2, 8, 32, 32)  # kl-f8: 4 blocks, 3 downsamplings
-    rec = codec.decode(codec.sample(m))
+    rec = codec.decode(sample_latents(m, 1.0))
     assert rec.shape == (2, 3, 256, 256)
-    assert codec.scale_factor == pytest.approx(0.18215)
+    # what the published COP-GEN-Beta weights expect: 0.18215 * z for every modality
+    assert codec.norm("DEM") == LatentNorm((0.0,) * 4, 0.18215)
+    assert torch.allclose(codec.to_network(m, "S1RTC", sample=False), 0.18215 * m[:, :4])
 
 
 def _to_ldm(state: dict[str, torch.Tensor], n_blocks: int) -> dict[str, torch.Tensor]:
@@ -97,7 +100,82 @@ def test_sd_vae__from_ldm_state_dict_file(tmp_path):
 
 
 def test_codec__unknown_names():
-    with pytest.raises(ValueError, match="valid codecs: patch-pca, sd-vae"):
+    with pytest.raises(ValueError, match="valid codecs: small-vae, patch-pca, sd-vae"):
         load_codec("vqgan", "x")
     with pytest.raises(ValueError, match="valid codecs"):
         Codec("vqgan", torch.nn.Linear(1, 1))
+
+
+def test_latent_norm__fit_round_trip_and_record():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 4, 8, 8, generator=g) * 3.0 + torch.tensor([1.0, -2.0, 0.5, 0.0]).view(1, 4, 1, 1)
+    norm = LatentNorm.fit(z)
+    x = norm.to_network(z)
+    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-3  # what the noise schedule assumes
+    assert torch.allclose(norm.from_network(x), z, atol=1e-4)
+    assert LatentNorm.from_dict(norm.as_dict()) == norm
+    info = {"name": "small-vae", "config": {"latent_norm": {"DEM": norm.as_dict()}}}
+    got = latent_norms(info, ["DEM", "S1RTC"])
+    assert got["DEM"] == norm and got["S1RTC"] == LatentNorm((0.0,) * 4, 1.0)  # a modality without a fit: identity
+
+
+def test_patch_pca__one_norm_per_modality(tmp_path):
+    a, b = smooth_images(8, seed=1), smooth_images(8, seed=2) * 0.2  # b: a quarter of the contrast
+    codec, _ = fit_patch_pca({"A": a, "B": b})
+    assert set(codec.norms) == {"A", "B"} and codec.norm("B").scale > 2 * codec.norm("A").scale
+    for m, x in (("A", a), ("B", b)):
+        net = codec.to_network(codec.encode_moments(x), m, sample=False)
+        assert abs(float(net.std()) - 1) < 0.05
+    codec.save(tmp_path / "pca")
+    again = load_codec("patch-pca", tmp_path / "pca")
+    assert again.norms == codec.norms and again.info() == codec.info()
+    with pytest.raises(ValueError, match="holds a patch-pca codec, not small-vae"):
+        load_codec("small-vae", tmp_path / "pca")
+
+
+def test_shipped_codec__loads_offline_and_reconstructs(world):
+    """The small-vae shipped in the package: a learned kl-f8 AutoencoderKL with one
+    normalisation per Core modality and the record of how it was made; it reconstructs
+    thumbnails of cells it was not trained on (a world of another seed) like an image codec.
+    It is made for Major TOM thumbnails, not for any picture."""
+    from pipelines.codec import psnr_by_modality, source_fragments
+
+    codec = load_codec("small-vae")
+    assert codec.source == str(SHIPPED_CODEC) and sum(p.numel() for p in codec.model.parameters()) < 5_000_000
+    assert set(codec.norms) == {"DEM", "S1RTC", "S2L1C", "S2L2A"}
+    made = codec.provenance
+    assert made["command"].startswith("majortom-gen codec train") and made["cells"] and made["train"]["seed"] == 0
+    frags = source_fragments(world, ["501U_60R"])
+    psnr = psnr_by_modality(codec, {m: a[:8] for m, a in frags.items()})
+    assert min(psnr.values()) > 24, psnr
+    assert codec.encode_moments(torch.from_numpy(frags["DEM"][:2]).permute(0, 3, 1, 2) / 127.5 - 1).shape == (2, 8, 32, 32)
+
+
+def test_codec_train_cli__writes_a_loadable_codec_with_its_record(world, tmp_path):
+    """`majortom-gen codec train` end to end on a real (synthetic) source, a few steps: the
+    folder loads by itself, records how it was made and one normalisation per modality, and
+    `codec eval` measures it on the source and on an image file."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from majortom_gen.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "codec"
+    r = runner.invoke(app, ["codec", "train", "--source", str(world), "--cells", "501U_60R", "--out", str(out),
+                            "--steps", "3", "--crop", "32", "--batch-size", "2", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    codec = load_codec(None, out)
+    assert codec.name == "small-vae" and set(codec.norms) == {"DEM", "S1RTC", "S2L1C", "S2L2A"}
+    made = codec.provenance
+    assert made["cells"] == ["501U_60R"] and made["train"]["steps"] == 3 and made["train"]["seed"] == 3
+    assert made["fragments"] == {"DEM": 16, "S1RTC": 16, "S2L1C": 16, "S2L2A": 16} and "--seed 3" in made["command"]
+    png = tmp_path / "fragment.png"
+    Image.fromarray(np.full((256, 256, 3), 90, np.uint8)).save(png)
+    r = runner.invoke(app, ["codec", "eval", "--codec", str(out), "--source", str(world), "--cells", "501U_60R",
+                            "--images", str(png)])
+    assert r.exit_code == 0, r.output
+    assert "DEM" in r.output and "fragment.png:" in r.output and " dB" in r.output
+    r = runner.invoke(app, ["codec", "train", "--source", str(world), "--cells", "501U_60R", "--out", str(out),
+                            "--steps", "1", "--crop", "30"])
+    assert r.exit_code == 2 and "multiple of 8" in r.output

@@ -1,0 +1,110 @@
+"""Training the small learned codec: a diffusers ``AutoencoderKL`` (kl-f8, 4 latent channels)
+on thumbnail fragments, tensors only.
+
+Fully convolutional (no attention in the mid block), so it trains on random crops and
+encodes whole 256 px fragments. Loss: L1 reconstruction plus a small KL term (weight
+``kl_weight`` on the summed KL, as in the Stable Diffusion autoencoder) that keeps the
+latents bounded. Augmentation: random crops, flips and 90-degree rotations. Every random
+choice of step s derives from (seed, s): the same data, config and seed give the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+# The architecture of the shipped codec: kl-f8 like Stable Diffusion's (3 downsamplings,
+# 4 latent channels, so latents are 4 x 32 x 32 for a 256 px fragment) with 16x fewer
+# channels, one resnet per level and no attention.
+SMALL_VAE_CONFIG: dict = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 256, "layers_per_block": 1,
+    "block_out_channels": [32, 64, 128, 128], "norm_num_groups": 16, "act_fn": "silu",
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "mid_block_add_attention": False, "scaling_factor": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class CodecTrainConfig:
+    steps: int = 3000
+    batch_size: int = 16
+    crop: int = 96  # px; a multiple of 8
+    lr: float = 1e-3  # AdamW, linear warm-up then cosine decay to lr/10
+    warmup_steps: int = 100
+    kl_weight: float = 1e-6
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random flips and 90-degree rotations of a (B, 3, S, S) batch, one draw per image."""
+    flips = torch.randint(0, 2, (len(batch), 2), generator=gen)
+    turns = torch.randint(0, 4, (len(batch),), generator=gen)
+    out = []
+    for x, (fh, fv), k in zip(batch, flips.tolist(), turns.tolist()):
+        if fh:
+            x = x.flip(-1)
+        if fv:
+            x = x.flip(-2)
+        out.append(torch.rot90(x, k, dims=(-2, -1)))
+    return torch.stack(out)
+
+
+def crop_batch(images: np.ndarray, step: int, config: CodecTrainConfig) -> torch.Tensor:
+    """The batch of step ``step``: random crops of uint8 ``(N, H, W, 3)`` images as float
+    ``(B, 3, crop, crop)`` in [-1, 1], augmented."""
+    gen = torch.Generator().manual_seed(int(np.random.default_rng([config.seed, step]).integers(0, 2**62)))
+    n, h, w, _ = images.shape
+    idx = torch.randint(0, n, (config.batch_size,), generator=gen).tolist()
+    rows = torch.randint(0, h - config.crop + 1, (config.batch_size,), generator=gen).tolist()
+    cols = torch.randint(0, w - config.crop + 1, (config.batch_size,), generator=gen).tolist()
+    crops = np.stack([images[i, r:r + config.crop, c:c + config.crop] for i, r, c in zip(idx, rows, cols)])
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return _augment(x, gen)
+
+
+def _lr_factor(step: int, config: CodecTrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0)))
+
+
+def train_small_vae(images: np.ndarray, config: CodecTrainConfig = CodecTrainConfig(), *,
+                    vae_config: dict | None = None,
+                    progress: Callable[[int, int, float], None] | None = None) -> tuple[AutoencoderKL, list[float]]:
+    """Train an ``AutoencoderKL`` on uint8 fragments ``(N, H, W, 3)``; returns it (eval mode)
+    and the loss of every step. ``progress(step, total, loss)`` is called after each step."""
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+    if config.crop % 8 or config.crop > min(images.shape[1:3]):
+        raise ValueError(f"crop {config.crop} must be a multiple of 8 and fit the {images.shape[1]} px images")
+    torch.manual_seed(config.seed)
+    vae = AutoencoderKL(**(vae_config or SMALL_VAE_CONFIG))
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
+    losses = []
+    vae.train()
+    for step in range(config.steps):
+        x = crop_batch(images, step, config)
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        rec_loss = (rec - x).abs().mean()
+        kl = posterior.kl().sum() / len(x)
+        loss = rec_loss + config.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1, config.steps, losses[-1])
+    return vae.eval(), losses
