@@ -10,23 +10,19 @@
    384-d features.
 3. A projection of a full Table-1 evaluation (5 condition sets, 4 modalities, 1,000 test
    fragments: 4,000 real and 16,000 generated images) from the measured rates, sampling
-   excluded (see benchmarks/model.py for sampling rates).
+   excluded (see benchmarks/network.py for sampling rates).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from model import metrics  # noqa: E402
-from model.features import DinoV2Features, FeatureExtractor, FIDInceptionV3  # noqa: E402
+from model import metrics
+from model.features import DinoV2Features, FeatureExtractor, FIDInceptionV3
 
 
 def _dinov2_vits14() -> DinoV2Features:

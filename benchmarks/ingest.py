@@ -5,9 +5,10 @@
 1. decode+crop (fragments/s, codec excluded): the ingest decode task in one process, against
    the bound of only decoding the same thumbnails in one process; and its scaling with
    Dask workers (1 vs N local workers).
-2. end to end: ingest with the offline patch-pca codec (cells/s, fragments/s); encode
-   throughput of the full-size sd-vae architecture (random weights) on the CPU, and on a
-   GPU when one is present, relative to patch-pca.
+2. end to end: ingest with the default offline codec, small-vae (cells/s, fragments/s);
+   encode throughput of the full-size sd-vae architecture (random weights) on the CPU, and
+   on a GPU when one is present, relative to patch-pca (benchmarks/codec.py compares the
+   codecs in detail).
 3. store random read: aligned 4-modality tuples/s from a 10k-fragment store, against a
    contiguous copy of the same bytes.
 4. peak memory of an ingest of N cells vs N/4 cells (bounded means a ratio near 1).
@@ -86,8 +87,8 @@ def end_to_end(world: Path, cells: list[str], workers: int, skip_vae: bool) -> N
 
     with tempfile.TemporaryDirectory() as tmp:
         t, report = timed(lambda: ingest(world, cells, Path(tmp) / "store", IngestOptions(workers=workers)))
-    print(f"[e2e] patch-pca ingest of {report.cells_written} cells: {report.cells_written / t:.2f} cells/s, "
-          f"{report.fragments_written / t:,.0f} fragments/s (incl. cluster start and codec fit; {t:.1f} s)")
+    print(f"[e2e] small-vae ingest of {report.cells_written} cells: {report.cells_written / t:.2f} cells/s, "
+          f"{report.fragments_written / t:,.0f} fragments/s (incl. cluster start and codec set-up; {t:.1f} s)")
     x = torch.rand(16, 3, 256, 256) * 2 - 1
     pca, _ = fit_patch_pca(x)
     t_pca, _ = timed(lambda: pca.encode_moments(x))

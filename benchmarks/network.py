@@ -1,6 +1,6 @@
 """Model benchmarks, figures as ratios to baselines measured in the same run.
 
-    python benchmarks/model.py [--train-steps 20] [--reference-steps 250]
+    python benchmarks/network.py [--train-steps 20] [--reference-steps 250]
 
 1. Solver sweep: generate with 10/15/20/25/50 DPM-Solver++ steps, Karras and evenly spaced,
    on a fixed network and fixed starting noise; report each one's RMS error against a
@@ -14,20 +14,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-# run as a script, this file's folder comes first on sys.path and its name would shadow
-# the `model` package: drop the folder
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from model.config import load_config  # noqa: E402
-from model.diffusion import SPACINGS, alphas_cumprod, draw_timesteps, diffusion_loss, sampling_scheduler  # noqa: E402
-from model.sample import generate  # noqa: E402
-from model.uvit import MultiModalUViT  # noqa: E402
+from model.config import load_config
+from model.diffusion import SPACINGS, alphas_cumprod, draw_timesteps, diffusion_loss, sampling_scheduler
+from model.sample import generate
+from model.uvit import MultiModalUViT
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 

@@ -14,27 +14,24 @@ GeoTIFF write of the same pixels.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import rasterio
+import torch
+from affine import Affine
 
-import numpy as np  # noqa: E402
-import rasterio  # noqa: E402
-import torch  # noqa: E402
-from affine import Affine  # noqa: E402
-
-from majortom_gen.fragments import from_unit_range  # noqa: E402
-from majortom_gen.georef import default_grid  # noqa: E402
-from majortom_gen.store import LatentStore  # noqa: E402
-from majortom_gen.synth import SynthOptions, write_world  # noqa: E402
-from model.codecs import load_codec  # noqa: E402
-from pipelines.export import _mosaics, write_fragment_cog  # noqa: E402
-from pipelines.ingest import IngestOptions, ingest  # noqa: E402
-from pipelines.sample import sample_store  # noqa: E402
-from pipelines.train import train_on_store  # noqa: E402
+from majortom_gen.fragments import from_unit_range
+from majortom_gen.georef import default_grid
+from majortom_gen.store import LatentStore
+from majortom_gen.synth import SynthOptions, write_world
+from model.codecs import load_codec
+from pipelines.export import _mosaics, write_fragment_cog
+from pipelines.ingest import IngestOptions, ingest
+from pipelines.sample import sample_store
+from pipelines.train import train_on_store
 
 
 def main() -> None:

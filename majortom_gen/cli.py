@@ -7,6 +7,7 @@ on stderr and exit code 2; no traceback.
 from __future__ import annotations
 
 import functools
+import json
 from contextlib import contextmanager
 import os
 import time
@@ -68,6 +69,21 @@ def _progress(description: str, unit: str, total: int | None = None):
                             rate=f"{note}{rate:.2f} {unit}/s")
 
         yield update
+
+
+def _command_line(command: str, **options) -> str:
+    """The command with the options it ran with (recorded in what it makes): ``None`` options
+    are left out, ``True`` flags written bare, lists joined by commas."""
+    parts = [f"majortom-gen {command}"]
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        else:
+            parts.append(f"{flag} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
+    return " ".join(parts)
 
 
 # ----------------------------------------------------------------------------- grid
@@ -234,8 +250,8 @@ def run_ingest(source: str, ids: list[str], store: Path, options, *, modalities:
         console.print(f"[yellow]no {m}:[/] {why}", highlight=False)
     codec = report.codec
     line = f"codec {codec['name']} ({codec['config_hash'][:12]})"
-    if report.codec_fit_psnr_db is not None:
-        line += f", fitted now: reconstruction PSNR {report.codec_fit_psnr_db:.1f} dB"
+    if report.codec_psnr_db is not None:
+        line += f", set up now: reconstruction PSNR {report.codec_psnr_db:.1f} dB on the first cells"
     console.print(line)
     if report.quarantined:
         err_console.print(Text(f"{len(report.quarantined)} cell(s) quarantined (see {report.store}/ingest-errors.jsonl):", style="yellow"))
@@ -252,8 +268,10 @@ def ingest(
     store: Annotated[Path, typer.Option(help="Latent store folder (created or extended).")],
     cells: CellsOption = None,
     region: RegionOption = None,
-    codec: Annotated[str, typer.Option(help="patch-pca (offline, fitted on the data) or sd-vae.")] = "patch-pca",
-    codec_source: Annotated[Optional[str], typer.Option(help="sd-vae weights: hub id, folder, or autoencoder_kl_ema.pth.")] = None,
+    codec: Annotated[str, typer.Option(help="small-vae (offline, learned, shipped), patch-pca (linear, fitted on the "
+                                            "data) or sd-vae.")] = "small-vae",
+    codec_source: Annotated[Optional[str], typer.Option(help="sd-vae weights: hub id, folder, or autoencoder_kl_ema.pth; "
+                                                             "small-vae: a folder from `codec train` (default: shipped).")] = None,
     modalities: Annotated[str, typer.Option(help="Comma-separated modalities.")] = "DEM,S1RTC,S2L1C,S2L2A",
     fragments: Annotated[str, typer.Option(help="grid (4x4 of 256 px) or centre (one 256 px crop).")] = "grid",
     start: Annotated[Optional[str], typer.Option(help="Earliest acquisition date, YYYY-MM-DD.")] = None,
@@ -281,6 +299,83 @@ def ingest(
     if report.completed_with_errors:
         err_console.print(Text("completed with errors", style="bold yellow"))
         raise typer.Exit(EXIT_COMPLETED_WITH_ERRORS)
+
+
+codec_app = typer.Typer(no_args_is_help=True, help="The learned offline codec: train one, measure one.")
+app.add_typer(codec_app, name="codec")
+
+
+@codec_app.command("train")
+@_user_errors
+def codec_train(
+    source: Annotated[str, typer.Option(help="Major TOM root (local folder or URL) with the Core datasets.")],
+    out: Annotated[Path, typer.Option(help="Codec folder to write (model files + codec.json).")],
+    cells: CellsOption = None,
+    region: RegionOption = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 3000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Crops per step.")] = 16,
+    crop: Annotated[int, typer.Option(min=8, help="Crop size in pixels (a multiple of 8).")] = 96,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, cosine decay).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice (crops, flips, init).")] = 0,
+) -> None:
+    """Train the small-vae codec (a small kl-f8 AutoencoderKL, 4 x 32 x 32 latents) on the
+    thumbnail fragments of every modality of the given cells, with one latent normalisation
+    per modality. The shipped codec was made this way (see its codec.json)."""
+    from model.codec_training import CodecTrainConfig
+    from pipelines.codec import train_codec
+
+    ids = _cells_from(cells, region)
+    config = CodecTrainConfig(steps=steps, batch_size=batch_size, crop=crop, lr=lr, seed=seed)
+    with _progress("training codec", "steps") as update:
+        def tick(step: int, total: int, loss: float) -> None:
+            update(step, total, note=f"loss {loss:.4f}, ")
+
+        try:
+            command = _command_line("codec train", source=source, cells=cells, region=region, out=out, steps=steps,
+                                    batch_size=batch_size, crop=crop, lr=lr, seed=seed)
+            result = train_codec(source, ids, out, config=config, command=command, progress=tick)
+        except ValueError as exc:
+            raise MajorTomGenError(str(exc)) from None
+    console.print(f"[green]codec[/] -> {result.folder} ({result.seconds:.0f} s); fragments per modality "
+                  f"{result.fragments}; reconstruction PSNR on them (dB): {result.psnr_db}", highlight=False)
+
+
+@codec_app.command("eval")
+@_user_errors
+def codec_eval(
+    codec: Annotated[str, typer.Option(help="A codec folder (codec train output, STORE/codec) or 'small-vae' (shipped).")],
+    source: Annotated[Optional[str], typer.Option(help="Major TOM root whose cells' fragments to reconstruct.")] = None,
+    cells: CellsOption = None,
+    region: RegionOption = None,
+    images: Annotated[Optional[list[Path]], typer.Option(
+        help="Image files (PNG/JPEG/WebP, 256 x 256 fragments) to reconstruct, e.g. real fragments.")] = None,
+) -> None:
+    """Reconstruction PSNR (dB, 8-bit scale) of a codec per modality of a source's cells, and
+    per image file."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from majortom_gen.fragments import to_unit_range
+    from model.codecs import load_codec, reconstruction_psnr
+    from pipelines.codec import psnr_by_modality, source_fragments
+
+    c = load_codec("small-vae") if codec == "small-vae" else load_codec(None, codec)
+    if source is None and not images:
+        raise MajorTomGenError("give --source with --cells/--region, or --images")
+    if source is not None:
+        frags = source_fragments(source, _cells_from(cells, region))
+        console.print(f"{c.name} on {source}: " + ", ".join(f"{m} {v:.2f} dB ({len(frags[m])} fragments)"
+                                                            for m, v in psnr_by_modality(c, frags).items()), highlight=False)
+    for path in images or []:
+        try:
+            pixels = np.asarray(Image.open(path).convert("RGB"))
+        except OSError as exc:
+            raise MajorTomGenError(f"{path}: not a readable image ({exc})") from None
+        if pixels.shape[0] % 8 or pixels.shape[1] % 8:
+            raise MajorTomGenError(f"{path}: {pixels.shape[1]}x{pixels.shape[0]} px; sides must be multiples of 8")
+        psnr = reconstruction_psnr(c, torch.from_numpy(to_unit_range(pixels[None])))
+        console.print(f"{c.name} on {path}: {psnr:.2f} dB", highlight=False)
 
 
 @store_app.command("info")
@@ -321,7 +416,7 @@ DeviceOption = Annotated[Optional[str], typer.Option(help="cpu or cuda (default:
 
 
 def run_train(config: str, store: Path, out: Path, *, max_steps: int | None, resume: bool, test_fraction: float = 0.05,
-              device: str | None = None):
+              device: str | None = None, init_from: Path | None = None, command: str = ""):
     from pipelines.train import train_on_store
 
     with _progress("training", "steps") as update:
@@ -331,7 +426,7 @@ def run_train(config: str, store: Path, out: Path, *, max_steps: int | None, res
 
         try:
             result = train_on_store(config, store, out, max_steps=max_steps, resume=resume, progress=tick,
-                                    test_fraction=test_fraction, device=device)
+                                    test_fraction=test_fraction, device=device, init_from=init_from, command=command)
         except ValueError as exc:
             raise MajorTomGenError(str(exc)) from None
     console.print(f"[green]trained[/] {result.steps} steps, last loss {result.last_loss:.4f}; EMA model -> {result.model_dir}; "
@@ -348,10 +443,15 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (default: the config's).")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the last checkpoint in --out.")] = False,
     test_fraction: Annotated[float, typer.Option(help="Share of cells held out for testing (by grid cell, seeded).")] = 0.05,
+    init_from: Annotated[Optional[Path], typer.Option(
+        help="Start from this model's weights (fine-tuning; same network config), e.g. the shipped demo model.")] = None,
     device: DeviceOption = None,
 ) -> None:
     """Train the multimodal U-ViT on a latent store (accelerate; GPU when present)."""
-    run_train(config, store, out, max_steps=max_steps, resume=resume, test_fraction=test_fraction, device=device)
+    command = _command_line("train", config=config, store=store, out=out, max_steps=max_steps, resume=resume,
+                            test_fraction=test_fraction, init_from=init_from, device=device)
+    run_train(config, store, out, max_steps=max_steps, resume=resume, test_fraction=test_fraction, device=device,
+              init_from=init_from, command=command)
 
 
 @app.command(context_settings={"allow_extra_args": True})
@@ -607,6 +707,8 @@ DEMO_REGION = "POLYGON ((7.45 44.97, 7.92 44.95, 7.95 45.22, 7.62 45.27, 7.42 45
 
 DEMO_TEST_FRACTION = 0.125  # 3 of 24 cells held out: the region to fill and the evaluation set
 DEMO_CONDITIONS = "none,S1RTC,S2L2A,S2L1C+S2L2A"
+DEMO_CONFIG = "small"  # the network of the shipped demo model
+DEMO_FINE_TUNE_STEPS = 100
 
 
 @app.command()
@@ -614,16 +716,17 @@ DEMO_CONDITIONS = "none,S1RTC,S2L2A,S2L1C+S2L2A"
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo-out"),
     cells: Annotated[int, typer.Option(help="How many grid cells of the demo region to use.")] = 24,
-    steps: Annotated[int, typer.Option(help="Training steps of the tiny model.")] = 600,
+    steps: Annotated[int, typer.Option(min=0, help="Fine-tuning steps of the shipped demo model on the demo's training "
+                                                   "cells (0: use it as shipped).")] = DEMO_FINE_TUNE_STEPS,
     seed: Annotated[int, typer.Option(help="Seed for the synthetic world and the sampling.")] = 0,
     workers: Annotated[int, typer.Option(help="Worker processes (default: all cores).")] = 0,
     device: DeviceOption = None,
 ) -> None:
     """The main job on an embedded default, offline: a synthetic Major TOM world around
     Turin in the Core format, inspected, ingested on a local Dask cluster into a latent store
-    (offline codec), a tiny model trained on it, a region polygon over held-out cells filled
-    with DEM + S1RTC generated from S2 (COGs, mosaics, quick-looks), and the Table-1
-    evaluation of the model on those cells."""
+    (the shipped learned codec), the shipped demo model fine-tuned briefly on it, a region
+    polygon over held-out cells filled with DEM + S1RTC generated from S2 (COGs, mosaics,
+    quick-looks), and the Table-1 evaluation of the model on those cells."""
     import geopandas as gpd
     from shapely.ops import unary_union
 
@@ -633,6 +736,7 @@ def demo(
     from majortom_gen.store import split_cells
     from pipelines.evaluate import EvalOptions, offline_extractors, parse_conditions
     from pipelines.ingest import IngestOptions
+    from model.train import SHIPPED_DEMO_MODEL
     from pipelines.region import generate_region
 
     grid = default_grid()
@@ -650,15 +754,24 @@ def demo(
               quirks=(), modalities=("DEM", "S1RTC", "S2L1C", "S2L2A"))
     console.rule("[bold]2. inspect it")
     print_inspection(world, out / "world-preview.png")
-    console.rule("[bold]3. ingest into a latent store (local Dask cluster, offline patch-pca codec)")
+    console.rule("[bold]3. ingest into a latent store (local Dask cluster, the shipped small-vae codec)")
     run_ingest(str(world), ids, store, IngestOptions(workers=n_workers, device=device or "auto"),
                modalities=("DEM", "S1RTC", "S2L1C", "S2L2A"), filters=Filters(), rule="least-cloudy")
     store_info(store)
     train_cells, test_cells = split_cells(ids, DEMO_TEST_FRACTION, 0)
-    console.rule(f"[bold]4. train the tiny model ({steps} steps) on {len(train_cells)} cells; "
+    console.rule(f"[bold]4. fine-tune the shipped demo model ({steps} steps) on {len(train_cells)} cells; "
                  f"{len(test_cells)} held out")
-    run_train("tiny", store, run, max_steps=steps, resume=(run / "checkpoints").exists(),
-              test_fraction=DEMO_TEST_FRACTION, device=device)
+    made = json.loads((SHIPPED_DEMO_MODEL / "training_data.json").read_text())
+    console.print(Text(f"Starting from the demo model shipped with the package ({SHIPPED_DEMO_MODEL}): made by "
+                       f"`{made['command']}` on {len(made['train_cells'])} cells of the synthetic world that are not "
+                       f"the demo's ({made['steps']} steps, {made['hardware']['cpu_count']} CPU cores, "
+                       f"{made['seconds'] / 60:.0f} min). A few CPU minutes cannot teach a diffusion model the "
+                       "cross-modal mapping from scratch; the demo adapts it to its own cells for a few steps.",
+                       style="yellow"), soft_wrap=True)
+    run_train(DEMO_CONFIG, store, run, max_steps=steps, resume=(run / "checkpoints").exists(),
+              test_fraction=DEMO_TEST_FRACTION, device=device, init_from=SHIPPED_DEMO_MODEL,
+              command=f"majortom-gen train --config {DEMO_CONFIG} --store {store} --out {run} --max-steps {steps} "
+                      f"--test-fraction {DEMO_TEST_FRACTION} --init-from {SHIPPED_DEMO_MODEL}")
     console.rule("[bold]5. fill a region: DEM and S1RTC withheld, generated from S2L1C + S2L2A")
     polygon = unary_union([grid.footprint(c) for c in test_cells]).buffer(-0.01)  # inside the held-out cells
     region_file = out / "region.geojson"
@@ -704,8 +817,8 @@ def demo(
                  f"majortom-gen inspect {world} --preview {out / 'world-preview.png'}",
                  f"majortom-gen ingest --source {world} --cells {','.join(ids)} --store {store}",
                  f"majortom-gen store info {store}",
-                 f"majortom-gen train --config tiny --store {store} --out {run} --max-steps {steps} "
-                 f"--test-fraction {DEMO_TEST_FRACTION}{dev}",
+                 f"majortom-gen train --config {DEMO_CONFIG} --store {store} --out {run} --max-steps {steps} "
+                 f"--test-fraction {DEMO_TEST_FRACTION} --init-from {SHIPPED_DEMO_MODEL}{dev}",
                  f"majortom-gen generate --model {run / 'model'} --store {store} --region {region_file} "
                  f"--condition S2L1C,S2L2A --generate DEM,S1RTC --n-samples 2 --steps 25 --seed {seed} --out {region_out}{dev}",
                  f"majortom-gen evaluate --model {run / 'model'} --store {store} --out {eval_out} --conditions "

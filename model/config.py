@@ -26,12 +26,22 @@ class TrainConfig:
     max_steps: int = 500_000
     p_clean: float = 0.1  # share of per-modality draws fed clean (timestep 0), as conditions at sampling
     p_drop: float = 0.1  # share trained as pure noise at the final timestep (marginals)
+    loss_weighting: str = "eps"  # eps (the paper) | min_snr | x0: see model.diffusion.loss_weights
+    loss_gamma: float = 5.0  # the cap of min_snr / x0 weighting
     ema_decay: float = 0.9999
     checkpoint_every: int = 5000
     log_every: int = 100
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
+    hflip: bool = True  # mirror each tuple left-right with probability 1/2 (all modalities together), as the paper
     seed: int = 0
+
+
+    def __post_init__(self) -> None:
+        if self.loss_weighting not in ("eps", "min_snr", "x0"):
+            raise ValueError(f"train.loss_weighting: unknown {self.loss_weighting!r}; valid: eps, min_snr, x0")
+        if not (0 <= self.p_clean and 0 <= self.p_drop and self.p_clean + self.p_drop <= 1):
+            raise ValueError(f"train.p_clean + train.p_drop must be a share in [0, 1], got {self.p_clean} + {self.p_drop}")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def sampling_scheduler(steps: int, spacing: str = "karras") -> DPMSolverMultiste
     ``spacing='karras'`` places the steps by the noise levels of Karras et al. (2022), dense
     at low noise; ``'linspace'`` spaces the training timesteps evenly (diffusers' default).
     Both solve the same ODE; on an exactly solvable case (Gaussian data, see
-    benchmarks/model.py) 25 Karras steps are about 3x more accurate than 50 evenly spaced ones."""
+    benchmarks/network.py) 25 Karras steps are about 3x more accurate than 50 evenly spaced ones."""
     if spacing not in SPACINGS:
         raise ValueError(f"unknown step spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
     sched = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
@@ -63,6 +63,24 @@ def draw_timesteps(batch: int, modalities: list[str], *, p_clean: float = 0.1, p
     return out
 
 
+def predict_eps(net, latents: Mapping[str, torch.Tensor], timesteps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The network's noise prediction for every modality, whatever it outputs: an epsilon
+    network as is; a ``v`` network through ``eps = sqrt(abar) v + sqrt(1 - abar) x_t`` at each
+    modality's timestep (network timestep n = k + 1; clean inputs, n = 0, are returned as
+    the raw output: they have no noise to predict)."""
+    out = net(latents, timesteps)
+    if getattr(net.config, "prediction", "epsilon") == "epsilon":
+        return out
+    abar = alphas_cumprod().to(next(iter(latents.values())).device)
+    eps = {}
+    for m, v in out.items():
+        n = timesteps[m].reshape(-1).to(abar.device)
+        a = abar[(n.long() - 1).clamp(min=0)].to(v.dtype).view(-1, 1, 1, 1)
+        converted = a.sqrt() * v + (1 - a).sqrt() * latents[m].to(v.dtype)
+        eps[m] = torch.where((n > 0).view(-1, 1, 1, 1), converted, v)
+    return eps
+
+
 def noisy_inputs(x0: Mapping[str, torch.Tensor], steps: Mapping[str, torch.Tensor], noise: Mapping[str, torch.Tensor]):
     """``x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps`` per modality (x0 where k = -1) and the
     network timesteps n = k + 1."""
@@ -78,18 +96,55 @@ def noisy_inputs(x0: Mapping[str, torch.Tensor], steps: Mapping[str, torch.Tenso
     return xs, ts
 
 
+LOSS_WEIGHTINGS = ("eps", "min_snr", "x0")
+
+
+def loss_weights(steps: torch.Tensor, weighting: str = "eps", gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weights of the epsilon MSE for diffusers steps ``steps`` (B,) in -1..999
+    (-1: clean, weight 0), with ``SNR_k = abar_k / (1 - abar_k)``:
+
+    - ``eps``: 1 (the paper's plain epsilon MSE);
+    - ``min_snr``: ``min(SNR, gamma) / SNR`` (Hang et al., 2023): the easy low-noise steps
+      count less;
+    - ``x0``: ``min(1 / SNR, gamma)``: the error measured on the implied clean latent
+      (``|x0 error|^2 = |eps error|^2 / SNR``), capped at ``gamma``. It puts the weight where
+      the noisy input says little and the other modalities must say it: what a small model
+      learns last under the plain loss (the cross-modal mapping)."""
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; valid: {', '.join(LOSS_WEIGHTINGS)}")
+    k = steps.cpu()
+    abar = alphas_cumprod()[k.clamp(min=0)]
+    snr = abar / (1 - abar)
+    if weighting == "eps":
+        w = torch.ones_like(snr)
+    elif weighting == "min_snr":
+        w = torch.clamp(snr, max=gamma) / snr
+    else:
+        w = torch.clamp(1 / snr, max=gamma)
+    return torch.where(k >= 0, w, torch.zeros_like(w)).float()
+
+
 def diffusion_loss(net, x0: Mapping[str, torch.Tensor], steps: Mapping[str, torch.Tensor],
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                   generator: torch.Generator | None = None, weighting: str = "eps",
+                   gamma: float = 5.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum over modalities of the epsilon-prediction MSE (clean inputs excluded from their
-    own term: there is no noise to predict). Returns the loss and each modality's term."""
+    own term: there is no noise to predict), each sample weighted by :func:`loss_weights`,
+    averaged over the samples that are not clean. Returns the loss and each modality's term."""
     noise = {m: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) for m, x in x0.items()}
     xs, ts = noisy_inputs(x0, steps, noise)
     pred = net(xs, ts)
+    v_net = getattr(net.config, "prediction", "epsilon") == "v"
+    abar = alphas_cumprod().to(next(iter(x0.values())).device)
     total, terms = 0.0, {}
     for m in x0:
-        w = (steps[m] >= 0).to(pred[m].dtype).to(pred[m].device)  # (B,)
-        per = ((pred[m].float() - noise[m].float()) ** 2).mean(dim=(1, 2, 3))
-        term = (per * w).sum() / w.sum().clamp(min=1)
+        mask = (steps[m] >= 0).to(pred[m].device).float()  # (B,)
+        w = mask if weighting == "eps" else loss_weights(steps[m], weighting, gamma).to(pred[m].device)
+        target = noise[m]
+        if v_net:  # v = sqrt(abar) eps - sqrt(1 - abar) x0: the v-MSE is the epsilon MSE / abar
+            a = abar[steps[m].clamp(min=0).to(abar.device)].to(x0[m].dtype).view(-1, 1, 1, 1)
+            target = a.sqrt() * noise[m] - (1 - a).sqrt() * x0[m]
+        per = ((pred[m].float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+        term = (per * w).sum() / mask.sum().clamp(min=1)
         terms[m] = float(term.detach())
         total = total + term
     return total, terms

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from model.diffusion import NOISE_TIMESTEP, sampling_scheduler
+from model.diffusion import NOISE_TIMESTEP, predict_eps, sampling_scheduler
 
 
 def _expand(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -122,10 +122,11 @@ def generate(
 
 
 def _batched(net, lat, ts, batch_size):
+    """The noise predictions (:func:`model.diffusion.predict_eps`) in calls of ``batch_size``."""
     total = next(iter(lat.values())).shape[0]
     if batch_size is None or batch_size >= total:
-        return net(lat, ts)
-    parts = [net({m: v[i:i + batch_size] for m, v in lat.items()}, {m: v[i:i + batch_size] for m, v in ts.items()})
+        return predict_eps(net, lat, ts)
+    parts = [predict_eps(net, {m: v[i:i + batch_size] for m, v in lat.items()}, {m: v[i:i + batch_size] for m, v in ts.items()})
              for i in range(0, total, batch_size)]
     return {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
 

@@ -2,7 +2,9 @@
 
 Data: a mapping {modality: moments array (N, 8, H, W)} (aligned rows; see
 ``majortom_gen.store.load_aligned``); latents are sampled from the moments at every step
-and scaled by the codec's factor. Every random choice of step s (batch order, latent
+and brought to the network's space by each modality's :class:`model.codecs.LatentNorm`
+(zero mean, unit variance). With ``hflip`` every tuple is mirrored left-right with
+probability 1/2, all its modalities together (the paper's augmentation). Every random choice of step s (batch order, latent
 samples, timesteps, noise) derives from (seed, s), so a resumed run continues exactly as
 an uninterrupted one: a checkpoint holds the model, EMA, optimizer, LR scheduler and step.
 
@@ -29,10 +31,15 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from model.codecs import sample_latents
+from model.codecs import LatentNorm, sample_latents
 from model.config import RunConfig
 from model.diffusion import diffusion_loss, draw_timesteps
 from model.uvit import MultiModalUViT
+
+
+# The demo model shipped in the package: made by `majortom-gen train --config small` on the
+# synthetic world (the command, cells, steps and hardware are in its training_data.json).
+SHIPPED_DEMO_MODEL = Path(__file__).resolve().parent / "weights" / "demo-model"
 
 
 @dataclass
@@ -67,23 +74,28 @@ def train(
     moments: Mapping[str, np.ndarray],
     out: str | os.PathLike,
     *,
-    scale_factor: float,
+    norms: Mapping[str, LatentNorm],
     max_steps: int | None = None,
     resume: bool = False,
     progress: Callable[[int, int, float], None] | None = None,
     on_checkpoint: Callable[[int, MultiModalUViT], None] | None = None,
     device: str | None = None,
+    init_from: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train (or resume) and write checkpoints, a log and the final EMA model under ``out``.
 
     ``on_checkpoint(step, ema_network)`` runs after each checkpoint (e.g. to draw a sample grid).
-    ``device='cpu'`` forces the CPU; otherwise accelerate picks the GPU(s) when present."""
+    ``device='cpu'`` forces the CPU; otherwise accelerate picks the GPU(s) when present.
+    ``init_from``: a model folder (same network config) whose weights start a new run
+    (fine-tuning); ignored when resuming from a checkpoint."""
     out = Path(out)
     cfg, tcfg = config, config.train
     names = list(cfg.nnet.get("modalities", list(moments)))
     missing = [m for m in names if m not in moments]
     if missing:
         raise ValueError(f"the data lack modalities {missing} that the network models ({names})")
+    if any(m not in norms for m in names):
+        raise ValueError(f"no latent normalisation for {[m for m in names if m not in norms]}")
     n = len(next(iter(moments.values())))
     if n == 0:
         raise ValueError("no training tuples: the store has no fragment with all the network's modalities")
@@ -91,6 +103,14 @@ def train(
     accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=device == "cpu" or not torch.cuda.is_available())
     torch.manual_seed(tcfg.seed)
     net = MultiModalUViT(**cfg.nnet)
+    ckpt = latest_checkpoint(out) if resume else None
+    if init_from is not None and ckpt is None:
+        start = MultiModalUViT.from_pretrained(init_from)
+        differ = {k: (v, net.config.get(k)) for k, v in start.config.items()
+                  if not k.startswith("_") and json.dumps(net.config.get(k)) != json.dumps(v)}
+        if differ:
+            raise ValueError(f"{init_from}: its network differs from the config's ({differ}); fine-tune with its own config")
+        net.load_state_dict(start.state_dict())
     if tcfg.gradient_checkpointing:
         net.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
@@ -98,7 +118,6 @@ def train(
     lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.optimizer.warmup_steps)
     ema = EMAModel(net.parameters(), decay=tcfg.ema_decay, model_cls=MultiModalUViT, model_config=net.config)
     step = 0
-    ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None and (out / "checkpoints").exists():
         raise ValueError(f"{out}: --resume but no checkpoint to resume from")
     if ckpt is not None:
@@ -119,12 +138,17 @@ def train(
         while step < total:
             gen = _step_generator(tcfg.seed, step)
             idx = np.sort(batch_indices(step, n, tcfg.batch_size, tcfg.seed))
-            x0 = {m: sample_latents(torch.from_numpy(np.asarray(a[idx], dtype=np.float32)), scale_factor, gen)
-                  .to(accelerator.device) for m, a in arrays.items()}
+            x0 = {m: norms[m].to_network(sample_latents(torch.from_numpy(np.asarray(a[idx], dtype=np.float32)), 1.0, gen))
+                  for m, a in arrays.items()}
+            if tcfg.hflip:
+                flip = torch.rand(len(idx), generator=gen) < 0.5
+                x0 = {m: torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x) for m, x in x0.items()}
+            x0 = {m: x.to(accelerator.device) for m, x in x0.items()}
             steps = draw_timesteps(len(idx), names, p_clean=tcfg.p_clean, p_drop=tcfg.p_drop, generator=gen)
             net.train()
             with accelerator.autocast():
-                loss, terms = diffusion_loss(net, x0, steps, generator=gen)
+                loss, terms = diffusion_loss(net, x0, steps, generator=gen, weighting=tcfg.loss_weighting,
+                                             gamma=tcfg.loss_gamma)
             accelerator.backward(loss)
             opt.step()
             lr_sched.step()
@@ -144,7 +168,9 @@ def train(
             if progress:
                 progress(step, total, loss_value)
     _atomic_save_pretrained(_ema_network(ema, cfg.nnet, "cpu"), out / "model")
-    (out / "model" / "run_config.json").write_text(json.dumps({**config.as_dict(), "scale_factor": scale_factor}, indent=1))
+    record = {**config.as_dict(), "latent_norm": {m: norms[m].as_dict() for m in names},
+              "init_from": str(init_from) if init_from is not None else None}
+    (out / "model" / "run_config.json").write_text(json.dumps(record, indent=1))
     return TrainResult(step, loss_value, losses, out / "model")
 
 

@@ -36,6 +36,20 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
+def sincos_2d(dim: int, side: int) -> torch.Tensor:
+    """2-D sine-cosine position codes of a ``side x side`` patch grid, row-major: (side*side, dim);
+    the first half of the channels encodes the row, the second half the column (as MAE/DiT)."""
+    def one_axis(d: int, pos: torch.Tensor) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        out = pos.reshape(-1, 1).double() * omega.view(1, -1)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    half = dim // 2
+    codes = torch.cat([one_axis(half, rows), one_axis(dim - half, cols)], dim=1)
+    return codes.float()
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
         super().__init__()
@@ -89,8 +103,17 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
+PREDICTIONS = ("epsilon", "v")
+
+
 class MultiModalUViT(ModelMixin, ConfigMixin):
-    """Denoiser over named modalities: ``forward(latents, timesteps) -> predicted noise``."""
+    """Denoiser over named modalities: ``forward(latents, timesteps) -> prediction`` per modality.
+
+    ``prediction`` says what the heads output: ``epsilon`` (the noise, as the released
+    COP-GEN-Beta network) or ``v`` (``sqrt(abar) eps - sqrt(1 - abar) x0``, Salimans & Ho 2022,
+    well conditioned at every noise level, which lets small models learn the high-noise end,
+    where the other modalities decide the layout). The network itself is the same; the
+    diffusion code (:func:`model.diffusion.predict_eps`) turns a ``v`` output into noise."""
 
     _supports_gradient_checkpointing = True
 
@@ -107,6 +130,7 @@ class MultiModalUViT(ModelMixin, ConfigMixin):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = False,
         mlp_time_embed: bool = False,
+        prediction: str = "epsilon",
     ) -> None:
         super().__init__()
         names = list(modalities)
@@ -118,6 +142,8 @@ class MultiModalUViT(ModelMixin, ConfigMixin):
             raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
         if depth % 2:
             raise ValueError(f"depth must be even (depth/2 in-blocks, depth/2 out-blocks), got {depth}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
         m = len(names)
         self.num_patches = (img_size // patch_size) ** 2
         self.patch_embeds = nn.ModuleList(PatchEmbed(patch_size, in_chans, embed_dim) for _ in names)
@@ -134,7 +160,15 @@ class MultiModalUViT(ModelMixin, ConfigMixin):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        """Linear layers truncated-normal (std 0.02) as U-ViT. The position embedding stays a
+        learned parameter (the released layout) but starts from the same 2-D sine-cosine code
+        for every modality's patches, so the same place has the same code in each modality
+        from the first step (time tokens start at small random values)."""
+        m, side = len(self.config.modalities), self.config.img_size // self.config.patch_size
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            if self.config.embed_dim >= 4:
+                self.pos_embed[0, m:] = sincos_2d(self.config.embed_dim, side).repeat(m, 1)
         for mod in self.modules():
             if isinstance(mod, nn.Linear):
                 nn.init.trunc_normal_(mod.weight, std=0.02)

@@ -7,9 +7,12 @@ decoded with the store's codec to 256x256 RGB thumbnails and compared:
 - distribution metrics per generated modality: FID on Inception-v3 pool3 features,
   improved precision / recall (k-NN manifolds, ``k``) and their F-score on DINOv2 features,
   with the first sample of each fragment against the real images of all test fragments;
-- paired metrics for conditional generation: PSNR, SSIM and MAE of the first sample against
-  the fragment's real image, the best PSNR of the ``n_samples`` samples and their spread
-  (per-pixel standard deviation across samples, mean over the image, in 8-bit units).
+- paired metrics: PSNR, SSIM and MAE of the first sample against the fragment's real image,
+  the best PSNR of the ``n_samples`` samples and their spread (per-pixel standard deviation
+  across samples, mean over the image, in 8-bit units); for the unconditional row too, so
+  that each conditional row reports what its conditions buy (``mae_change``, ``psnr_gain``:
+  relative MAE change and PSNR difference against the unconditional samples of the same
+  fragments).
 
 "Real" images are the codec's reconstruction of each fragment's stored latent mean (the
 store keeps latents, not pixels), so the metrics measure the generative model, not the
@@ -42,15 +45,15 @@ from majortom_gen.modalities import parse_modalities
 from majortom_gen.staging import staged_folder
 from majortom_gen.store import LatentStore, load_aligned
 from model import metrics
-from model.codecs import Codec
+from model.codecs import Codec, latent_norms
 from model.features import DINOV2_DEFAULT, INCEPTION_DEFAULT, FeatureExtractor, load_extractor
 from model.uvit import MultiModalUViT
 from pipelines.sample import condition_latents, open_store_codec, sample_chunk
-from pipelines.train import store_scale_factor
 
 DISTRIBUTION_METRICS = ("fid", "precision", "recall", "f_score")
 PAIRED_METRICS = ("psnr", "ssim", "mae", "psnr_best", "spread")
-LOWER_IS_BETTER = {"fid", "mae"}
+CONDITIONING_METRICS = ("mae_change", "psnr_gain")  # against the unconditional row
+LOWER_IS_BETTER = {"fid", "mae", "mae_change"}
 
 
 @dataclass
@@ -138,9 +141,13 @@ def _open_codec(store: LatentStore, store_dir: Path, options: EvalOptions, devic
     return codec
 
 
-def _decode(codec: Codec, latents: torch.Tensor, batch: int) -> np.ndarray:
-    """Scaled latents -> uint8 RGB images ``(N, 256, 256, 3)``."""
-    return np.concatenate([from_unit_range(codec.decode(latents[i:i + batch]).numpy()) for i in range(0, len(latents), batch)])
+def _decode(codec: Codec, latents: torch.Tensor, batch: int, modality: str | None = None) -> np.ndarray:
+    """Latents (the codec's; the network's of ``modality`` when given) -> uint8 RGB images
+    ``(N, 256, 256, 3)``."""
+    def one(x: torch.Tensor) -> torch.Tensor:
+        return codec.decode(x) if modality is None else codec.decode_network(x, modality)
+
+    return np.concatenate([from_unit_range(one(latents[i:i + batch]).numpy()) for i in range(0, len(latents), batch)])
 
 
 class _Cache:
@@ -195,12 +202,13 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
     cells = [str(c) for c in arrays.grid_cell[:n]]
     frags = [int(f) for f in arrays.fragment_index[:n]]
     moments = {m: torch.from_numpy(np.asarray(arrays.moments[m][:n], np.float32)) for m in modalities}
-    scale = store_scale_factor(store)
+    norms = latent_norms(store.codec, modalities)
     codec = _open_codec(store, store_dir, opts, device)
     extractors = {"fid": load_extractor("inception", opts.fid_extractor, device),
                   "pr": load_extractor("dinov2", opts.pr_extractor, device)}
     cache = _Cache(Path(opts.cache_dir) if opts.cache_dir else store_dir / "cache" / "eval")
-    base_key = (codec.info()["config_hash"], cells, frags, scale, extractors["fid"].fingerprint, extractors["pr"].fingerprint)
+    base_key = (codec.info()["config_hash"], cells, frags, {m: n.as_dict() for m, n in norms.items()},
+                extractors["fid"].fingerprint, extractors["pr"].fingerprint)
 
     # real images: the codec's reconstruction of each stored latent mean
     real_key = _digest("real", store.manifest["shards"], *base_key)
@@ -208,7 +216,7 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
     if real is None:
         real = {}
         for m in modalities:
-            images = _decode(codec, moments[m][:, :4] * scale, opts.batch_size)
+            images = _decode(codec, moments[m][:, :4], opts.batch_size)
             real[f"images_{m}"] = images
             real[f"fid_{m}"] = extractors["fid"](images, opts.batch_size)
             real[f"pr_{m}"] = extractors["pr"](images, opts.batch_size)
@@ -224,7 +232,7 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
                       opts.deterministic_conditions, *base_key)
         result = cache.get(key)
         if result is None:
-            result = _generate_set(model_dir, device, codec, extractors, moments, real, cells, frags, cond, generated, scale, opts,
+            result = _generate_set(model_dir, device, codec, extractors, moments, real, cells, frags, cond, generated, norms, opts,
                                    lambda k: progress(done + k, total, condition_name(cond)) if progress else None)
             cache.put(key, result)
         done += n
@@ -232,6 +240,7 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
             progress(done, total, condition_name(cond))
         for m in generated:
             rows.append(_metrics_row(cond, m, real, result, opts.k, opts.n_samples))
+    add_conditioning_gains(rows)
 
     settings = {**asdict(opts), "conditions": [condition_name(c) for c in opts.conditions], "model": str(model_dir),
                 "store": str(store_dir), "codec": codec.info()["name"], "fragments": n, "cells": sorted(set(cells)),
@@ -245,19 +254,19 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
 
 
 def _generate_set(model_dir: Path, device: torch.device, codec, extractors: dict[str, FeatureExtractor], moments, real,
-                  cells, frags, cond, generated, scale, opts: EvalOptions, tick) -> dict[str, np.ndarray]:
+                  cells, frags, cond, generated, norms, opts: EvalOptions, tick) -> dict[str, np.ndarray]:
     """Generate ``generated`` given ``cond`` for every fragment (in batches, with the same
     per-fragment draws as ``majortom-gen sample``); returns per modality the features of the
     first samples and the per-fragment paired metrics."""
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(cells), opts.batch_size):
         idx = range(start, min(start + opts.batch_size, len(cells)))
-        condition = condition_latents({m: moments[m][start:idx.stop] for m in cond}, scale, cells[start:idx.stop],
+        condition = condition_latents({m: moments[m][start:idx.stop] for m in cond}, norms, cells[start:idx.stop],
                                       frags[start:idx.stop], opts.seed, opts.deterministic_conditions)
         out = sample_chunk(str(model_dir), str(device), cells[start:idx.stop], frags[start:idx.stop], condition,
                            generated, opts.n_samples, opts.steps, opts.seed, opts.batch_size * opts.n_samples)
         for m in generated:
-            images = _decode(codec, torch.from_numpy(out[m]).float(), opts.batch_size)  # (b * n_samples, 256, 256, 3)
+            images = _decode(codec, torch.from_numpy(out[m]).float(), opts.batch_size, m)  # (b * n_samples, 256, 256, 3)
             images = images.reshape(len(idx), opts.n_samples, *images.shape[1:])
             first = images[:, 0]
             reference = real[f"images_{m}"][start:idx.stop]
@@ -290,14 +299,29 @@ def _metrics_row(cond, m, real, result, k: int, n_samples: int) -> dict:
            "fid": metrics.fid_from_features(real[f"fid_{m}"], result[f"fid_{m}"]),
            "precision": precision, "recall": recall, "f_score": metrics.f_score(precision, recall)}
     for name in PAIRED_METRICS:
-        applies = bool(cond) and (n_samples > 1 or name not in ("psnr_best", "spread"))  # unconditional: no pair
+        applies = n_samples > 1 or name not in ("psnr_best", "spread")
         row[name] = _finite_mean(result[f"{name}_{m}"]) if applies else math.nan
     return row
+
+
+def add_conditioning_gains(rows: list[dict]) -> None:
+    """What conditioning buys, on every row: ``mae_change`` = relative change of the paired
+    MAE against the unconditional row of the same modality (-0.3 = 30% lower), ``psnr_gain``
+    = PSNR difference in dB (NaN without an unconditional row)."""
+    none = {r["modality"]: r for r in rows if r["condition"] == "none"}
+    for r in rows:
+        base = none.get(r["modality"])
+        r["mae_change"] = (r["mae"] - base["mae"]) / base["mae"] if base and base["mae"] > 0 else math.nan
+        r["psnr_gain"] = r["psnr"] - base["psnr"] if base else math.nan
 
 
 def _fmt(value: float, metric: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
+    if metric == "mae_change":
+        return f"{100 * value:+.1f}%"
+    if metric == "psnr_gain":
+        return f"{value:+.2f}"
     return f"{value:.2f}" if metric in ("fid", "psnr", "psnr_best", "mae", "spread") else f"{value:.3f}"
 
 
@@ -321,7 +345,7 @@ def write_outputs(folder: Path, rows: list[dict], settings: dict) -> list[Path]:
     """``metrics.csv`` (one row per condition and modality), ``table1.md``, ``metrics.json``
     and one bar chart per metric under ``plots/``."""
     modalities = list(dict.fromkeys(r["modality"] for r in sorted(rows, key=lambda r: r["modality"])))
-    columns = ["condition", "modality", "n", *DISTRIBUTION_METRICS, *PAIRED_METRICS]
+    columns = ["condition", "modality", "n", *DISTRIBUTION_METRICS, *PAIRED_METRICS, *CONDITIONING_METRICS]
     csv_path = folder / "metrics.csv"
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
@@ -335,10 +359,11 @@ def write_outputs(folder: Path, rows: list[dict], settings: dict) -> list[Path]:
           "Real images: the codec's reconstruction of each fragment's stored latent.", extractor_note, "",
           "## Generative metrics (FID on Inception features; precision, recall, F-score on DINOv2 features, "
           f"k={settings['k']})", "", table_markdown(rows, DISTRIBUTION_METRICS, modalities), "",
-          "## Paired metrics against the real fragment (conditional rows only; spread in 8-bit units)", "",
-          table_markdown([r for r in rows if r["condition"] != "none"], PAIRED_METRICS, modalities), ""]
-    if settings.get("caveat"):
-        md += [f"> {settings['caveat']}", ""]
+          "## Paired metrics against the real fragment of the same place (spread in 8-bit units)", "",
+          table_markdown(rows, PAIRED_METRICS, modalities), "",
+          "## What conditioning buys: paired MAE change and PSNR gain against the unconditional samples "
+          "of the same fragments", "", table_markdown([r for r in rows if r["condition"] != "none"], CONDITIONING_METRICS,
+                                                     modalities), ""]
     md_path = folder / "table1.md"
     md_path.write_text("\n".join(md))
     json_path = folder / "metrics.json"

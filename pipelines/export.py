@@ -123,7 +123,8 @@ def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike,
         files = []
         for m in meta["generate"]:
             latents = torch.from_numpy(z[f"latent_{m}"].astype(np.float32))
-            pixels = np.concatenate([from_unit_range(codec.decode(latents[i:i + 64]).numpy()) for i in range(0, len(latents), 64)])
+            pixels = np.concatenate([from_unit_range(codec.decode_network(latents[i:i + 64], m).numpy())
+                                     for i in range(0, len(latents), 64)])
             for i, (cell, frag, s) in enumerate(zip(z["grid_cell"].tolist(), z["fragment_index"].tolist(), z["sample"].tolist())):
                 row = geo.loc[(cell, frag)]
                 transform = Affine(*row["utm_transform"])

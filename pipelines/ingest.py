@@ -44,11 +44,13 @@ CODEC_DIR = "codec"
 
 @dataclass(frozen=True)
 class IngestOptions:
-    """How to ingest. ``codec``: 'patch-pca' (default, fitted on the data, offline) or
-    'sd-vae' (``codec_source``: hub id, folder or .pth). ``scheduler``: None for an embedded
+    """How to ingest. ``codec``: 'small-vae' (default, offline: the shipped learned codec, or
+    the folder of one trained with ``majortom-gen codec train`` as ``codec_source``),
+    'patch-pca' (linear, fitted on the first ``fit_cells`` cells) or 'sd-vae'
+    (``codec_source``: hub id, folder or .pth). ``scheduler``: None for an embedded
     local cluster, 'synchronous' for no cluster (debugging), or a scheduler address."""
 
-    codec: str = "patch-pca"
+    codec: str = "small-vae"
     codec_source: str | None = None
     fragment_mode: str = "grid"
     cells_per_shard: int = 8
@@ -73,7 +75,7 @@ class IngestReport:
     coverage: dict[str, int] = field(default_factory=dict)
     missing_modalities: dict[str, str] = field(default_factory=dict)
     codec: dict[str, Any] = field(default_factory=dict)
-    codec_fit_psnr_db: float | None = None
+    codec_psnr_db: float | None = None
     seconds: float = 0.0
 
     @property
@@ -216,6 +218,17 @@ def _decode_items(selection: Selection, batch: list[str]) -> dict[tuple[str, str
 
 
 # ----------------------------------------------------------------------------- codec
+def read_fragments(selection: Selection, cells: list[str], mode: str = "grid") -> dict[str, dict[str, np.ndarray]]:
+    """The thumbnail fragments of ``cells`` in this process: ``{modality: {cell: uint8
+    (n, 256, 256, 3)}}``; products that cannot be read or decoded are left out."""
+    out: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    for (modality, shard), items in _decode_items(selection, cells).items():
+        for cell, value in decode_task(modality, shard, items, mode).items():
+            if not isinstance(value, str):
+                out[modality][cell] = value
+    return dict(out)
+
+
 def _device(option: str) -> str:
     if option != "auto":
         return option
@@ -225,42 +238,50 @@ def _device(option: str) -> str:
 
 
 def prepare_codec(store_root: Path, selection: Selection, batches: list[list[str]], options: IngestOptions) -> tuple[tuple, dict, float | None]:
-    """The codec spec workers load, its info for the manifest, and the fit PSNR if fitted now.
+    """The codec spec workers load, its info for the manifest, and its reconstruction PSNR
+    (dB) on the first cells when the store's codec is set up now.
 
-    patch-pca: reuse the store's fitted codec, or fit one on the first ``fit_cells`` cells."""
-    from model.codecs import fit_patch_pca, load_codec
+    small-vae and patch-pca are kept with the store (``STORE/codec``): small-vae copied from
+    ``codec_source`` (default: the shipped one), patch-pca fitted on the first ``fit_cells``
+    cells. sd-vae is loaded from ``codec_source`` and recorded by its hash."""
+    import shutil
 
+    import torch
+
+    from model.codecs import CODEC_NAMES, CODEC_RECORD, SHIPPED_CODEC, fit_patch_pca, load_codec, reconstruction_psnr
+
+    if options.codec not in CODEC_NAMES:
+        raise MajorTomGenError(f"unknown codec {options.codec!r}; valid codecs: {', '.join(CODEC_NAMES)}")
     device = _device(options.device)
-    if options.codec == "patch-pca":
-        folder = store_root / CODEC_DIR
-        psnr = None
-        if not (folder / "config.json").exists():
-            sample = [c for b in batches for c in b][: max(options.fit_cells, 1)]
-            images = []
-            for (modality, shard), items in _decode_items(selection, sample).items():
-                for value in decode_task(modality, shard, items, options.fragment_mode).values():
-                    if not isinstance(value, str):
-                        images.append(value)
-            if not images:
-                raise MajorTomGenError("cannot fit the patch-pca codec: no readable product among the first cells")
-            import torch
-
-            codec, psnr = fit_patch_pca(torch.from_numpy(to_unit_range(np.concatenate(images))))
-            tmp = store_root / f".codec-{uuid.uuid4().hex}.tmp"
-            codec.save(tmp)
-            store_root.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, folder)
-        codec = load_codec("patch-pca", str(folder))
-        return ("patch-pca", str(folder), "cpu", "fp32", options.threads), codec.info(), psnr
+    first = [c for b in batches for c in b][: max(options.fit_cells, 1)]
     if options.codec == "sd-vae":
         if options.codec_source is None:
             raise MajorTomGenError("--codec sd-vae needs --codec-source (hub id, folder, or autoencoder_kl_ema.pth)")
         codec = load_codec("sd-vae", options.codec_source)
         return ("sd-vae", options.codec_source, device, options.precision, options.threads), codec.info(), None
-    raise MajorTomGenError(f"unknown codec {options.codec!r}; valid codecs: patch-pca, sd-vae")
+    folder = store_root / CODEC_DIR
+    psnr = None
+    if not (folder / CODEC_RECORD).exists():
+        images = {m: torch.from_numpy(to_unit_range(np.concatenate(list(frags.values()))))
+                  for m, frags in read_fragments(selection, first, options.fragment_mode).items()}
+        if not images:
+            raise MajorTomGenError(f"cannot set up the {options.codec} codec: no readable product among the first cells")
+        tmp = store_root / f".codec-{uuid.uuid4().hex}.tmp"
+        store_root.mkdir(parents=True, exist_ok=True)
+        if options.codec == "patch-pca":
+            codec, psnr = fit_patch_pca(images)
+            codec.save(tmp)
+        else:
+            source = Path(options.codec_source) if options.codec_source else SHIPPED_CODEC
+            codec = load_codec("small-vae", source)  # checks that it is one
+            shutil.copytree(source, tmp)
+            psnr = reconstruction_psnr(codec, torch.cat([x[:8] for x in images.values()]))
+        os.replace(tmp, folder)
+    codec = load_codec(options.codec, str(folder))
+    on = device if options.codec == "small-vae" else "cpu"
+    return (options.codec, str(folder), on, options.precision, options.threads), codec.info(), psnr
 
 
-# ----------------------------------------------------------------------------- the run
 def _client(options: IngestOptions):
     from dask.distributed import Client, LocalCluster
 
@@ -302,7 +323,7 @@ def ingest(
     codec_spec, codec_info, psnr = prepare_codec(store_root, selection, batches, options)
     store = LatentStore.create(store_root, CodecInfo(codec_info["name"], codec_info["config_hash"], codec_info["config"]),
                                options.fragment_mode, modalities)
-    report.codec, report.codec_fit_psnr_db = codec_info, psnr
+    report.codec, report.codec_psnr_db = codec_info, psnr
     products = _products_of(selection)
     total = sum(len(b) for b in batches)
     if progress:

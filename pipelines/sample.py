@@ -6,8 +6,8 @@ its starting noise, the noise standing in for marginalised modalities -- derives
 (seed, grid cell, fragment, sample, modality), so re-running part of a selection, in other
 batches or on other workers, regenerates identical fragments. Sampling runs in chunks, in
 process or on a local Dask cluster with one worker per GPU. Writes ``samples.npz`` (latents,
-float16) and, when the store's codec can be loaded offline (patch-pca), one PNG per cell:
-conditions | generated samples | real.
+float16) and, when the store's codec can be loaded offline (small-vae, patch-pca), one
+quick-look PNG per cell (see :mod:`pipelines.quicklook`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from majortom_gen.errors import MajorTomGenError
 from majortom_gen.fragments import from_unit_range
 from majortom_gen.staging import staged_folder
 from majortom_gen.store import MOMENT_SHAPE, LatentStore, complete_rows, moment_array
-from model.codecs import load_codec, sample_latents
+from model.codecs import CODEC_RECORD, LatentNorm, latent_norms, load_codec, sample_latents
 from model.sample import generate
 from model.uvit import MultiModalUViT
-from pipelines.train import store_scale_factor
 
 
 @dataclass
@@ -42,13 +41,14 @@ class SampleResult:
 
 
 def open_store_codec(store_dir: str | os.PathLike, source: str | None = None, device: str = "cpu"):
-    """The codec that made a store's latents: its fitted patch-pca (``STORE/codec``), or the
-    sd-vae at ``source`` (hub id, folder or state-dict file), checked against the store's
-    record. None when it cannot be had offline (sd-vae without ``source``)."""
+    """The codec that made a store's latents: the copy kept with the store (``STORE/codec``:
+    small-vae, patch-pca), or the sd-vae at ``source`` (hub id, folder or state-dict file),
+    checked against the store's record. None when it cannot be had offline (sd-vae without
+    ``source``)."""
     store = LatentStore.open(store_dir)
     name = store.codec["name"]
     folder = Path(store_dir) / "codec"
-    if source is None and name == "patch-pca" and (folder / "config.json").exists():
+    if source is None and (folder / CODEC_RECORD).exists():
         source = str(folder)
     if source is None:
         return None
@@ -75,17 +75,17 @@ def fragment_noise(cells: Sequence[str], frags: Sequence[int], n_samples: int, m
                             for c, f in zip(cells, frags) for s in range(n_samples)]) for m in modalities}
 
 
-def condition_latents(moments: dict[str, torch.Tensor], scale: float, cells: Sequence[str], frags: Sequence[int], seed: int,
-                      deterministic: bool) -> dict[str, torch.Tensor]:
-    """Scaled condition latents from stored moments ``(B, 8, 32, 32)``: the mean, or one draw per
-    fragment from its own seed."""
+def condition_latents(moments: dict[str, torch.Tensor], norms: dict[str, LatentNorm], cells: Sequence[str],
+                      frags: Sequence[int], seed: int, deterministic: bool) -> dict[str, torch.Tensor]:
+    """Condition latents in the network's space from stored moments ``(B, 8, 32, 32)``: the
+    mean, or one draw per fragment from its own seed."""
     if deterministic:
-        return {m: mom[:, :4] * scale for m, mom in moments.items()}
+        return {m: norms[m].to_network(mom[:, :4]) for m, mom in moments.items()}
     out = {}
     for m, mom in moments.items():
-        draws = [sample_latents(mom[i:i + 1], scale, torch.Generator().manual_seed(fragment_seed(seed, c, f, -1, m)))
+        draws = [sample_latents(mom[i:i + 1], 1.0, torch.Generator().manual_seed(fragment_seed(seed, c, f, -1, m)))
                  for i, (c, f) in enumerate(zip(cells, frags))]
-        out[m] = torch.cat(draws) if draws else mom[:, :4]
+        out[m] = norms[m].to_network(torch.cat(draws) if draws else mom[:, :4])
     return out
 
 
@@ -174,7 +174,7 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
     and write ``out`` (see the module docstring)."""
     modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
     store = LatentStore.open(store_dir)
-    scale = store_scale_factor(store)
+    norms = latent_norms(store.codec, modalities)
     for m in list(condition) + list(generate_modalities):
         if m not in modalities:
             raise MajorTomGenError(f"the model does not know modality {m!r}; it models {modalities}")
@@ -187,7 +187,7 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
     cell_ids = table.column("grid_cell").to_pylist()
     frag_ids = table.column("fragment_index").to_pylist()
     moments = {m: torch.from_numpy(moment_array(table, m, np.float32)) for m in condition}
-    cond = condition_latents(moments, scale, cell_ids, frag_ids, seed, deterministic_conditions)
+    cond = condition_latents(moments, norms, cell_ids, frag_ids, seed, deterministic_conditions)
     arrays = sample_fragments(str(model_dir), cell_ids, frag_ids, cond, generate_modalities, n_samples=n_samples,
                               steps=steps, seed=seed, batch_size=batch_size, device=device, workers=workers,
                               progress=progress)
@@ -201,8 +201,8 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
         (out / "samples.json").write_text(json.dumps({
             "model": str(model_dir), "store": str(store_dir), "condition": list(condition), "generate": list(generate_modalities),
             "n_samples": n_samples, "steps": steps, "seed": seed, "deterministic_conditions": deterministic_conditions,
-            "codec": store.codec["name"], "scale_factor": scale,
-            "latents": "scaled latents in the network's space; divide by scale_factor before decoding"}, indent=1))
+            "codec": store.codec["name"], "latent_norm": {m: norms[m].as_dict() for m in result},
+            "latents": "the network's latents x; the codec's latents are z = x / scale + shift"}, indent=1))
         files = [out / "samples.npz", out / "samples.json"]
         codec = open_store_codec(store_dir, codec_source)
         if codec is not None:
@@ -214,34 +214,31 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
                     moms[valid] = moment_array(table.filter(pa.array(valid)), m, np.float32)
                 real[m] = (valid, moms)
             files += _png_grids(codec, result, cell_ids, frag_ids, n_samples,
-                                list(condition), list(generate_modalities), out, real, scale)
+                                list(condition), list(generate_modalities), out, real)
     return SampleResult(final, len(cell_ids), [final / f.relative_to(out) for f in files])
 
 
 def _png_grids(codec, result, cell_ids, frag_ids, n_samples, condition, generated, out: Path,
-               real: dict[str, tuple[np.ndarray, np.ndarray]], scale: float) -> list[Path]:
-    """One quick-look PNG per cell; rows = fragments; columns = conditions, then for each
-    generated modality its samples and the real one where the store has it (grey if not)."""
-    files = []
-    images = {m: from_unit_range(codec.decode(result[m].float()).numpy()) for m in result}  # (B*n, 256, 256, 3)
-    real_images = {m: (valid, from_unit_range(codec.decode(torch.from_numpy(moms[:, :4] * scale)).numpy()))
+               real: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[Path]:
+    """One quick-look PNG per cell (:mod:`pipelines.quicklook`): the cell's fragments in place;
+    the conditions, then per generated modality the real one (where the store has it), the
+    samples, and with several samples their mean and std."""
+    from pipelines.quicklook import cell_rows, write_quicklook
+
+    images = {m: from_unit_range(codec.decode_network(result[m].float(), m).numpy()) for m in result}  # (B*n, 256, 256, 3)
+    real_images = {m: (valid, from_unit_range(codec.decode(torch.from_numpy(moms[:, :4])).numpy()))
                    for m, (valid, moms) in real.items()}
-    grey = np.full((256, 256, 3), 128, np.uint8)
+    cells = np.asarray(cell_ids)
+    files = []
     for cell in dict.fromkeys(cell_ids):
-        rows = []
-        for i, (c, f) in enumerate(zip(cell_ids, frag_ids)):
-            if c != cell:
-                continue
-            tiles = [images[m][i * n_samples] for m in condition]
-            for m in generated:
-                tiles += [images[m][i * n_samples + s] for s in range(n_samples)]
-                if m in real_images:
-                    valid, imgs = real_images[m]
-                    tiles.append(imgs[i] if valid[i] else grey)
-            rows.append(np.concatenate([t[::2, ::2] for t in tiles], axis=1))
-        path = out / f"{cell}.png"
-        Image.fromarray(np.concatenate(rows, axis=0)).save(path)
-        files.append(path)
+        rows = np.flatnonzero(cells == cell)
+        sample_rows = (rows[:, None] * n_samples + np.arange(n_samples)).ravel()
+        panels = cell_rows([frag_ids[i] for i in rows],
+                           {m: images[m][rows * n_samples] for m in condition},
+                           {m: images[m][sample_rows] for m in generated},
+                           {m: (valid[rows], imgs[rows]) for m, (valid, imgs) in real_images.items()}, n_samples)
+        title = f"{cell}: {', '.join(generated)} generated from {', '.join(condition) or 'nothing (unconditional)'}"
+        files.append(write_quicklook(out / f"{cell}.png", title, panels))
     return files
 
 
@@ -263,7 +260,7 @@ def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cell
     if unknown:
         raise MajorTomGenError(f"the model does not know modality {unknown}; it models {modalities}")
     store = LatentStore.open(store_dir)
-    scale = store_scale_factor(store)
+    norms = latent_norms(store.codec, modalities)
     absent = [m for m in list(a) + list(b) if m not in store.modalities]
     if absent:
         raise MajorTomGenError(f"the store has no {absent}")
@@ -271,7 +268,7 @@ def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cell
     table = complete_rows(table, list(a) + list(b), f"the {len(cells)} selected cells")
     cell_ids = table.column("grid_cell").to_pylist()
     frag_ids = table.column("fragment_index").to_pylist()
-    real = {m: torch.from_numpy(moment_array(table, m, np.float32))[:, :4] * scale for m in list(a) + list(b)}
+    real = {m: norms[m].to_network(torch.from_numpy(moment_array(table, m, np.float32))[:, :4]) for m in list(a) + list(b)}
     current = {m: real[m] for m in a}
     src, dst = list(a), list(b)
     outputs: dict[str, np.ndarray] = {}
@@ -296,9 +293,9 @@ def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cell
         files = [tmp / "chain.npz", tmp / "chain.json"]
         codec = open_store_codec(store_dir, codec_source)
         if codec is not None:
-            columns = [real[m] for m in list(a) + list(b)] + [torch.from_numpy(outputs[f"latent_{m}_{i}"]).float()
-                                                              for m, i in order]
-            images = [from_unit_range(codec.decode(c).numpy()) for c in columns]
+            columns = [(real[m], m) for m in list(a) + list(b)] + [(torch.from_numpy(outputs[f"latent_{m}_{i}"]).float(), m)
+                                                                   for m, i in order]
+            images = [from_unit_range(codec.decode_network(c, m).numpy()) for c, m in columns]
             for cell in dict.fromkeys(cell_ids):
                 rows = [np.concatenate([im[j][::2, ::2] for im in images], axis=1)
                         for j, c in enumerate(cell_ids) if c == cell]

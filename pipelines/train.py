@@ -10,23 +10,21 @@ from pathlib import Path
 
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.store import LatentStore, load_aligned
-from model.codecs import SD_SCALE_FACTOR
+from model.codecs import latent_norms
 from model.config import load_config
 from model.train import TrainResult, train
 
 
-def store_scale_factor(store: LatentStore) -> float:
-    """The latent scale factor of the store's codec (patch-pca records its own)."""
-    codec = store.codec
-    if codec["name"] == "sd-vae":
-        return SD_SCALE_FACTOR
-    return float(codec["config"].get("scaling_factor", 1.0))
-
-
 def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike, *,
                    max_steps: int | None = None, resume: bool = False, test_fraction: float = 0.05, split_seed: int = 0,
-                   progress: Callable[[int, int, float], None] | None = None, device: str | None = None) -> TrainResult:
-    """Train on the store's training split (cells held out for testing by ``split_seed``)."""
+                   progress: Callable[[int, int, float], None] | None = None, device: str | None = None,
+                   init_from: str | os.PathLike | None = None, command: str = "") -> TrainResult:
+    """Train on the store's training split (cells held out for testing by ``split_seed``);
+    ``init_from`` starts from a model's weights (fine-tuning). The model folder records the
+    store, codec, split, ``command`` and the hardware in ``training_data.json``."""
+    import time
+
+    start = time.perf_counter()
     cfg = load_config(config)
     store = LatentStore.open(store_dir)
     modalities = list(cfg.nnet.get("modalities", store.modalities))
@@ -34,33 +32,46 @@ def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out:
     if len(arrays) == 0:
         raise MajorTomGenError(f"{store_dir}: no training fragment has all of {modalities}")
     grid = _sample_grid_callback(store, Path(store_dir), Path(out) / "samples", cfg.sample.steps)
-    result = train(cfg, arrays.moments, out, scale_factor=store_scale_factor(store), max_steps=max_steps,
-                   resume=resume, progress=progress, on_checkpoint=grid, device=device)
+    result = train(cfg, arrays.moments, out, norms=latent_norms(store.codec, modalities), max_steps=max_steps,
+                   resume=resume, progress=progress, on_checkpoint=grid, device=device, init_from=init_from)
     meta = {"store": str(Path(store_dir).resolve()), "codec": store.codec, "test_fraction": test_fraction,
-            "split_seed": split_seed, "train_fragments": len(arrays)}
+            "split_seed": split_seed, "train_fragments": len(arrays), "train_cells": sorted(set(arrays.grid_cell.tolist())),
+            "config": str(config), "steps": result.steps, "seconds": round(time.perf_counter() - start, 1),
+            "init_from": str(init_from) if init_from is not None else None, "command": command, "hardware": hardware()}
     (result.model_dir / "training_data.json").write_text(json.dumps(meta, indent=1))
     plot_losses(Path(out) / "log.jsonl", Path(out) / "loss.png")
     return result
 
 
+def hardware() -> dict:
+    """What a run ran on: platform, CPU count, torch, accelerator."""
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gpu": gpu}
+
+
 def _sample_grid_callback(store: LatentStore, store_dir: Path, folder: Path, steps: int):
     """At each checkpoint: 4 joint samples of every modality, decoded with the store's
     codec, as ``samples/step-NNNNNN.png`` (rows: samples; columns: modalities). Only when
-    the codec can be loaded offline (patch-pca, stored with the store)."""
-    if store.codec["name"] != "patch-pca" or not (store_dir / "codec" / "config.json").exists():
+    the codec can be loaded offline (stored with the store)."""
+    from pipelines.sample import open_store_codec
+
+    codec = open_store_codec(store_dir)
+    if codec is None:
         return None
     import numpy as np
     from PIL import Image
 
     from majortom_gen.fragments import from_unit_range
-    from model.codecs import load_codec
     from model.sample import generate
-
-    codec = load_codec("patch-pca", str(store_dir / "codec"))
 
     def draw(step: int, net) -> None:
         out = generate(net, {}, net.modalities, n_samples=4, steps=min(steps, 25), seed=0)
-        tiles = [from_unit_range(codec.decode(out[m].float().cpu()).numpy()) for m in net.modalities]
+        tiles = [from_unit_range(codec.decode_network(out[m].float().cpu(), m).numpy()) for m in net.modalities]
         rows = [np.concatenate([t[i][::2, ::2] for t in tiles], axis=1) for i in range(4)]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.concatenate(rows, axis=0)).save(folder / f"step-{step:06d}.png")

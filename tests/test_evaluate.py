@@ -41,16 +41,19 @@ def test_evaluate_writes_the_table1_outputs(setup, tmp_path):
     pairs = [(row["condition"], row["modality"]) for row in rows]
     assert pairs == [("none", m) for m in ("DEM", "S1RTC", "S2L1C", "S2L2A")] + \
         [("S1RTC", m) for m in ("DEM", "S2L1C", "S2L2A")] + [("S2L1C+S2L2A", m) for m in ("DEM", "S1RTC")]
+    by = {(row["condition"], row["modality"]): row for row in rows}
     for row in rows:
         assert row["n"] == "8" and float(row["fid"]) >= 0
         assert 0 <= float(row["precision"]) <= 1 and 0 <= float(row["recall"]) <= 1
-        if row["condition"] == "none":  # no paired real image for unconditional samples
-            assert row["psnr"] == "" and row["ssim"] == ""
-        else:
-            assert 0 < float(row["psnr"]) < 100 and -1 <= float(row["ssim"]) <= 1
-            assert float(row["psnr_best"]) >= float(row["psnr"]) and float(row["spread"]) > 0
+        # paired metrics on every row: unconditional samples are compared with the same places too
+        assert 0 < float(row["psnr"]) < 100 and -1 <= float(row["ssim"]) <= 1
+        assert float(row["psnr_best"]) >= float(row["psnr"]) and float(row["spread"]) > 0
+        none = by[("none", row["modality"])]
+        assert float(row["mae_change"]) == pytest.approx((float(row["mae"]) - float(none["mae"])) / float(none["mae"]))
+        assert float(row["psnr_gain"]) == pytest.approx(float(row["psnr"]) - float(none["psnr"]))
     table = (out / "table1.md").read_text()
     assert "| S1RTC | " in table and "DEM FID↓" in table and "S2L2A f_score↑" in table
+    assert "What conditioning buys" in table and "DEM mae_change↓" in table and "%" in table
     s1_row = next(line for line in table.splitlines() if line.startswith("| S1RTC |"))
     assert s1_row.count("—") == 4  # S1RTC is the condition: its 4 columns are empty
     meta = json.loads((out / "metrics.json").read_text())

@@ -42,7 +42,7 @@ def store8(world8, tmp_path_factory):
 def test_ingest__16_aligned_fragments_per_cell(store8):
     root, report = store8
     assert report.cells_written == 8 and report.fragments_written == 128 and not report.quarantined
-    assert report.codec["name"] == "patch-pca" and report.codec_fit_psnr_db > 20
+    assert report.codec["name"] == "patch-pca" and report.codec_psnr_db > 20
     store = LatentStore.open(root)
     info = store.info()
     assert info["rows"] == 128 and info["cells"] == 8 and info["aligned_fragments"] == 128

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.codecs import LatentNorm
 from model.config import load_config
 from model.convert import from_cop_gen_beta
 from model.diffusion import NOISE_TIMESTEP, alphas_cumprod, draw_timesteps, noisy_inputs
@@ -271,6 +272,9 @@ def _pairs(n=2048, seed=0, side=4):
     return moments(a), moments(b), a, b
 
 
+IDENTITY = {m: LatentNorm((0.0,) * 4, 1.0) for m in ("A", "B")}
+
+
 def tiny_cfg(**train):
     cfg = load_config("tiny")
     nnet = dict(modalities=["A", "B"], img_size=4, in_chans=4, patch_size=4, embed_dim=64, depth=2, num_heads=4)
@@ -284,15 +288,15 @@ def tiny_cfg(**train):
 def test_train__resume_equals_uninterrupted(tmp_path):
     ma, mb, _, _ = _pairs(256)
     cfg = tiny_cfg()
-    full = train(cfg, {"A": ma, "B": mb}, tmp_path / "full", scale_factor=1.0, max_steps=6)
-    train(cfg, {"A": ma, "B": mb}, tmp_path / "part", scale_factor=1.0, max_steps=3)
-    resumed = train(cfg, {"A": ma, "B": mb}, tmp_path / "part", scale_factor=1.0, max_steps=6, resume=True)
+    full = train(cfg, {"A": ma, "B": mb}, tmp_path / "full", norms=IDENTITY, max_steps=6)
+    train(cfg, {"A": ma, "B": mb}, tmp_path / "part", norms=IDENTITY, max_steps=3)
+    resumed = train(cfg, {"A": ma, "B": mb}, tmp_path / "part", norms=IDENTITY, max_steps=6, resume=True)
     assert resumed.losses == full.losses[3:]
     a = MultiModalUViT.from_pretrained(tmp_path / "full" / "model")
     b = MultiModalUViT.from_pretrained(tmp_path / "part" / "model")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(ValueError, match="pass --resume"):
-        train(cfg, {"A": ma, "B": mb}, tmp_path / "full", scale_factor=1.0, max_steps=6)
+        train(cfg, {"A": ma, "B": mb}, tmp_path / "full", norms=IDENTITY, max_steps=6)
 
 
 def test_train__learns_a_conditional(tmp_path):
@@ -303,7 +307,7 @@ def test_train__learns_a_conditional(tmp_path):
     steps: the high-noise end needs far more training.)"""
     ma, mb, _, _ = _pairs(4096)
     res = train(tiny_cfg(ema_decay=0.95, checkpoint_every=10_000, log_every=50, p_clean=0.5), {"A": ma, "B": mb},
-                tmp_path, scale_factor=1.0, max_steps=800)
+                tmp_path, norms=IDENTITY, max_steps=800)
     assert np.mean(res.losses[-50:]) < 0.7 * np.mean(res.losses[:50])
     net = MultiModalUViT.from_pretrained(res.model_dir).eval()
     _, _, a, b = _pairs(256, seed=5)
@@ -323,3 +327,49 @@ def test_train__learns_a_conditional(tmp_path):
     assert all(c < u / 1.5 for c, u in zip(cond_err, uncond_err)), (cond_err, uncond_err)
     sampled = generate(net, {"A": a[:8]}, ["B"], steps=10, seed=0)
     assert sampled["B"].shape == b[:8].shape and torch.isfinite(sampled["B"]).all()
+
+
+def test_train__flip_moves_all_modalities_together(tmp_path, monkeypatch):
+    """The paper's augmentation: a tuple is mirrored left-right as a whole, never one modality
+    alone (the pairs stay aligned)."""
+    import model.train as mt
+
+    seen = []
+    real_loss = mt.diffusion_loss
+
+    def spy(net, x0, steps, **kw):
+        seen.append({m: x.clone() for m, x in x0.items()})
+        return real_loss(net, x0, steps, **kw)
+
+    monkeypatch.setattr(mt, "diffusion_loss", spy)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 4, 4, 4, generator=g)
+    mom = lambda x: np.concatenate([x.numpy(), np.full_like(x.numpy(), -30.0)], axis=1)  # noqa: E731
+    train(tiny_cfg(batch_size=64, checkpoint_every=100), {"A": mom(a), "B": mom(-a)}, tmp_path, norms=IDENTITY, max_steps=3)
+    kinds = []
+    for batch in seen:
+        assert torch.allclose(batch["B"], -batch["A"], atol=1e-3)  # still a pair, whichever way
+        for x in batch["A"]:
+            d_same = (a - x).abs().amax(dim=(1, 2, 3)).min()
+            d_flip = (a.flip(-1) - x).abs().amax(dim=(1, 2, 3)).min()
+            assert min(d_same, d_flip) < 1e-3  # every row is a source row, mirrored or not
+            kinds.append(bool(d_flip < d_same))
+    assert len(seen) == 3 and 0.3 < np.mean(kinds) < 0.7  # about half the tuples are mirrored
+
+
+def test_train__init_from_starts_from_the_given_weights(tmp_path):
+    ma, mb, _, _ = _pairs(64)
+    first = train(tiny_cfg(), {"A": ma, "B": mb}, tmp_path / "a", norms=IDENTITY, max_steps=3)
+    tuned = train(tiny_cfg(), {"A": ma, "B": mb}, tmp_path / "b", norms=IDENTITY, max_steps=1, init_from=first.model_dir)
+    fresh = train(tiny_cfg(), {"A": ma, "B": mb}, tmp_path / "c", norms=IDENTITY, max_steps=1)
+    start = MultiModalUViT.from_pretrained(first.model_dir).state_dict()
+    after = MultiModalUViT.from_pretrained(tuned.model_dir).state_dict()
+    scratch = MultiModalUViT.from_pretrained(fresh.model_dir).state_dict()
+    near = lambda s: sum(float((s[k] - start[k]).abs().sum()) for k in start)  # noqa: E731
+    assert near(after) < 0.5 * near(scratch)  # one step from the given weights, not from a fresh init
+    other = tiny_cfg()
+    from dataclasses import replace
+
+    other = replace(other, nnet={**other.nnet, "embed_dim": 32})
+    with pytest.raises(ValueError, match="its network differs"):
+        train(other, {"A": ma, "B": mb}, tmp_path / "d", norms=IDENTITY, max_steps=1, init_from=first.model_dir)
