@@ -429,7 +429,8 @@ def run_train(config: str, store: Path, out: Path, *, max_steps: int | None, res
                                     test_fraction=test_fraction, device=device, init_from=init_from, command=command)
         except ValueError as exc:
             raise MajorTomGenError(str(exc)) from None
-    console.print(f"[green]trained[/] {result.steps} steps, last loss {result.last_loss:.4f}; EMA model -> {result.model_dir}; "
+    last = f"last loss {result.last_loss:.4f}" if result.losses else "no step left to run"
+    console.print(f"[green]trained[/] {result.steps} steps, {last}; EMA model -> {result.model_dir}; "
                   f"loss curve -> {out / 'loss.png'}", highlight=False)
     return result
 
@@ -655,6 +656,8 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Output folder: metrics.csv, table1.md, metrics.json, plots/.")],
     conditions: Annotated[str, typer.Option(help="Condition sets, comma-separated; 'none' = unconditional; "
                                                  "join modalities with '+' (S2L1C+S2L2A).")] = "none,DEM,S1RTC,S2L1C,S2L2A",
+    generate: Annotated[Optional[str], typer.Option(help="Modalities to generate and score, comma-separated "
+                                                         "(default: every modality not in the condition).")] = None,
     split: Annotated[str, typer.Option(help="Cells to evaluate on: test (held out in training), train or all.")] = "test",
     n_samples: Annotated[int, typer.Option(help="Samples per fragment (best-of-n PSNR and spread use them all).")] = 1,
     steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 50,
@@ -671,9 +674,11 @@ def evaluate(
 ) -> None:
     """Evaluate a model the COP-GEN-Beta way: FID, precision, recall, F-score per condition
     and generated modality (Table 1), plus PSNR/SSIM/MAE against the paired real fragment."""
+    from majortom_gen.modalities import parse_modalities
     from pipelines.evaluate import EvalOptions, parse_conditions
 
-    options = EvalOptions(conditions=parse_conditions(conditions), split=split, n_samples=n_samples, steps=steps,
+    options = EvalOptions(conditions=parse_conditions(conditions), generate=parse_modalities(generate) if generate else None,
+                          split=split, n_samples=n_samples, steps=steps,
                           seed=seed, k=k, max_fragments=max_fragments, batch_size=batch_size,
                           fid_extractor=fid_extractor, pr_extractor=pr_extractor, codec=codec, codec_source=codec_source,
                           cache_dir=str(cache_dir) if cache_dir else None, device=device)
@@ -705,17 +710,18 @@ def convert_weights(
 DEMO_REGION = "POLYGON ((7.45 44.97, 7.92 44.95, 7.95 45.22, 7.62 45.27, 7.42 45.15, 7.45 44.97))"  # Turin and its hills
 
 
-DEMO_TEST_FRACTION = 0.125  # 3 of 24 cells held out: the region to fill and the evaluation set
-DEMO_CONDITIONS = "none,S1RTC,S2L2A,S2L1C+S2L2A"
+DEMO_TEST_FRACTION = 0.125  # 2 of 16 cells held out: the region to fill and the evaluation set
+DEMO_CONDITIONS = "none,S2L2A,S2L1C+S2L2A"  # what S2 buys for the withheld DEM and S1RTC
+DEMO_GENERATE = "DEM,S1RTC"
 DEMO_CONFIG = "small"  # the network of the shipped demo model
-DEMO_FINE_TUNE_STEPS = 100
+DEMO_FINE_TUNE_STEPS = 30
 
 
 @app.command()
 @_user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo-out"),
-    cells: Annotated[int, typer.Option(help="How many grid cells of the demo region to use.")] = 24,
+    cells: Annotated[int, typer.Option(help="How many grid cells of the demo region to use (it has 21).")] = 16,
     steps: Annotated[int, typer.Option(min=0, help="Fine-tuning steps of the shipped demo model on the demo's training "
                                                    "cells (0: use it as shipped).")] = DEMO_FINE_TUNE_STEPS,
     seed: Annotated[int, typer.Option(help="Seed for the synthetic world and the sampling.")] = 0,
@@ -764,10 +770,9 @@ def demo(
     made = json.loads((SHIPPED_DEMO_MODEL / "training_data.json").read_text())
     console.print(Text(f"Starting from the demo model shipped with the package ({SHIPPED_DEMO_MODEL}): made by "
                        f"`{made['command']}` on {len(made['train_cells'])} cells of the synthetic world that are not "
-                       f"the demo's ({made['steps']} steps, {made['hardware']['cpu_count']} CPU cores, "
-                       f"{made['seconds'] / 60:.0f} min). A few CPU minutes cannot teach a diffusion model the "
-                       "cross-modal mapping from scratch; the demo adapts it to its own cells for a few steps.",
-                       style="yellow"), soft_wrap=True)
+                       f"the demo's ({made['steps']} steps on {made['hardware']['cpu_count']} CPU cores). A few CPU "
+                       "minutes cannot teach a diffusion model the cross-modal mapping from scratch; the demo adapts "
+                       "the shipped model to its own cells for a few steps.", style="yellow"), soft_wrap=True)
     run_train(DEMO_CONFIG, store, run, max_steps=steps, resume=(run / "checkpoints").exists(),
               test_fraction=DEMO_TEST_FRACTION, device=device, init_from=SHIPPED_DEMO_MODEL,
               command=f"majortom-gen train --config {DEMO_CONFIG} --store {store} --out {run} --max-steps {steps} "
@@ -785,17 +790,20 @@ def demo(
                   "(fragment COGs), mosaic/<modality>_s<k>_EPSG4326.tif (blended, clipped to the polygon), "
                   "mosaic/*.vrt (per UTM zone), mosaic/<modality>_mean|std_EPSG4326.tif (over samples); "
                   f"quick-looks {region_out}/samples/all/<cell>.png", soft_wrap=True)
-    console.print("  each quick-look row: S2L1C | S2L2A | DEM sample 1 | DEM sample 2 | DEM real | "
-                  "S1RTC sample 1 | S1RTC sample 2 | S1RTC real", soft_wrap=True)
+    console.print("  each quick-look shows the cell as a whole (its 4 x 4 fragments in place): a row of the "
+                  "conditions (S2L1C, S2L2A), then per generated modality: real | sample 1 | sample 2 | mean | "
+                  "per-pixel std", soft_wrap=True)
     console.rule("[bold]6. evaluate (Table-1 layout) on the held-out cells")
     extractors = offline_extractors(out / "extractors", seed=seed)
     console.print(Text("  offline, the feature extractors are randomly initialised (the FID Inception-v3 "
                        "architecture and a small DINOv2), saved locally: the numbers rank runs of this demo only "
                        "and are not comparable with published FID/precision/recall (use the default extractors, "
-                       "downloaded once, for that). A few hundred CPU steps make a rough model: samples get the "
-                       "colours and coarse layout but stay noisy and blocky (sharpness needs thousands of steps on a "
-                       "GPU, or the published weights).", style="yellow"), soft_wrap=True)
-    options = EvalOptions(conditions=parse_conditions(DEMO_CONDITIONS), steps=25, seed=seed, batch_size=48,
+                       "downloaded once, for that). The demo model is small and CPU-trained (2,000 steps): "
+                       "its samples get each modality's colours and brightness, and use S2 a little for DEM, but stay "
+                       "rough and blocky; compare the rows 'none' and 'S2L2A' of table1.md (mae_change) to see what "
+                       "conditioning buys. Sharp, faithful samples need tens of thousands of steps on a GPU, or the "
+                       "published weights.", style="yellow"), soft_wrap=True)
+    options = EvalOptions(conditions=parse_conditions(DEMO_CONDITIONS), generate=tuple(DEMO_GENERATE.split(",")), steps=25, seed=seed, batch_size=48,
                           fid_extractor=str(extractors["inception"]), pr_extractor=str(extractors["dinov2"]),
                           device=device)
     run_evaluate(run / "model", store, eval_out, options)
@@ -822,7 +830,7 @@ def demo(
                  f"majortom-gen generate --model {run / 'model'} --store {store} --region {region_file} "
                  f"--condition S2L1C,S2L2A --generate DEM,S1RTC --n-samples 2 --steps 25 --seed {seed} --out {region_out}{dev}",
                  f"majortom-gen evaluate --model {run / 'model'} --store {store} --out {eval_out} --conditions "
-                 f"{DEMO_CONDITIONS} --steps 25 --fid-extractor {extractors['inception']} --pr-extractor "
+                 f"{DEMO_CONDITIONS} --generate {DEMO_GENERATE} --steps 25 --fid-extractor {extractors['inception']} --pr-extractor "
                  f"{extractors['dinov2']}{dev}"):
         console.print(f"  {line}", highlight=False, soft_wrap=True)
     console.print("On real data: --source hf://datasets/Major-TOM (or a local mirror), --codec sd-vae --codec-source "

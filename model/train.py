@@ -134,6 +134,7 @@ def train(
     losses: list[float] = []
     arrays = {m: moments[m] for m in names}
     loss_value = float("nan")
+    _truncate_log(out / "log.jsonl", step)
     with open(out / "log.jsonl", "a") as log:
         while step < total:
             gen = _step_generator(tcfg.seed, step)
@@ -172,6 +173,17 @@ def train(
               "init_from": str(init_from) if init_from is not None else None}
     (out / "model" / "run_config.json").write_text(json.dumps(record, indent=1))
     return TrainResult(step, loss_value, losses, out / "model")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written after the checkpoint a run resumes from), so that
+    a resumed run's log equals an uninterrupted one's."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)
 
 
 def _ema_network(ema: EMAModel, nnet: dict, device) -> MultiModalUViT:

@@ -59,6 +59,7 @@ LOWER_IS_BETTER = {"fid", "mae", "mae_change"}
 @dataclass
 class EvalOptions:
     conditions: tuple[tuple[str, ...], ...] = ((), ("DEM",), ("S1RTC",), ("S2L1C",), ("S2L2A",))
+    generate: tuple[str, ...] | None = None  # modalities to generate and score; default: all but the condition's
     split: str = "test"  # 'test' | 'train' | 'all'
     n_samples: int = 1
     steps: int = 50
@@ -181,6 +182,11 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
     model_modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
     store = LatentStore.open(store_dir)
     modalities = [m for m in model_modalities if m in store.modalities]
+    unknown = [m for m in opts.generate or () if m not in modalities]
+    if unknown:
+        raise MajorTomGenError(f"--generate {','.join(unknown)}: not a modality of both the model ({model_modalities}) "
+                               f"and the store ({sorted(store.modalities)})")
+    targets = [m for m in modalities if opts.generate is None or m in opts.generate]
     for cond in opts.conditions:
         unknown = [m for m in cond if m not in model_modalities]
         if unknown:
@@ -188,8 +194,8 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
         absent = [m for m in cond if m not in modalities]
         if absent:
             raise MajorTomGenError(f"condition {condition_name(cond)}: the store has no {absent}")
-        if not [m for m in modalities if m not in cond]:
-            raise MajorTomGenError(f"condition {condition_name(cond)} leaves nothing to generate")
+        if not [m for m in targets if m not in cond]:
+            raise MajorTomGenError(f"condition {condition_name(cond)} leaves nothing to generate (of {targets})")
     if opts.split not in ("test", "train", "all"):
         raise MajorTomGenError(f"split must be test, train or all; got {opts.split!r}")
     test_fraction, split_seed = _split_settings(model_dir)
@@ -211,11 +217,11 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
                 extractors["fid"].fingerprint, extractors["pr"].fingerprint)
 
     # real images: the codec's reconstruction of each stored latent mean
-    real_key = _digest("real", store.manifest["shards"], *base_key)
+    real_key = _digest("real", store.manifest["shards"], targets, *base_key)
     real = cache.get(real_key)
     if real is None:
         real = {}
-        for m in modalities:
+        for m in targets:
             images = _decode(codec, moments[m][:, :4], opts.batch_size)
             real[f"images_{m}"] = images
             real[f"fid_{m}"] = extractors["fid"](images, opts.batch_size)
@@ -227,7 +233,7 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
     done = 0
     rows = []
     for cond in opts.conditions:
-        generated = [m for m in modalities if m not in cond]
+        generated = [m for m in targets if m not in cond]
         key = _digest("generated", model_digest, condition_name(cond), generated, opts.seed, opts.steps, opts.n_samples,
                       opts.deterministic_conditions, *base_key)
         result = cache.get(key)

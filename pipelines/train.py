@@ -93,7 +93,7 @@ def plot_losses(log: Path, png: Path) -> Path:
     for key in sorted(k for k in rows[0] if k.startswith("loss_")):
         ax.plot(steps, [r[key] for r in rows], label=key.removeprefix("loss_"), alpha=0.7)
     ax.set_xlabel("step")
-    ax.set_ylabel("epsilon MSE")
+    ax.set_ylabel("loss (MSE of the predicted noise or v)")
     ax.set_yscale("log")
     ax.legend()
     ax.set_title("training loss")

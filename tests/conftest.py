@@ -21,7 +21,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def store(world, tmp_path_factory):
-    """The world's three cells ingested (patch-pca) into a latent store, shared by the model,
+    """The world's three cells ingested (the default codec, small-vae) into a latent store, shared by the model,
     dataset and evaluation tests (they only read it, or add keyed caches)."""
     from pipelines.ingest import IngestOptions, ingest
 

@@ -98,9 +98,11 @@ def test_demo_small(tmp_path):
     with rasterio.open(next(mosaic.glob("DEM_s0_*.vrt"))) as ds:  # relative paths resolve
         assert ds.read(1).max() > 0
     rows = list(csv.DictReader(open(tmp_path / "evaluation" / "metrics.csv")))
-    assert {row["condition"] for row in rows} == {"none", "S1RTC", "S2L2A", "S2L1C+S2L2A"} and len(rows) == 12
+    assert {row["condition"] for row in rows} == {"none", "S2L2A", "S2L1C+S2L2A"} and len(rows) == 6
+    assert {row["modality"] for row in rows} == {"DEM", "S1RTC"}
+    assert all(row["mae_change"] != "" for row in rows if row["condition"] != "none")
     assert "| S2L1C+S2L2A |" in (tmp_path / "evaluation" / "table1.md").read_text()
     listed = (tmp_path / "FILES.md").read_text()
     assert "evaluation/table1.md" in listed and "region/geotiff/index.md" in listed
     assert not [p for p in tmp_path.rglob("*") if ".partial-" in p.name or p.name.endswith(".tmp")]
-    assert "QGIS" in r.output and "randomly initialised" in r.output
+    assert "QGIS" in r.output and "randomly initialised" in r.output and "shipped" in r.output

@@ -22,6 +22,10 @@ from majortom_gen.store import LatentStore, load_aligned, split_cells
 from majortom_gen.synth import SynthOptions, write_world
 from pipelines.ingest import IngestOptions, ingest
 
+# The ingest mechanics (alignment, bad input, resume) are codec-independent: these tests use the
+# fast, fitted patch-pca codec (the hardest case for resume: it is fitted on the first cells);
+# the default small-vae codec is covered by the shared store (conftest) and test_codecs.
+PCA = "patch-pca"
 CELLS8 = ["501U_59R", "501U_60R", "501U_61R", "502U_59R", "502U_60R", "502U_61R", "503U_59R", "503U_60R"]
 
 
@@ -35,7 +39,7 @@ def world8(tmp_path_factory):
 @pytest.fixture(scope="module")
 def store8(world8, tmp_path_factory):
     root = tmp_path_factory.mktemp("store8") / "store"
-    report = ingest(world8, CELLS8, root, IngestOptions(cells_per_shard=3, workers=2))
+    report = ingest(world8, CELLS8, root, IngestOptions(cells_per_shard=3, workers=2, codec=PCA))
     return root, report
 
 
@@ -105,7 +109,7 @@ def test_store__lookup_by_cells_and_region(store8):
 def test_ingest__rerun_skips_and_refuses_other_codec(store8, world8):
     root, _ = store8
     before = LatentStore.open(root).info()["rows"]
-    again = ingest(world8, CELLS8, root, IngestOptions(scheduler="synchronous"))
+    again = ingest(world8, CELLS8, root, IngestOptions(scheduler="synchronous", codec=PCA))
     assert again.cells_written == 0 and again.cells_already_stored == 8
     assert LatentStore.open(root).info()["rows"] == before
     from majortom_gen.store import StoreError
@@ -168,7 +172,7 @@ def test_ingest__bad_input_is_quarantined_and_the_rest_stored(tmp_path):
     bad[cells[6]] = "shard not found"
 
     store = tmp_path / "store"
-    report = ingest(world, cells, store, IngestOptions(cells_per_shard=4, workers=2))
+    report = ingest(world, cells, store, IngestOptions(cells_per_shard=4, workers=2, codec=PCA))
     assert set(report.quarantined) == set(bad)
     for cell, text in bad.items():
         assert text in report.quarantined[cell], (cell, report.quarantined[cell])
@@ -205,7 +209,7 @@ def _rows(root: Path) -> dict[tuple[str, int], bytes]:
 
 def test_ingest__killed_and_resumed_equals_uninterrupted(tmp_path, world8):
     cmd = [sys.executable, "-m", "majortom_gen.cli", "ingest", "--source", str(world8), "--cells", ",".join(CELLS8),
-           "--cells-per-shard", "1", "--workers", "1"]
+           "--cells-per-shard", "1", "--workers", "1", "--codec", PCA]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cmd + ["--store", str(killed)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -228,7 +232,7 @@ def test_ingest__on_an_existing_scheduler(tmp_path, world8):
     from dask.distributed import LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        report = ingest(world8, ["502U_60R"], tmp_path / "s", IngestOptions(scheduler=cluster.scheduler_address))
+        report = ingest(world8, ["502U_60R"], tmp_path / "s", IngestOptions(scheduler=cluster.scheduler_address, codec=PCA))
         assert cluster.scheduler_address.startswith("tcp://") or cluster.scheduler_address.startswith("inproc://")
     assert report.cells_written == 1 and report.fragments_written == 16
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import math
 
 import numpy as np
@@ -290,8 +292,11 @@ def test_train__resume_equals_uninterrupted(tmp_path):
     cfg = tiny_cfg()
     full = train(cfg, {"A": ma, "B": mb}, tmp_path / "full", norms=IDENTITY, max_steps=6)
     train(cfg, {"A": ma, "B": mb}, tmp_path / "part", norms=IDENTITY, max_steps=3)
+    with open(tmp_path / "part" / "log.jsonl", "a") as log:  # logged after the checkpoint, then killed
+        log.write(json.dumps({"step": 4, "loss": 9.0}) + "\n")
     resumed = train(cfg, {"A": ma, "B": mb}, tmp_path / "part", norms=IDENTITY, max_steps=6, resume=True)
     assert resumed.losses == full.losses[3:]
+    assert (tmp_path / "part" / "log.jsonl").read_text() == (tmp_path / "full" / "log.jsonl").read_text()
     a = MultiModalUViT.from_pretrained(tmp_path / "full" / "model")
     b = MultiModalUViT.from_pretrained(tmp_path / "part" / "model")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
