@@ -21,10 +21,11 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def store(world, tmp_path_factory):
-    """The world's three cells ingested (the default codec, small-vae) into a latent store, shared by the model,
+    """The world's three cells ingested into a latent store with the fast patch-pca codec (the
+    learned default is covered by test_codecs, test_learning and the demo test), shared by the model,
     dataset and evaluation tests (they only read it, or add keyed caches)."""
     from pipelines.ingest import IngestOptions, ingest
 
     root = tmp_path_factory.mktemp("store") / "store"
-    ingest(world, list(WORLD_CELLS), root, IngestOptions(scheduler="synchronous"))
+    ingest(world, list(WORLD_CELLS), root, IngestOptions(scheduler="synchronous", codec="patch-pca"))
     return root

@@ -122,7 +122,7 @@ def _check_ingest_on_the_fly(world, model, tmp_path):
     from majortom_gen.store import LatentStore
 
     partial = tmp_path / "partial-store"
-    ingest(world, list(WORLD_CELLS[:2]), partial, IngestOptions(scheduler="synchronous"))
+    ingest(world, list(WORLD_CELLS[:2]), partial, IngestOptions(scheduler="synchronous", codec="patch-pca"))
     r = runner.invoke(app, ["generate", "--store", str(partial), "--model", str(model), "--out", str(tmp_path / "fly"),
                             "--cells", WORLD_CELLS[2], "--generate", "S1RTC", "--steps", "2", "--source", str(world),
                             "--crs", "EPSG:32632"])
