@@ -188,7 +188,7 @@ def test_cli_ingest__exit_status_completed_with_errors(tmp_path, world8):
     from majortom_gen.cli import app
 
     r = CliRunner().invoke(app, ["ingest", "--source", str(world8), "--cells", "501U_60R", "600U_1R",
-                                 "--store", str(tmp_path / "s"), "--workers", "1"])
+                                 "--store", str(tmp_path / "s"), "--workers", "1", "--codec", PCA])
     assert r.exit_code == 3, r.output
     assert "completed with errors" in r.output and "600U_1R" in r.output
     r = CliRunner().invoke(app, ["store", "info", str(tmp_path / "s")])
