@@ -321,8 +321,7 @@ def codec_train(
     """Train the small-vae codec (a small kl-f8 AutoencoderKL, 4 x 32 x 32 latents) on the
     thumbnail fragments of every modality of the given cells, with one latent normalisation
     per modality. The shipped codec was made this way (see its codec.json)."""
-    from model.codec_training import CodecTrainConfig
-    from pipelines.codec import train_codec
+    from pipelines.codec import CodecTrainConfig, train_codec
 
     ids = _cells_from(cells, region)
     config = CodecTrainConfig(steps=steps, batch_size=batch_size, crop=crop, lr=lr, seed=seed)
@@ -352,30 +351,17 @@ def codec_eval(
 ) -> None:
     """Reconstruction PSNR (dB, 8-bit scale) of a codec per modality of a source's cells, and
     per image file."""
-    import numpy as np
-    import torch
-    from PIL import Image
+    from pipelines.codec import image_psnr, open_codec, psnr_by_modality, source_fragments
 
-    from majortom_gen.fragments import to_unit_range
-    from model.codecs import load_codec, reconstruction_psnr
-    from pipelines.codec import psnr_by_modality, source_fragments
-
-    c = load_codec("small-vae") if codec == "small-vae" else load_codec(None, codec)
     if source is None and not images:
         raise MajorTomGenError("give --source with --cells/--region, or --images")
+    c = open_codec(codec)
     if source is not None:
         frags = source_fragments(source, _cells_from(cells, region))
         console.print(f"{c.name} on {source}: " + ", ".join(f"{m} {v:.2f} dB ({len(frags[m])} fragments)"
                                                             for m, v in psnr_by_modality(c, frags).items()), highlight=False)
     for path in images or []:
-        try:
-            pixels = np.asarray(Image.open(path).convert("RGB"))
-        except OSError as exc:
-            raise MajorTomGenError(f"{path}: not a readable image ({exc})") from None
-        if pixels.shape[0] % 8 or pixels.shape[1] % 8:
-            raise MajorTomGenError(f"{path}: {pixels.shape[1]}x{pixels.shape[0]} px; sides must be multiples of 8")
-        psnr = reconstruction_psnr(c, torch.from_numpy(to_unit_range(pixels[None])))
-        console.print(f"{c.name} on {path}: {psnr:.2f} dB", highlight=False)
+        console.print(f"{c.name} on {path}: {image_psnr(c, path):.2f} dB", highlight=False)
 
 
 @store_app.command("info")
@@ -742,8 +728,8 @@ def demo(
     from majortom_gen.store import split_cells
     from pipelines.evaluate import EvalOptions, offline_extractors, parse_conditions
     from pipelines.ingest import IngestOptions
-    from model.train import SHIPPED_DEMO_MODEL
     from pipelines.region import generate_region
+    from pipelines.train import SHIPPED_DEMO_MODEL
 
     grid = default_grid()
     ids = grid.cells_in(read_region(DEMO_REGION))[:cells]

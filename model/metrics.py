@@ -164,3 +164,10 @@ def ssim(images: np.ndarray, reference: np.ndarray, data_range: float = 255.0) -
                                                   return_full_image=True)
     border = 5
     return full[..., border:-border, border:-border].mean(dim=(1, 2, 3)).double().numpy()
+
+
+def mean_abs_gradient(images: np.ndarray) -> float:
+    """Mean |difference| of horizontally and vertically neighbouring pixels of uint8 images
+    ``(..., H, W, C)``, in 8-bit units: how rough an image set is (speckle and blocks raise it)."""
+    x = np.asarray(images, np.float32)
+    return float((np.abs(np.diff(x, axis=-2)).mean() + np.abs(np.diff(x, axis=-3)).mean()) / 2)

@@ -25,7 +25,7 @@ from majortom_gen.modalities import MODALITY_NAMES
 from majortom_gen.selection import select
 from majortom_gen.staging import staged_folder
 from model.codec_training import CodecTrainConfig, train_small_vae
-from model.codecs import Codec, fit_latent_norms, reconstruction_psnr
+from model.codecs import Codec, fit_latent_norms, load_codec, reconstruction_psnr
 from pipelines.ingest import read_fragments
 
 PSNR_FRAGMENTS = 64  # per modality: the reconstruction PSNR recorded with a trained codec
@@ -79,3 +79,22 @@ def train_codec(source: str | os.PathLike, cells: Sequence[str], out: str | os.P
     with staged_folder(out) as tmp:
         codec.save(tmp)
     return CodecResult(Path(out), {m: len(a) for m, a in images.items()}, psnr, time.perf_counter() - start)
+
+
+def open_codec(codec: str) -> Codec:
+    """A codec folder (``codec train`` output, ``STORE/codec``), or ``'small-vae'``: the shipped one."""
+    return load_codec("small-vae") if codec == "small-vae" else load_codec(None, codec)
+
+
+def image_psnr(codec: Codec, path: str | os.PathLike) -> float:
+    """Reconstruction PSNR (dB, 8-bit scale) of one image file (PNG/JPEG/WebP, sides multiples
+    of 8); a clear error naming the file otherwise."""
+    from PIL import Image
+
+    try:
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+    except OSError as exc:
+        raise MajorTomGenError(f"{path}: not a readable image ({exc})") from None
+    if pixels.shape[0] % 8 or pixels.shape[1] % 8:
+        raise MajorTomGenError(f"{path}: {pixels.shape[1]}x{pixels.shape[0]} px; sides must be multiples of 8")
+    return reconstruction_psnr(codec, torch.from_numpy(to_unit_range(pixels[None])))

@@ -12,7 +12,7 @@ from majortom_gen.errors import MajorTomGenError
 from majortom_gen.store import LatentStore, load_aligned
 from model.codecs import latent_norms
 from model.config import load_config
-from model.train import TrainResult, train
+from model.train import SHIPPED_DEMO_MODEL, TrainResult, train  # noqa: F401 (the demo's model, for the CLI)
 
 
 def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike, *,

@@ -22,6 +22,7 @@ from majortom_gen.store import LatentStore, load_aligned
 from majortom_gen.synth import SynthOptions, write_world
 from model.codecs import latent_norms
 from model.diffusion import NOISE_TIMESTEP, alphas_cumprod, predict_eps
+from model.metrics import mean_abs_gradient
 from model.sample import generate
 from model.train import SHIPPED_DEMO_MODEL
 from model.uvit import MultiModalUViT
@@ -51,12 +52,6 @@ def held_out(tmp_path_factory):
 @pytest.fixture(scope="module")
 def net():
     return MultiModalUViT.from_pretrained(SHIPPED_DEMO_MODEL).eval()
-
-
-def mean_abs_gradient(images: np.ndarray) -> float:
-    """Mean |difference| of horizontally and vertically neighbouring pixels, 8-bit units."""
-    x = images.astype(np.float32)
-    return float((np.abs(np.diff(x, axis=-2)).mean() + np.abs(np.diff(x, axis=-3)).mean()) / 2)
 
 
 def x0_errors(net, x, target: str, condition: str, k: int, seed: int = 0) -> tuple[float, float]:
