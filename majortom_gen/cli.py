@@ -49,6 +49,15 @@ def _cells_from(cells: list[str] | None, region: str | None) -> list[str]:
     return cells_from(cells, region)
 
 
+def _cells_file(path: Path, option: str) -> list[str]:
+    """The cell ids of a file given to ``option`` (see :func:`majortom_gen.selection.parse_cell_list`)."""
+    from majortom_gen.selection import parse_cell_list
+
+    if not path.is_file():
+        raise MajorTomGenError(f"{option} {path}: no such file")
+    return parse_cell_list([str(path)])
+
+
 CellsOption = Annotated[Optional[list[str]], typer.Option(
     help="Cell ids: --cells 501U_60R 502U_60R, comma-separated, or a text/CSV file of ids.")]
 RegionOption = Annotated[Optional[str], typer.Option(help="Vector file, WKT polygon or bbox 'west,south,east,north'.")]
@@ -156,9 +165,9 @@ def synth(
     out: Annotated[Path, typer.Option(help="Folder to write Core-*/ datasets into.")],
     cells: CellsOption = None,
     region: RegionOption = None,
-    seed: Annotated[int, typer.Option(help="World seed: same seed, same bytes.")] = 0,
-    workers: Annotated[int, typer.Option(help="Worker processes (default: all cores).")] = 0,
-    products_per_shard: Annotated[int, typer.Option(help="Row groups (products) per images/part_*.parquet (real data: 500).")] = 500,
+    seed: Annotated[int, typer.Option(min=0, help="World seed: same seed, same bytes.")] = 0,
+    workers: Annotated[int, typer.Option(min=0, help="Worker processes (default: all cores).")] = 0,
+    products_per_shard: Annotated[int, typer.Option(min=1, help="Row groups (products) per images/part_*.parquet (real data: 500).")] = 500,
     quirks: Annotated[Optional[list[str]], typer.Option(help="Reproduce real-data quirks: epsg_prefix, duplicate_cell, s1_1069px, or 'all'.")] = None,
     modalities: Annotated[str, typer.Option(help="Comma-separated modalities to write.")] = "DEM,S1RTC,S2L1C,S2L2A",
 ) -> None:
@@ -248,6 +257,9 @@ def run_ingest(source: str, ids: list[str], store: Path, options, *, modalities:
     console.print("products per modality: " + ", ".join(f"{m} {n} cells" for m, n in report.coverage.items()), highlight=False)
     for m, why in report.missing_modalities.items():
         console.print(f"[yellow]no {m}:[/] {why}", highlight=False)
+    for m, why in report.failed_modalities.items():
+        err_console.print(Text.assemble((f"{m} failed: ", "bold red"), why, f"; no {m} was stored. Fix it and run the "
+                                        f"same command again: the cells get {m} added."), soft_wrap=True)
     codec = report.codec
     line = f"codec {codec['name']} ({codec['config_hash'][:12]})"
     if report.codec_psnr_db is not None:
@@ -270,8 +282,11 @@ def ingest(
     region: RegionOption = None,
     codec: Annotated[str, typer.Option(help="small-vae (offline, learned, shipped), patch-pca (linear, fitted on the "
                                             "data) or sd-vae.")] = "small-vae",
-    codec_source: Annotated[Optional[str], typer.Option(help="sd-vae weights: hub id, folder, or autoencoder_kl_ema.pth; "
-                                                             "small-vae: a folder from `codec train` (default: shipped).")] = None,
+    codec_source: Annotated[Optional[str], typer.Option(help="sd-vae weights: hub id, folder or .pth (the official "
+                                                             "encoder is autoencoder_kl.pth; ENCODE,DECODE gives both); "
+                                                             "small-vae: a folder from `codec train` (default: shipped); patch-pca: an "
+                                                             "existing fit, e.g. another store's STORE/codec (default: "
+                                                             "fit on the data).")] = None,
     modalities: Annotated[str, typer.Option(help="Comma-separated modalities.")] = "DEM,S1RTC,S2L1C,S2L2A",
     fragments: Annotated[str, typer.Option(help="grid (4x4 of 256 px) or centre (one 256 px crop).")] = "grid",
     start: Annotated[Optional[str], typer.Option(help="Earliest acquisition date, YYYY-MM-DD.")] = None,
@@ -280,9 +295,9 @@ def ingest(
     max_nodata: Annotated[Optional[float], typer.Option(help="Max nodata fraction 0..1.")] = None,
     rule: Annotated[str, typer.Option(help="Product choice per cell: least-cloudy or most-recent.")] = "least-cloudy",
     scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address; default: an embedded local cluster.")] = None,
-    workers: Annotated[int, typer.Option(help="Local cluster workers (default: all cores).")] = 0,
-    threads: Annotated[int, typer.Option(help="Threads per worker.")] = 1,
-    cells_per_shard: Annotated[int, typer.Option(help="Cells per store shard (one Dask encode task each).")] = 8,
+    workers: Annotated[int, typer.Option(min=0, help="Local cluster workers (default: all cores).")] = 0,
+    threads: Annotated[int, typer.Option(min=1, help="Threads per worker.")] = 1,
+    cells_per_shard: Annotated[int, typer.Option(min=1, help="Cells per store shard (one Dask encode task each).")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (sd-vae).")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32, fp16 or bf16 (sd-vae on GPU).")] = "fp32",
 ) -> None:
@@ -316,7 +331,8 @@ def codec_train(
     batch_size: Annotated[int, typer.Option(min=1, help="Crops per step.")] = 16,
     crop: Annotated[int, typer.Option(min=8, help="Crop size in pixels (a multiple of 8).")] = 96,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, cosine decay).")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Seed of every random choice (crops, flips, init).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of every random choice (crops, flips, init).")] = 0,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Train the small-vae codec (a small kl-f8 AutoencoderKL, 4 x 32 x 32 latents) on the
     thumbnail fragments of every modality of the given cells, with one latent normalisation
@@ -332,7 +348,7 @@ def codec_train(
         try:
             command = _command_line("codec train", source=source, cells=cells, region=region, out=out, steps=steps,
                                     batch_size=batch_size, crop=crop, lr=lr, seed=seed)
-            result = train_codec(source, ids, out, config=config, command=command, progress=tick)
+            result = train_codec(source, ids, out, config=config, command=command, progress=tick, overwrite=overwrite)
         except ValueError as exc:
             raise MajorTomGenError(str(exc)) from None
     console.print(f"[green]codec[/] -> {result.folder} ({result.seconds:.0f} s); fragments per modality "
@@ -384,6 +400,50 @@ def store_info(store: Annotated[Path, typer.Argument(help="Latent store folder."
     console.print(f"codec: {codec['name']} ({codec['config_hash'][:12]}) {json_dumps_short(codec['config'])}", highlight=False)
 
 
+@store_app.command("check")
+@_user_errors
+def store_check(
+    store: Annotated[Path, typer.Argument(help="Latent store folder.")],
+    repair: Annotated[bool, typer.Option("--repair", help="Move unreadable shards to STORE/quarantine/, rebuild "
+                                         "manifest.json from the intact shards and list the cells to ingest again.")] = False,
+) -> None:
+    """Read every shard: report missing, unreadable, changed and unlisted shards and fragments
+    stored twice (exit 3 if any); with --repair, make the store consistent again."""
+    from majortom_gen.store import check_store
+
+    report = check_store(store, repair=repair)
+    say = functools.partial(console.print, highlight=False, soft_wrap=True)
+    say(f"[bold]{report.root}[/]: {report.shards} intact shard(s), {report.rows} rows")
+    if report.writer:
+        say(f"[yellow]note[/]: a writer is running ({report.writer}); shards it is writing show as unlisted")
+    if report.manifest:
+        say(f"[red]manifest.json[/]: {report.manifest}")
+    for p in report.problems:
+        held = "" if not p.cells else " (cells " + ", ".join(f"{c}: {'+'.join(m)}" for c, m in sorted(p.cells.items())) + ")"
+        say(f"[red]shards/{p.file}[/]: {p.problem}: {p.reason}{held}")
+    for line in report.duplicates[:20]:
+        say(f"[red]stored twice[/]: {line}")
+    if len(report.duplicates) > 20:
+        say(f"... and {len(report.duplicates) - 20} more fragments stored twice")
+    if report.ok:
+        say("[green]ok[/]: every listed shard is readable, nothing is stored twice")
+        return
+    if not report.repaired:
+        say(f"run `majortom-gen store check --repair {report.root}` to repair it")
+        raise typer.Exit(EXIT_COMPLETED_WITH_ERRORS)
+    for path in report.moved:
+        say(f"moved aside: {path}")
+    say(f"[green]repaired[/]: manifest.json rebuilt from {report.shards} intact shard(s)")
+    if report.reingest:
+        ids = ",".join(sorted(report.reingest))
+        say(f"cells to ingest again ({len(report.reingest)}): " + ", ".join(
+            f"{c} ({'+'.join(m)})" for c, m in sorted(report.reingest.items())))
+        say(f"e.g. majortom-gen ingest --source SOURCE --store {report.root} --cells {ids}")
+    if report.unknown:
+        say(f"the cells of {', '.join(report.unknown)} are unknown (no manifest recorded them): ingest your cells "
+            "again; those stored are skipped")
+
+
 def json_dumps_short(config: dict) -> str:
     import json
 
@@ -395,24 +455,60 @@ def json_dumps_short(config: dict) -> str:
 ReflectanceOption = Annotated[bool, typer.Option(
     help="Also write generated S2 fragments as approximate reflectance (inverted thumbnail, below saturation only).")]
 CodecSourceOption = Annotated[Optional[str], typer.Option(
-    help="For stores made with sd-vae: the same VAE (hub id, folder or .pth) to decode with; patch-pca needs nothing.")]
+    help="For stores made with sd-vae: the VAE the store was encoded with (hub id, folder or .pth), or ENCODE,DECODE "
+         "to decode with other weights (official: autoencoder_kl.pth,autoencoder_kl_ema.pth); small-vae and patch-pca "
+         "need nothing.")]
 WorkersOption = Annotated[Optional[int], typer.Option(
-    help="Sampling workers on a local Dask cluster (default: one per GPU when there are several, else in-process).")]
-DeviceOption = Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")]
+    min=1, help="Sampling workers on a local Dask cluster (default: one per GPU when there are several, else in-process).")]
+
+
+def _device_option(value: str | None) -> str | None:
+    """Refuse a device torch cannot use (``cuda`` without CUDA) before any work."""
+    if value is None:
+        return value
+    from pipelines.train import check_device
+
+    try:
+        check_device(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+DeviceOption = Annotated[Optional[str], typer.Option(callback=_device_option,
+                                                     help="cpu or cuda (default: cuda when available).")]
+OverwriteOption = Annotated[bool, typer.Option(
+    help="Replace --out when it holds an earlier output of majortom-gen (never a folder it did not write).")]
 
 
 def run_train(config: str, store: Path, out: Path, *, max_steps: int | None, resume: bool, test_fraction: float = 0.05,
-              device: str | None = None, init_from: Path | None = None, command: str = ""):
-    from pipelines.train import train_on_store
+              device: str | None = None, init_from: Path | None = None, command: str = "",
+              keep_checkpoints: int | None = None):
+    """Train with a progress bar; training warnings (a damaged checkpoint skipped, a config
+    changed on resume) are printed as one yellow line each."""
+    import warnings
 
-    with _progress("training", "steps") as update:
+    from pipelines.train import TrainingWarning, train_on_store
+
+    others = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TrainingWarning):
+            err_console.print(Text.assemble(("warning: ", "bold yellow"), str(message)), highlight=False, soft_wrap=True)
+        else:
+            others(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings(), _progress("training", "steps") as update:
+        warnings.showwarning = show
+        warnings.simplefilter("always", TrainingWarning)
 
         def tick(step: int, total: int, loss: float) -> None:
             update(step, total, note=f"loss {loss:.4f}, ")
 
         try:
             result = train_on_store(config, store, out, max_steps=max_steps, resume=resume, progress=tick,
-                                    test_fraction=test_fraction, device=device, init_from=init_from, command=command)
+                                    test_fraction=test_fraction, device=device, init_from=init_from, command=command,
+                                    keep_checkpoints=keep_checkpoints)
         except ValueError as exc:
             raise MajorTomGenError(str(exc)) from None
     last = f"last loss {result.last_loss:.4f}" if result.losses else "no step left to run"
@@ -427,18 +523,23 @@ def train(
     store: Annotated[Path, typer.Option(help="Latent store to train on (its training split).")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, log, loss curve, final EMA model.")],
     config: Annotated[str, typer.Option(help="tiny, paper, release, or a YAML path.")] = "tiny",
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (default: the config's).")] = None,
-    resume: Annotated[bool, typer.Option(help="Resume from the last checkpoint in --out.")] = False,
+    max_steps: Annotated[Optional[int], typer.Option(
+        min=1, help="Stop after this many steps (default: the config's).")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Resume from the last complete checkpoint in --out (refused on a store of another codec).")] = False,
     test_fraction: Annotated[float, typer.Option(help="Share of cells held out for testing (by grid cell, seeded).")] = 0.05,
     init_from: Annotated[Optional[Path], typer.Option(
         help="Start from this model's weights (fine-tuning; same network config), e.g. the shipped demo model.")] = None,
     device: DeviceOption = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option(
+        min=1, help="Keep the newest N checkpoints, deleting older ones (default: the config's, 3).")] = None,
 ) -> None:
     """Train the multimodal U-ViT on a latent store (accelerate; GPU when present)."""
     command = _command_line("train", config=config, store=store, out=out, max_steps=max_steps, resume=resume,
-                            test_fraction=test_fraction, init_from=init_from, device=device)
+                            test_fraction=test_fraction, init_from=init_from, device=device,
+                            keep_checkpoints=keep_checkpoints)
     run_train(config, store, out, max_steps=max_steps, resume=resume, test_fraction=test_fraction, device=device,
-              init_from=init_from, command=command)
+              init_from=init_from, command=command, keep_checkpoints=keep_checkpoints)
 
 
 @app.command(context_settings={"allow_extra_args": True})
@@ -452,13 +553,14 @@ def sample(
     condition: Annotated[str, typer.Option(help="Condition modalities, comma-separated, or 'none'.")] = "none",
     cells: CellsOption = None,
     region: RegionOption = None,
-    n_samples: Annotated[int, typer.Option(help="Samples per fragment.")] = 1,
-    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 50,
-    seed: Annotated[int, typer.Option(help="Seed; each fragment's noise derives from (seed, cell, fragment).")] = 0,
+    n_samples: Annotated[int, typer.Option(min=1, help="Samples per fragment.")] = 1,
+    steps: Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")] = 50,
+    seed: Annotated[int, typer.Option(min=0, help="Seed; each fragment's noise derives from (seed, cell, fragment).")] = 0,
     deterministic_conditions: Annotated[bool, typer.Option(help="Use the conditions' latent means, not samples.")] = False,
     device: DeviceOption = None,
     workers: WorkersOption = None,
     codec_source: CodecSourceOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Generate any subset of modalities from any other subset, for fragments of a store."""
     from majortom_gen.modalities import parse_modalities
@@ -470,7 +572,7 @@ def sample(
         with _progress("sampling", "fragments") as update:
             result = sample_store(model, store, ids, cond, parse_modalities(generate), out, n_samples=n_samples,
                                   steps=steps, seed=seed, deterministic_conditions=deterministic_conditions, device=device,
-                                  workers=workers, progress=update, codec_source=codec_source)
+                                  workers=workers, progress=update, codec_source=codec_source, overwrite=overwrite)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     console.print(f"[green]sampled[/] {result.fragments} fragments x {n_samples} -> {result.out} "
@@ -486,13 +588,14 @@ def chain(
     out: Annotated[Path, typer.Option(help="Output folder: chain.npz, chain.json, a PNG per cell.")],
     a: Annotated[str, typer.Option(help="Start modalities (taken from the store), comma-separated.")],
     b: Annotated[str, typer.Option(help="The other side, comma-separated.")],
-    n: Annotated[int, typer.Option(help="Generations: b from a, a from b, ... n times.")] = 4,
+    n: Annotated[int, typer.Option(min=1, help="Generations: b from a, a from b, ... n times.")] = 4,
     cells: CellsOption = None,
     region: RegionOption = None,
-    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 50,
-    seed: Annotated[int, typer.Option(help="Seed (iteration i uses seed + i).")] = 0,
+    steps: Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")] = 50,
+    seed: Annotated[int, typer.Option(min=0, help="Seed (iteration i uses seed + i).")] = 0,
     device: DeviceOption = None,
     codec_source: CodecSourceOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """The paper's looping experiment: generate B from the real A, then A from the generated B,
     n times, to see what survives repeated translation."""
@@ -502,7 +605,7 @@ def chain(
     ids = _cells_from((cells or []) + list(ctx.args), region)
     try:
         result = chain_store(model, store, ids, parse_modalities(a), parse_modalities(b), n, out, steps=steps, seed=seed,
-                             device=device, codec_source=codec_source)
+                             device=device, codec_source=codec_source, overwrite=overwrite)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     console.print(f"[green]chained[/] {result.fragments} fragments x {n} generations -> {result.out}", highlight=False)
@@ -519,6 +622,7 @@ def export(
     mosaic: Annotated[bool, typer.Option(help="Also write mosaics: a VRT per UTM zone and a blended COG per modality and sample.")] = True,
     reflectance: ReflectanceOption = False,
     codec_source: CodecSourceOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Write generated fragments as Cloud-Optimized GeoTIFFs in their cell's UTM CRS, and mosaics."""
     from majortom_gen.georef import normalise_crs
@@ -526,7 +630,7 @@ def export(
     from pipelines.export import export_samples
 
     result = export_samples(samples, store, out, mosaic=mosaic, dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance,
-                            codec_source=codec_source,
+                            codec_source=codec_source, overwrite=overwrite,
                             region=read_region(region) if region else None)
     console.print(f"[green]exported[/] {len(result.files)} COGs -> {result.out}", highlight=False)
 
@@ -543,14 +647,15 @@ def generate_region_cmd(
     cells: CellsOption = None,
     condition: Annotated[str, typer.Option(help="'auto' (everything each cell has) or comma-separated modalities.")] = "auto",
     source: Annotated[Optional[str], typer.Option(help="Major TOM source to ingest cells the store lacks.")] = None,
-    n_samples: Annotated[int, typer.Option(help="Samples per fragment (> 1 adds mean/std rasters).")] = 1,
-    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 50,
-    seed: Annotated[int, typer.Option(help="Seed; fragment noise derives from (seed, cell, fragment).")] = 0,
+    n_samples: Annotated[int, typer.Option(min=1, help="Samples per fragment (> 1 adds mean/std rasters).")] = 1,
+    steps: Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")] = 50,
+    seed: Annotated[int, typer.Option(min=0, help="Seed; fragment noise derives from (seed, cell, fragment).")] = 0,
     crs: Annotated[str, typer.Option(help="CRS of the mosaic COGs.")] = "EPSG:4326",
     reflectance: ReflectanceOption = False,
     device: DeviceOption = None,
     workers: WorkersOption = None,
     codec_source: CodecSourceOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Fill a region: generate the missing modalities for the cells covering a polygon and
     export them as GeoTIFFs and mosaics."""
@@ -570,13 +675,17 @@ def generate_region_cmd(
             result = generate_region(model, store, out, generate=parse_modalities(generate), region=geom, cells=ids,
                                      condition=cond, source=source, n_samples=n_samples, steps=steps, seed=seed,
                                      dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance, device=device,
-                                     workers=workers, progress=update, codec_source=codec_source)
+                                     workers=workers, progress=update, codec_source=codec_source,
+                                     overwrite=overwrite)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     for name, group in result.groups.items():
         console.print(f"conditioned on {name}: {len(group)} cell(s)", highlight=False)
-    for cell, why in result.skipped.items():
-        err_console.print(Text(f"skipped {cell}: {why}", style="yellow"))
+    if result.skipped:
+        from majortom_gen.selection import summarise_cells
+
+        err_console.print(Text(f"skipped {summarise_cells(result.skipped)} (all listed in {result.out / 'region.json'})",
+                               style="yellow"), soft_wrap=True)
     console.print(f"[green]wrote[/] {len(result.files)} files -> {result.out}/geotiff (mosaics in geotiff/mosaic)", highlight=False)
 
 
@@ -595,9 +704,10 @@ def dataset_build(
     modalities: Annotated[Optional[str], typer.Option(help="Modalities every fragment must have (default: the store's).")] = None,
     split: Annotated[str, typer.Option(help="spatial (blocks of neighbouring cells) or random (per cell).")] = "spatial",
     test_fraction: Annotated[float, typer.Option(help="Share of cells in the test split.")] = 0.05,
-    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
-    block_size: Annotated[int, typer.Option(help="Spatial blocks of N x N grid cells (about 10*N km).")] = 4,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the split.")] = 0,
+    block_size: Annotated[int, typer.Option(min=1, help="Spatial blocks of N x N grid cells (about 10*N km).")] = 4,
     hf: Annotated[bool, typer.Option(help="Also export a Hugging Face datasets DatasetDict to OUT/hf.")] = True,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """A self-contained training set: the store's fragments for some cells (or all), split by
     grid cell (spatially blocked, reproducible), as GeoParquet and as a `datasets` export."""
@@ -607,7 +717,8 @@ def dataset_build(
     ids = (cells or []) + list(ctx.args)
     selected = _cells_from(ids, region) if (ids or region) else None
     result = build_dataset(store, out, cells=selected, modalities=parse_modalities(modalities) if modalities else None,
-                           split=split, test_fraction=test_fraction, seed=seed, block=block_size, hf=hf)
+                           split=split, test_fraction=test_fraction, seed=seed, block=block_size, hf=hf,
+                           overwrite=overwrite)
     for s in ("train", "test"):
         console.print(f"{s:5s}: {len(result.cells[s]):5d} cells {result.fragments[s]:7d} fragments", highlight=False)
     console.print(f"[green]wrote[/] {result.out} (latent store with a split column"
@@ -620,7 +731,8 @@ def run_evaluate(model: Path, store: Path, out: Path, options) -> list[dict]:
 
     with _progress("evaluating", "fragments") as update:
         result = evaluate(model, store, out, options, progress=lambda d, t, note: update(d, t, f"{note}: "))
-    table = Table(title=f"{result.fragments} {options.split} fragments; FID (Inception), precision/recall/F (DINOv2)")
+    table = Table(title=f"N = {result.fragments} {options.split} fragments x {options.n_samples} sample(s); FID (Inception), "
+                        "precision/recall/F (DINOv2)")
     table.add_column("condition")
     table.add_column("generated")
     for name in DISTRIBUTION_METRICS + ("psnr", "ssim"):
@@ -645,18 +757,25 @@ def evaluate(
     generate: Annotated[Optional[str], typer.Option(help="Modalities to generate and score, comma-separated "
                                                          "(default: every modality not in the condition).")] = None,
     split: Annotated[str, typer.Option(help="Cells to evaluate on: test (held out in training), train or all.")] = "test",
-    n_samples: Annotated[int, typer.Option(help="Samples per fragment (best-of-n PSNR and spread use them all).")] = 1,
-    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 50,
-    seed: Annotated[int, typer.Option(help="Seed; each fragment's noise derives from (seed, cell, fragment).")] = 0,
-    k: Annotated[int, typer.Option(help="Nearest neighbours for precision/recall manifolds.")] = 3,
-    max_fragments: Annotated[Optional[int], typer.Option(help="Evaluate at most this many fragments.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Fragments per sampling/feature batch.")] = 32,
+    n_samples: Annotated[int, typer.Option(min=1, help="Samples per fragment (best-of-n PSNR and spread use them all).")] = 1,
+    steps: Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")] = 50,
+    seed: Annotated[int, typer.Option(min=0, help="Seed; each fragment's noise derives from (seed, cell, fragment).")] = 0,
+    k: Annotated[int, typer.Option(min=1, help="Nearest neighbours for precision/recall manifolds.")] = 3,
+    max_fragments: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most this many fragments.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Fragments per sampling/feature batch.")] = 32,
     fid_extractor: Annotated[str, typer.Option(help="Inception state-dict file, or pt_inception-2015-12-05 (download).")] = "pt_inception-2015-12-05",
     pr_extractor: Annotated[str, typer.Option(help="DINOv2 folder or hub id.")] = "facebook/dinov2-small",
     codec: Annotated[Optional[str], typer.Option(help="Codec name (default: the store's).")] = None,
     codec_source: Annotated[Optional[str], typer.Option(help="Codec folder/hub id/file (default: STORE/codec).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache (default: STORE/cache/eval).")] = None,
+    exclude_cells: Annotated[Optional[Path], typer.Option(
+        help="Cells never to evaluate on: a text file of ids or a parquet with a grid_cell column (e.g. the official "
+             "train_metadata.parquet of the published weights).")] = None,
+    real_source: Annotated[Optional[str], typer.Option(
+        help="Compare with the real thumbnails read from these Major TOM shards (as the paper), not the codec's "
+             "reconstruction.")] = None,
     device: DeviceOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Evaluate a model the COP-GEN-Beta way: FID, precision, recall, F-score per condition
     and generated modality (Table 1), plus PSNR/SSIM/MAE against the paired real fragment."""
@@ -667,7 +786,9 @@ def evaluate(
                           split=split, n_samples=n_samples, steps=steps,
                           seed=seed, k=k, max_fragments=max_fragments, batch_size=batch_size,
                           fid_extractor=fid_extractor, pr_extractor=pr_extractor, codec=codec, codec_source=codec_source,
-                          cache_dir=str(cache_dir) if cache_dir else None, device=device)
+                          cache_dir=str(cache_dir) if cache_dir else None, device=device,
+                          exclude_cells=tuple(_cells_file(exclude_cells, "--exclude-cells")) if exclude_cells else (),
+                          real_source=real_source, overwrite=overwrite)
     try:
         run_evaluate(model, store, out, options)
     except ValueError as exc:
@@ -680,16 +801,28 @@ def convert_weights(
     out: Annotated[Path, typer.Option(help="Folder for the converted model (save_pretrained).")],
     checkpoint: Annotated[str, typer.Option(help="nnet_ema_114000.pth path, or hub 'repo[:file]'.")] = "mespinosami/COP-GEN-Beta:nnet_ema_114000.pth",
     config: Annotated[str, typer.Option(help="Network config the checkpoint was trained with.")] = "release",
+    training_cells: Annotated[Optional[Path], typer.Option(
+        help="The cells the weights were trained on: the official train_metadata.parquet (grid_cell column) or a "
+             "text file of ids; recorded so that evaluate leaves them out.")] = None,
 ) -> None:
-    """Convert the published COP-GEN-Beta weights into this project's network."""
+    """Convert the published COP-GEN-Beta weights into this project's network. The folder
+    records the codec they need (sd-vae, scale 0.18215) and, with --training-cells, the cells
+    they were trained on."""
     from pipelines.weights import convert_published
 
+    cells = _cells_file(training_cells, "--training-cells") if training_cells else None
     try:
-        net = convert_published(checkpoint, out, config)
+        net = convert_published(checkpoint, out, config, training_cells=cells,
+                                command=_command_line("convert-weights", out=out, checkpoint=checkpoint, config=config,
+                                                      training_cells=training_cells))
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     n = sum(p.numel() for p in net.parameters())
     console.print(f"[green]converted[/] {n / 1e6:.1f} M parameters, modalities {net.modalities} -> {out}", highlight=False)
+    if cells is None:
+        console.print("[yellow]training cells unknown[/]: the published split cannot be recomputed (see the README, "
+                      "real data); pass --training-cells train_metadata.parquet, or --exclude-cells to evaluate",
+                      highlight=False)
 
 
 # ----------------------------------------------------------------------------- demo
@@ -707,11 +840,11 @@ DEMO_FINE_TUNE_STEPS = 30
 @_user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo-out"),
-    cells: Annotated[int, typer.Option(help="How many grid cells of the demo region to use (it has 21).")] = 16,
+    cells: Annotated[int, typer.Option(min=4, max=21, help="How many grid cells of the demo region to use (it has 21).")] = 16,
     steps: Annotated[int, typer.Option(min=0, help="Fine-tuning steps of the shipped demo model on the demo's training "
                                                    "cells (0: use it as shipped).")] = DEMO_FINE_TUNE_STEPS,
-    seed: Annotated[int, typer.Option(help="Seed for the synthetic world and the sampling.")] = 0,
-    workers: Annotated[int, typer.Option(help="Worker processes (default: all cores).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for the synthetic world and the sampling.")] = 0,
+    workers: Annotated[int, typer.Option(min=0, help="Worker processes (default: all cores).")] = 0,
     device: DeviceOption = None,
 ) -> None:
     """The main job on an embedded default, offline: a synthetic Major TOM world around
@@ -770,7 +903,8 @@ def demo(
     console.print(f"region: {len(test_cells)} held-out cells {', '.join(test_cells)} (the model never saw them); "
                   "the store keeps their real DEM/S1RTC for comparison, the model is not given them", soft_wrap=True)
     region = generate_region(run / "model", store, region_out, generate=("DEM", "S1RTC"), region=polygon,
-                             condition=("S2L1C", "S2L2A"), n_samples=2, steps=25, seed=seed, device=device)
+                             condition=("S2L1C", "S2L2A"), n_samples=2, steps=25, seed=seed, device=device,
+                             overwrite=True)  # the demo's own folder, rerun
     tifs = [f for f in region.files if f.suffix in (".tif", ".vrt")]
     console.print(f"{len(tifs)} GeoTIFFs/VRTs -> {region_out}/geotiff: <cell>/<modality>/f<fragment>_s<sample>.tif "
                   "(fragment COGs), mosaic/<modality>_s<k>_EPSG4326.tif (blended, clipped to the polygon), "
@@ -791,7 +925,7 @@ def demo(
                        "published weights.", style="yellow"), soft_wrap=True)
     options = EvalOptions(conditions=parse_conditions(DEMO_CONDITIONS), generate=tuple(DEMO_GENERATE.split(",")), steps=25, seed=seed, batch_size=48,
                           fid_extractor=str(extractors["inception"]), pr_extractor=str(extractors["dinov2"]),
-                          device=device)
+                          device=device, overwrite=True)
     run_evaluate(run / "model", store, eval_out, options)
     console.rule("[bold]done")
     listing = _write_file_list(out)

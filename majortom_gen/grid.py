@@ -198,7 +198,7 @@ class Grid:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise OutsideGridError(
-                f"point #{i} (lat={lat[i]!r}, lon={lon[i]!r}) is outside the grid: latitudes must lie in "
+                f"point #{i} (lat={float(lat[i])!r}, lon={float(lon[i])!r}) is outside the grid: latitudes must lie in "
                 f"[{self._lats[0]:g}, {lat_hi:g}] and longitudes in [-180, 180]"
                 + (f" ({int(bad.sum())} such points)" if bad.sum() > 1 else "")
             )

@@ -7,6 +7,7 @@ Returns plain data; printing is the CLI's job.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,13 +119,18 @@ def _modality_of_folder(folder: Path) -> str:
 
 
 def preview_sheet(path: str | os.PathLike, out_png: str | os.PathLike, max_products: int = 8) -> Path:
-    """Write a PNG sheet of up to ``max_products`` thumbnails per modality (one row each)."""
+    """Write a PNG sheet of up to ``max_products`` thumbnails per modality (one row each). A
+    thumbnail that cannot be read is drawn as a red tile and reported in a warning; the rest
+    of the sheet is still made."""
     path = Path(path)
     rows: list[np.ndarray] = []
+    problems: list[str] = []
     if path.is_file():
         detect_modality(pq.read_schema(path).names)  # refuses a shard of no known modality
         n = min(pq.ParquetFile(path).metadata.num_row_groups, max_products)
-        thumbs = [decode_product_thumbnail(read_product(path, i, ["thumbnail"]), item=f"{path} row group {i}") for i in range(n)]
+        thumbs = [_thumbnail_or_placeholder(lambda i=i: decode_product_thumbnail(read_product(path, i, ["thumbnail"]),
+                                                                          item=f"{path} row group {i}"), problems)
+                  for i in range(n)]
         rows.append(_strip(thumbs))
     else:
         folders = [path] if (path / "metadata.parquet").exists() else [
@@ -132,7 +138,8 @@ def preview_sheet(path: str | os.PathLike, out_png: str | os.PathLike, max_produ
             if (path / m.hub_repo.split("/")[-1] / "metadata.parquet").exists()]
         for folder in folders:
             md = read_metadata(folder, _modality_of_folder(folder)).head(max_products)
-            thumbs = [decode_product_thumbnail(read_product_of(r, ["thumbnail"]), item=f"{folder} {r.grid_cell}")
+            thumbs = [_thumbnail_or_placeholder(lambda r=r: decode_product_thumbnail(read_product_of(r, ["thumbnail"]),
+                                                                              item=f"{folder} {r.grid_cell}"), problems)
                       for _, r in md.iterrows()]
             rows.append(_strip(thumbs))
     if not rows:
@@ -142,7 +149,19 @@ def preview_sheet(path: str | os.PathLike, out_png: str | os.PathLike, max_produ
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(sheet).save(out_png)
+    if problems:
+        warnings.warn(f"{len(problems)} thumbnail(s) could not be read and are drawn red: " + "; ".join(problems),
+                      stacklevel=2)
     return out_png
+
+
+def _thumbnail_or_placeholder(read, problems: list[str]) -> np.ndarray:
+    """``read()``'s thumbnail, or a red 1068 px square when it fails (the reason is noted)."""
+    try:
+        return read()
+    except MajorTomGenError as exc:
+        problems.append(str(exc))
+        return np.broadcast_to(np.array([200, 0, 0], np.uint8), (1068, 1068, 3)).copy()
 
 
 def _strip(thumbs: list[np.ndarray]) -> np.ndarray:

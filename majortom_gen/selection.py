@@ -52,20 +52,41 @@ class Selection:
 
 
 def parse_cell_list(values: list[str] | tuple[str, ...]) -> list[str]:
-    """Cell ids from arguments: ids separated by commas/whitespace, or paths of text/CSV
-    files with one id per line (a ``grid_cell`` header is allowed). Validated, deduplicated,
-    in order of appearance."""
+    """Cell ids from arguments: ids separated by commas/whitespace, or paths of files: text/CSV
+    with ids separated by commas or new lines (a ``grid_cell`` header is allowed; ``#`` starts a
+    comment), or a parquet table with a ``grid_cell`` column (e.g. the ``train_metadata.parquet``
+    of the official COP-GEN-Beta data preparation). Validated, deduplicated, in order of
+    appearance; a bad id in a file names the file and the line."""
     grid = default_grid()
     ids: list[str] = []
     for value in values:
         if os.path.isfile(value):
-            text = Path(value).read_text()
-            tokens = [t.strip() for line in text.splitlines() for t in line.replace(";", ",").split(",")]
-            tokens = [t for t in tokens if t and t.lower() not in ("grid_cell", "cell", "cell_id")]
+            ids.extend(_cells_in_file(Path(value), grid))
         else:
-            tokens = value.replace(",", " ").split()
-        ids.extend(grid.check_cell(t) for t in tokens)
+            ids.extend(grid.check_cell(t) for t in value.replace(",", " ").split())
     return list(dict.fromkeys(ids))
+
+
+def _cells_in_file(path: Path, grid) -> list[str]:
+    if path.suffix.lower() in (".parquet", ".geoparquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path, columns=["grid_cell"])
+        except Exception as exc:  # noqa: BLE001 - any parquet failure becomes one clear message
+            raise MajorTomGenError(f"{path}: cannot read a grid_cell column ({exc})") from None
+        return [grid.check_cell(c) for c in table.column("grid_cell").to_pylist() if c]
+    out = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        for token in line.split("#", 1)[0].replace(";", ",").split(","):
+            token = token.strip()
+            if not token or token.lower() in ("grid_cell", "cell", "cell_id"):
+                continue
+            try:
+                out.append(grid.check_cell(token))
+            except MajorTomGenError as exc:
+                raise type(exc)(f"{path}, line {number}: {exc}") from None
+    return out
 
 
 def cells_from(cells: list[str] | tuple[str, ...] | None = None, region: str | None = None) -> list[str]:
@@ -144,3 +165,21 @@ def select(
     if products.empty:
         raise MajorTomGenError(f"{source}: no product matches the {len(cells)} selected cells and the filters")
     return Selection(list(cells), products, missing)
+
+
+def summarise_cells(reasons: dict[str, str], limit: int = 10, full_list: str | os.PathLike | None = None) -> str:
+    """One readable line for many cells with reasons (``{cell: why}``): the cells grouped by
+    reason, the first ``limit`` of each named, with a count of the rest; with ``full_list``,
+    every cell and reason is written to that file (tab-separated) and the line says so."""
+    by_reason: dict[str, list[str]] = {}
+    for cell, why in reasons.items():
+        by_reason.setdefault(why, []).append(cell)
+    parts = []
+    for why, cells in by_reason.items():
+        shown = ", ".join(cells[:limit]) + (f" and {len(cells) - limit:,} more" if len(cells) > limit else "")
+        parts.append(f"{len(cells):,} cell{'s' if len(cells) != 1 else ''} {why}: {shown}")
+    text = "; ".join(parts)
+    if full_list is not None and len(reasons) > limit:
+        Path(full_list).write_text("".join(f"{c}\t{w}\n" for c, w in reasons.items()))
+        text += f" (full list in {full_list})"
+    return text

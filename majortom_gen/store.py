@@ -4,11 +4,16 @@
 Layout::
 
     STORE/
-      manifest.json        format, codec (name, config hash, config), fragment mode, shards
-      shards/part-*.parquet GeoParquet 1.0; each holds whole cells (all their fragments)
+      manifest.json        format, codec (name, config hash, config), fragment mode, modalities, and per
+                           shard: file, rows, bytes and sha256 as written, cells (grouped by the
+                           modalities they have in it)
+      shards/part-*.parquet GeoParquet 1.0; each holds whole cells (all their fragments); its footer
+                           records the store header and its cells, so a lost manifest can be rebuilt
       codec/               the codec's own files, when it is stored with the store (patch-pca)
-      ingest-errors.jsonl  cells the last ingest quarantined, with reasons
+      ingest-errors.jsonl  cells (and modalities) the last ingest could not store, with reasons
       cache/               memory-mappable arrays built by the training reader
+      write.lock           while a writer runs: its pid, host, purpose and start time (JSON)
+      quarantine/          shards that `store check --repair` found unreadable, moved aside
 
 Columns (units and axes stated; pixel windows are in the 1068 px, 10 m product grid, as
 row/col offsets): ``grid_cell``, ``grid_row_u``, ``grid_col_r``, ``fragment_row``,
@@ -23,16 +28,38 @@ Writes are atomic: a shard is written to a temporary name and renamed; the manif
 rewritten the same way. Shards present on disk but missing from the manifest (a run killed
 between the two renames) are adopted when the store is opened, temporary files removed,
 so a killed ingest run again ends with exactly the rows of an uninterrupted one.
+
+One writer at a time: ingest, ``store check --repair`` and every shard write hold
+``write.lock``, created with ``O_CREAT | O_EXCL``; another writer gets a
+:class:`StoreLockedError` naming the holder, and a lock whose process is gone (same host) is
+taken over with a :class:`StaleLockWarning`.
+
+No latent is stored twice: a shard is listed only after the (cell, modality) pairs already
+stored are dropped from it. A later ingest may add a modality to stored cells; its rows hold
+only that modality and the reader merges the rows of a fragment, so every read returns one
+row per (cell, fragment). A modality found twice for a fragment (a store written by an older
+version) is an error naming ``store check --repair``, which keeps the first copy.
+
+Every read checks its shards: a listed shard that is missing, of another size than written, or
+unreadable is a :class:`StoreError` naming it and ``majortom-gen store check --repair``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
+import time
 import uuid
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -192,12 +219,332 @@ def _geo_metadata(table: pa.Table) -> bytes:
     return json.dumps({"version": "1.0.0", "primary_column": "geometry", "columns": {"geometry": col}}).encode()
 
 
+# ----------------------------------------------------------------------------- the write lock
+LOCK_FILE = "write.lock"
+_HELD: dict[str, dict] = {}  # resolved store root -> the lock record this process wrote
+_HELD_GUARD = threading.Lock()
+
+
+class StoreLockedError(StoreError):
+    """Another writer (process, or another part of this one) holds the store's write lock."""
+
+
+class StaleLockWarning(UserWarning):
+    """A lock left by a writer that is no longer running was taken over."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def lock_holder(root: str | os.PathLike) -> dict | None:
+    """The record in ``root/write.lock`` (pid, host, purpose, since, token), or None when the
+    store is not locked. A record being written is waited for (briefly)."""
+    path = Path(root) / LOCK_FILE
+    text = ""
+    for _ in range(20):
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(text)
+            if isinstance(record, dict):
+                return record
+        except json.JSONDecodeError:
+            pass
+        time.sleep(0.05)  # created, content not yet written
+    return {"unreadable": text[:200]}
+
+
+def holds_lock(root: str | os.PathLike) -> bool:
+    """Whether this process holds the write lock of the store at ``root``."""
+    return str(Path(root).resolve()) in _HELD
+
+
+def _is_stale(record: dict) -> bool:
+    """A lock of this host whose process is gone (or names this process, which does not hold it:
+    a pid reused after a restart)."""
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    return pid == os.getpid() or not _pid_alive(pid)
+
+
+def _holder_text(record: dict) -> str:
+    if "unreadable" in record:
+        return f"an unreadable lock record ({record['unreadable']!r})"
+    pid = f"pid {record.get('pid')}"
+    if record.get("pid") == os.getpid() and record.get("host") == socket.gethostname():
+        pid = f"this process ({pid})"
+    return f"{pid} on {record.get('host')} ({record.get('purpose', 'a writer')}, since {record.get('since', '?')})"
+
+
+def _locked_error(root: Path, record: dict) -> StoreLockedError:
+    return StoreLockedError(
+        f"{root} is locked for writing by {_holder_text(record)}; wait for it to finish. Only one writer at a time "
+        f"may change a store. If that process is no longer running, delete {root / LOCK_FILE}.")
+
+
+def _create_lock(path: Path, record: dict) -> bool:
+    """Create the lock file with ``record`` if it does not exist (O_CREAT | O_EXCL)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(record))
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def _take_over(root: Path, stale: dict) -> None:
+    """Remove the stale lock ``stale``, unless another process replaced it meanwhile: the lock
+    is renamed aside, and put back if what was moved is not the stale record."""
+    path = root / LOCK_FILE
+    aside = root / f".{LOCK_FILE}.{uuid.uuid4().hex}.stale"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    try:
+        moved = json.loads(aside.read_text())
+    except (OSError, json.JSONDecodeError):
+        moved = None
+    if moved != stale:  # a live writer's lock: restore it (never overwrite a newer one)
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+        aside.unlink(missing_ok=True)
+        return
+    aside.unlink(missing_ok=True)
+    warnings.warn(f"{root}: taking over the stale write lock of pid {stale.get('pid')} on {stale.get('host')} "
+                  f"({stale.get('purpose', 'a writer')}, since {stale.get('since', '?')}): no such process on this host",
+                  StaleLockWarning, stacklevel=4)
+
+
+def acquire_lock(root: str | os.PathLike, purpose: str) -> dict:
+    """Take the store's write lock (``root/write.lock``: pid, host, purpose, start time) or
+    raise :class:`StoreLockedError` naming the holder. Not re-entrant: a second writer in the
+    same process is refused too."""
+    root = Path(root)
+    key = str(root.resolve())
+    path = root / LOCK_FILE
+    with _HELD_GUARD:
+        if key in _HELD:
+            raise _locked_error(root, _HELD[key])
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
+                  "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
+        for _ in range(10):
+            if _create_lock(path, record):
+                _HELD[key] = record
+                return record
+            holder = lock_holder(root)
+            if holder is None:
+                continue  # released meanwhile
+            if not _is_stale(holder):
+                raise _locked_error(root, holder)
+            _take_over(root, holder)
+        raise StoreLockedError(f"{root}: could not take the write lock {path}: it keeps changing hands; try again")
+
+
+def release_lock(root: str | os.PathLike) -> None:
+    """Give back the write lock this process holds (the file is removed only if it is still ours)."""
+    root = Path(root)
+    with _HELD_GUARD:
+        record = _HELD.pop(str(root.resolve()), None)
+        if record is not None and (lock_holder(root) or {}).get("token") == record["token"]:
+            (root / LOCK_FILE).unlink(missing_ok=True)
+
+
+@contextmanager
+def store_lock(root: str | os.PathLike, purpose: str) -> Iterator[dict]:
+    """``with store_lock(root, 'ingest'):`` — hold the write lock for the block."""
+    record = acquire_lock(root, purpose)
+    try:
+        yield record
+    finally:
+        release_lock(root)
+
+
+# ----------------------------------------------------------------------------- shard files
+_META_KEY = b"majortom_gen"  # footer key-value metadata of a shard: the store header and its cells
+
+
+def _store_header(manifest: dict) -> dict:
+    """What a shard records of its store, so that a lost manifest can be rebuilt from shards."""
+    return {k: manifest[k] for k in ("format", "version", "codec", "fragment_mode", "modalities", "moment_shape")
+            if k in manifest}
+
+
+def cells_index(table: pa.Table, modalities: Sequence[str]) -> dict[str, set[str]]:
+    """``{cell: modalities it has in table}`` (a modality counts when any fragment has it)."""
+    cells = np.asarray(table.column("grid_cell").to_pylist(), dtype=object)
+    out: dict[str, set[str]] = {str(c): set() for c in dict.fromkeys(cells.tolist())}
+    for m in modalities:
+        if m in table.column_names:
+            valid = table.column(m).is_valid().to_numpy(zero_copy_only=False)
+            for c in set(cells[valid].tolist()):
+                out[str(c)].add(m)
+    return out
+
+
+def _pack_cells(index: dict[str, set[str]]) -> dict[str, list[str]]:
+    """The manifest's compact form of a cells index: ``{"DEM,S1RTC": [cells...]}``."""
+    packed: dict[str, list[str]] = defaultdict(list)
+    for cell in sorted(index):
+        packed[",".join(sorted(index[cell]))].append(cell)
+    return dict(packed)
+
+
+def _unpack_cells(packed: dict[str, list[str]]) -> dict[str, set[str]]:
+    return {cell: set(filter(None, mods.split(","))) for mods, cells in packed.items() for cell in cells}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _repair_hint(root: Path) -> str:
+    return (f"run `majortom-gen store check --repair {root}` (it moves damaged shards aside and lists the cells to "
+            "ingest again)")
+
+
+def _damaged(root: Path, name: str, what: str) -> StoreError:
+    return StoreError(f"{root}: shard shards/{name} {what}; {_repair_hint(root)}")
+
+
+def write_shard_file(root: str | os.PathLike, table: pa.Table) -> str:
+    """Write a shard into ``root/shards`` atomically (temporary name, fsync, rename); it is
+    not yet in the manifest. Its footer records the store header (read from
+    ``root/manifest.json``) and which modalities each of its cells has. Safe to call from
+    worker processes."""
+    root = Path(root)
+    shard_dir = root / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        header = _store_header(json.loads((root / "manifest.json").read_text()))
+    except (OSError, json.JSONDecodeError):
+        header = {}
+    modalities = header.get("modalities") or [m for m in MODALITY_NAMES if m in table.column_names]
+    record = {"store": header, "cells": _pack_cells(cells_index(table, modalities))}
+    name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+    tmp = shard_dir / f".{name}.tmp"
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"geo": _geo_metadata(table),
+                                           _META_KEY: json.dumps(record).encode()})
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd", row_group_size=1024)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, shard_dir / name)
+    return name
+
+
+def _footer(path: Path) -> tuple[pq.FileMetaData, dict]:
+    """A shard's parquet footer and its majortom_gen record ({} for shards of older versions)."""
+    meta = pq.read_metadata(path)
+    raw = (meta.metadata or {}).get(_META_KEY)
+    try:
+        return meta, json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return meta, {}
+
+
+def _without_stored(table: pa.Table, stored: dict[str, set[str]], modalities: Sequence[str]) -> pa.Table:
+    """``table`` with the latents of (cell, modality) pairs in ``stored`` set to null, and the
+    rows left without any modality dropped."""
+    cells = np.asarray(table.column("grid_cell").to_pylist(), dtype=object)
+    keep_any = np.zeros(table.num_rows, bool)
+    for m in modalities:
+        if m not in table.column_names:
+            continue
+        drop = np.fromiter((m in stored.get(c, ()) for c in cells), bool, len(cells))
+        if drop.any():
+            idx = pa.array(np.arange(table.num_rows), mask=drop)  # null index -> null value
+            for col in (m, f"{m}_product_id", f"{m}_timestamp"):
+                if col in table.column_names:
+                    i = table.schema.get_field_index(col)
+                    table = table.set_column(i, table.schema.field(i), table.column(col).take(idx))
+        keep_any |= table.column(m).is_valid().to_numpy(zero_copy_only=False)
+    return table.filter(pa.array(keep_any))
+
+
+def _modality_of(column: str, modalities: Sequence[str]) -> str | None:
+    """The modality a column belongs to (its latents, product id or timestamp), if any."""
+    for m in modalities:
+        if column in (m, f"{m}_product_id", f"{m}_timestamp"):
+            return m
+    return None
+
+
+def merge_fragments(table: pa.Table, modalities: Sequence[str], origin: np.ndarray | None = None,
+                    files: Sequence[str] = (), root: Path | None = None) -> pa.Table:
+    """One row per (grid_cell, fragment_index): the rows of a fragment written by different
+    ingest runs (each holding some modalities) are merged, in order of first appearance. A
+    modality held by two rows of one fragment is a :class:`StoreError` naming them."""
+    if table.num_rows == 0:
+        return table
+    keys = pd.DataFrame({"c": table.column("grid_cell").to_numpy(zero_copy_only=False),
+                         "f": table.column("fragment_index").to_numpy(zero_copy_only=False)})
+    if not keys.duplicated().any():
+        return table
+    group = keys.groupby(["c", "f"], sort=False).ngroup().to_numpy()
+    n = int(group.max()) + 1
+    first = np.unique(group, return_index=True)[1]  # groups are numbered by first appearance
+    pick: dict[str, np.ndarray] = {}
+    for m in modalities:
+        if m not in table.column_names:
+            continue
+        valid = table.column(m).is_valid().to_numpy(zero_copy_only=False)
+        counts = np.bincount(group[valid], minlength=n)
+        if (counts > 1).any():
+            raise _twice_error(table, group, valid, counts, m, origin, files, root)
+        idx = first.copy()
+        rows = np.nonzero(valid)[0]
+        idx[group[rows]] = rows
+        pick[m] = idx
+    columns = []
+    for name in table.column_names:
+        idx = pick.get(_modality_of(name, modalities) or "", first)
+        columns.append(table.column(name).take(pa.array(idx)))
+    return pa.Table.from_arrays(columns, schema=table.schema)
+
+
+def _twice_error(table, group, valid, counts, modality, origin, files, root) -> StoreError:
+    g = int(np.nonzero(counts > 1)[0][0])
+    rows = np.nonzero(valid & (group == g))[0]
+    cell = table.column("grid_cell")[int(rows[0])].as_py()
+    frag = table.column("fragment_index")[int(rows[0])].as_py()
+    where = ""
+    if origin is not None and len(files):
+        where = " (in " + ", ".join(sorted({f"shards/{files[int(origin[r])]}" for r in rows})) + ")"
+    total = int((counts > 1).sum())
+    hint = _repair_hint(root) if root is not None else "run `majortom-gen store check --repair STORE`"
+    return StoreError(f"{root or 'the store'}: {total} fragment(s) have a modality stored twice, e.g. {cell} fragment "
+                      f"{frag} {modality}{where}; {hint}")
+
+
 class LatentStore:
     """A latent store folder. Open with :meth:`open` (existing) or :meth:`create`."""
 
     def __init__(self, root: Path, manifest: dict) -> None:
-        self.root = root
+        self.root = Path(root)
         self.manifest = manifest
+        self._index: dict[str, set[str]] | None = None  # cell -> stored modalities, built on demand
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -217,8 +564,7 @@ class LatentStore:
             if store.manifest["fragment_mode"] != fragment_mode:
                 raise StoreError(f"{root}: the store holds '{store.manifest['fragment_mode']}' fragments, not '{fragment_mode}'")
             return store
-        if root.exists() and any(p for p in root.iterdir() if p.name not in ("codec",)):
-            raise StoreError(f"{root}: exists, is not empty and has no manifest.json; not a latent store")
+        _refuse_unlisted_folder(root)
         (root / "shards").mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT, "version": VERSION, "codec": codec.as_dict(), "fragment_mode": fragment_mode,
                     "modalities": list(modalities), "moment_shape": list(MOMENT_SHAPE), "shards": []}
@@ -231,11 +577,13 @@ class LatentStore:
         root = Path(root)
         path = root / "manifest.json"
         if not path.exists():
+            if any((root / "shards").glob("part-*.parquet")):
+                raise StoreError(f"{root}: the store has shards but no manifest.json; {_repair_hint(root)}")
             raise StoreError(f"{root}: not a latent store (no manifest.json); create one with `majortom-gen ingest`")
         try:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise StoreError(f"{path}: unreadable manifest ({exc})") from exc
+            raise StoreError(f"{path}: unreadable manifest ({exc}); {_repair_hint(root)}") from exc
         if manifest.get("format") != FORMAT:
             raise StoreError(f"{path}: not a {FORMAT} manifest")
         store = cls(root, manifest)
@@ -247,26 +595,47 @@ class LatentStore:
         tmp.write_text(json.dumps(self.manifest, indent=1))
         os.replace(tmp, self.root / "manifest.json")
 
+    @contextmanager
+    def _writing(self, purpose: str) -> Iterator[None]:
+        """Hold the write lock for the block, unless this process already holds it (then the
+        caller, e.g. ingest, is the writer)."""
+        if holds_lock(self.root):
+            yield
+            return
+        with store_lock(self.root, purpose):
+            yield
+
     def _reconcile(self) -> None:
-        """Adopt complete shards missing from the manifest; drop temporary files and entries
-        whose file is gone."""
+        """Adopt complete shards missing from the manifest (a run killed between writing a shard
+        and listing it) and drop temporary files — only when no other writer runs, since those
+        are then its work in progress. Listed shards that are gone are *not* dropped: reading
+        them is an error that names them and ``store check --repair``."""
         shard_dir = self.root / "shards"
-        shard_dir.mkdir(exist_ok=True)
-        for tmp in list(shard_dir.glob(".*.tmp")) + list(self.root.glob(".manifest.*.tmp")):
-            tmp.unlink(missing_ok=True)
         listed = {s["file"] for s in self.manifest["shards"]}
-        changed = False
-        for path in sorted(shard_dir.glob("part-*.parquet")):
-            if path.name not in listed:
-                meta = pq.read_metadata(path)
-                self.manifest["shards"].append({"file": path.name, "rows": meta.num_rows})
-                changed = True
-        kept = [s for s in self.manifest["shards"] if (shard_dir / s["file"]).exists()]
-        if len(kept) != len(self.manifest["shards"]):
-            self.manifest["shards"] = kept
-            changed = True
-        if changed:
-            self._write_manifest()
+        orphans = [p.name for p in sorted(shard_dir.glob("part-*.parquet")) if p.name not in listed]
+        leftovers = list(shard_dir.glob(".*.tmp")) + list(self.root.glob(".manifest.*.tmp"))
+        if not orphans and not leftovers:
+            return
+        if holds_lock(self.root):
+            self._adopt(orphans, leftovers)
+            return
+        try:
+            acquire_lock(self.root, "adopt the shards of an interrupted run")
+        except (StoreLockedError, OSError):
+            return  # another writer is at work (or the store is read-only): leave its files alone
+        try:
+            self._adopt(orphans, leftovers)
+        finally:
+            release_lock(self.root)
+
+    def _adopt(self, orphans: list[str], leftovers: list[Path]) -> None:
+        for tmp in leftovers:
+            tmp.unlink(missing_ok=True)
+        for name in orphans:
+            try:
+                self.add_shard(name)
+            except StoreError:
+                pass  # unreadable: `store check` reports it, `--repair` moves it aside
 
     # ------------------------------------------------------------------ writing
     @property
@@ -277,39 +646,150 @@ class LatentStore:
     def codec(self) -> dict:
         return self.manifest["codec"]
 
-    def write_shard(self, table: pa.Table) -> str:
-        """Write one shard atomically and list it in the manifest. Returns its file name."""
-        return self.add_shard(write_shard_file(self.root, table))
+    def write_shard(self, table: pa.Table) -> str | None:
+        """Write one shard atomically and list it in the manifest. Returns its file name (None
+        when every latent in it was already stored)."""
+        with self._writing("write a shard"):
+            return self.add_shard(write_shard_file(self.root, table))
 
-    def add_shard(self, name: str) -> str:
-        """List a shard (already renamed into shards/) in the manifest."""
-        rows = pq.read_metadata(self.root / "shards" / name).num_rows
-        if name not in {s["file"] for s in self.manifest["shards"]}:
-            self.manifest["shards"].append({"file": name, "rows": rows})
+    def add_shard(self, name: str, *, trust_footer: bool = True) -> str | None:
+        """List a shard (already renamed into shards/) in the manifest, under the write lock.
+
+        A (cell, modality) already stored is never stored again: such latents are dropped from
+        the shard first (it is rewritten under a new name, or removed when nothing new is left).
+        Which cells the shard holds is read from its footer, or (``trust_footer=False``, or a
+        shard of an older version) from its columns. Returns the name of the shard listed, or None."""
+        with self._writing("add a shard"):
+            if name in {s["file"] for s in self.manifest["shards"]}:
+                return name
+            path = self.root / "shards" / name
+            new = self._shard_cells(path, trust_footer)
+            stored = self._stored_index()
+            overlap = {c: mods & stored[c] for c, mods in new.items() if mods & stored.get(c, set())}
+            if overlap:
+                table = _without_stored(self._read_file(path, None), overlap, self.modalities)
+                if table.num_rows:
+                    name = self.add_shard(write_shard_file(self.root, table))
+                else:
+                    name = None
+                path.unlink(missing_ok=True)
+                return name
+            self.manifest["shards"].append(self._entry(path, new))
             self._write_manifest()
-        return name
+            for c, mods in new.items():
+                self._index.setdefault(c, set()).update(mods)
+            return name
+
+    def _entry(self, path: Path, cells: dict[str, set[str]]) -> dict:
+        """The manifest's record of a shard: rows, bytes and sha256 as written, cells by modalities."""
+        return {"file": path.name, "rows": pq.read_metadata(path).num_rows, "bytes": path.stat().st_size,
+                "sha256": _sha256(path), "cells": _pack_cells(cells)}
+
+    def _shard_cells(self, path: Path, trust_footer: bool = True) -> dict[str, set[str]]:
+        """Which modalities each cell of a shard file has: from its footer, or (shards of
+        older versions, or ``trust_footer=False``) from its columns."""
+        try:
+            _, record = _footer(path)
+        except FileNotFoundError:
+            raise _damaged(self.root, path.name, "is missing") from None
+        except (pa.ArrowException, OSError) as exc:
+            raise _damaged(self.root, path.name, f"is unreadable ({exc})") from None
+        if trust_footer and "cells" in record:
+            return _unpack_cells(record["cells"])
+        cols = ["grid_cell", *self.modalities]
+        return cells_index(self._read_file(path, cols), self.modalities)
 
     # ------------------------------------------------------------------ reading
     def shard_paths(self) -> list[Path]:
         return [self.root / "shards" / s["file"] for s in self.manifest["shards"]]
 
+    def _on_disk(self, entry: dict) -> Path:
+        """The path of a listed shard, checked: present, and of the size it was written with."""
+        path = self.root / "shards" / entry["file"]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise _damaged(self.root, entry["file"], "is missing (listed in manifest.json, not on disk)") from None
+        if "bytes" in entry and size != entry["bytes"]:
+            raise _damaged(self.root, entry["file"], f"has changed since it was written ({size} bytes, "
+                                                     f"{entry['bytes']} recorded): it is damaged or was replaced")
+        return path
+
+    def _read_file(self, path: Path, columns: Sequence[str] | None) -> pa.Table:
+        try:
+            return pq.read_table(path, columns=list(columns) if columns is not None else None)
+        except FileNotFoundError:
+            raise _damaged(self.root, path.name, "is missing") from None
+        except (pa.ArrowException, OSError, KeyError) as exc:
+            raise _damaged(self.root, path.name, f"is unreadable ({exc})") from None
+
+    def _stored_index(self) -> dict[str, set[str]]:
+        """The live ``{cell: stored modalities}`` of the manifest, built once (then kept up to date
+        by :meth:`add_shard`); building it checks every listed shard on disk."""
+        if self._index is None:
+            index: dict[str, set[str]] = {}
+            for entry in self.manifest["shards"]:
+                path = self._on_disk(entry)
+                if "cells" not in entry:  # listed by an older version
+                    entry["cells"] = _pack_cells(self._shard_cells(path))
+                for c, mods in _unpack_cells(entry["cells"]).items():
+                    index.setdefault(c, set()).update(mods)
+            self._index = index
+        return self._index
+
+    def cell_modalities(self) -> dict[str, set[str]]:
+        """``{cell: modalities stored for it}``, from the manifest; every listed shard is checked
+        to be on disk with the size it was written with (a :class:`StoreError` naming it if not)."""
+        for entry in self.manifest["shards"]:
+            self._on_disk(entry)
+        return {c: set(m) for c, m in self._stored_index().items()}
+
     def stored_cells(self) -> set[str]:
-        cells: set[str] = set()
-        for p in self.shard_paths():
-            cells.update(pq.read_table(p, columns=["grid_cell"]).column("grid_cell").unique().to_pylist())
-        return cells
+        """Cells with at least one modality stored."""
+        return set(self.cell_modalities())
+
+    def _columns_to_read(self, columns: Sequence[str] | None) -> list[str] | None:
+        """Columns needed to return ``columns`` merged: the fragment key, and a modality's latents
+        whenever its product id or timestamp is asked for."""
+        if columns is None:
+            return None
+        extra = [m for m in self.modalities if m not in columns
+                 and any(_modality_of(c, [m]) for c in columns)]
+        return list(dict.fromkeys(["grid_cell", "fragment_index", *columns, *extra]))
 
     def table(self, columns: Sequence[str] | None = None, cells: Iterable[str] | None = None) -> pa.Table:
-        """All rows (optionally some columns, some cells) as one Arrow table."""
-        paths = self.shard_paths()
-        if paths:
-            t = pa.concat_tables([pq.read_table(p, columns=list(columns) if columns else None) for p in paths])
+        """All rows (optionally some columns, some cells) as one Arrow table, one row per
+        fragment. A missing, changed or unreadable shard is a :class:`StoreError` naming it."""
+        wanted = None if cells is None else set(cells)
+        read = self._columns_to_read(columns)
+        parts, origin, files = [], [], []
+        for entry in self.manifest["shards"]:
+            if wanted is not None and "cells" in entry and not wanted & set(_unpack_cells(entry["cells"])):
+                continue
+            t = self._read_file(self._on_disk(entry), read)
+            if wanted is not None:
+                t = t.filter(pc.is_in(t.column("grid_cell"), pa.array(sorted(wanted), pa.string())))
+            origin.append(np.full(t.num_rows, len(files)))
+            files.append(entry["file"])
+            parts.append(t)
+        if parts:
+            t = pa.concat_tables(parts)
         else:
             t = store_schema(self.modalities).empty_table()
-            t = t.select(list(columns)) if columns else t
-        if cells is not None:
-            t = t.filter(pc.is_in(t.column("grid_cell"), pa.array(sorted(set(cells)), pa.string())))
-        return t
+            t = t.select(read) if read else t
+        t = merge_fragments(t, self.modalities, np.concatenate(origin) if origin else None, files, self.root)
+        return t.select(list(columns)) if columns else t
+
+    def content_key(self) -> str:
+        """A digest of the listed shards as they are on disk (name, size, mtime in ns), and of
+        a recorded dataset split: it changes whenever a shard is added, removed, rewritten or
+        replaced. Stat, not a content hash: a key must cost nothing next to the read it spares."""
+        h = hashlib.sha256()
+        for entry in self.manifest["shards"]:
+            st = self._on_disk(entry).stat()
+            h.update(f"{entry['file']}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        h.update(json.dumps(self.manifest.get("dataset"), sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
 
     def lookup(self, cells: Iterable[str] | None = None, region: BaseGeometry | None = None) -> pd.DataFrame:
         """Fragments of some cells or intersecting a region (EPSG:4326), with a boolean
@@ -343,20 +823,204 @@ class LatentStore:
                 "fragment_mode": self.manifest["fragment_mode"], "size_bytes": size}
 
 
-def write_shard_file(root: str | os.PathLike, table: pa.Table) -> str:
-    """Write a shard into ``root/shards`` atomically (temporary name, fsync, rename); it is
-    not yet in the manifest. Safe to call from worker processes."""
-    shard_dir = Path(root) / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    name = f"part-{uuid.uuid4().hex[:16]}.parquet"
-    tmp = shard_dir / f".{name}.tmp"
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"geo": _geo_metadata(table)})
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd", row_group_size=1024)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, shard_dir / name)
-    return name
+def _refuse_unlisted_folder(root: Path) -> None:
+    """A folder without manifest.json may become a new store only if it holds nothing but what a
+    first ingest leaves before writing the manifest (codec, lock, temporary files)."""
+    if not root.exists():
+        return
+    if any((root / "shards").glob("part-*.parquet")):
+        raise StoreError(f"{root}: the store has shards but no manifest.json; {_repair_hint(root)}")
+    other = [p.name for p in root.iterdir() if p.name not in ("codec", "shards", LOCK_FILE)
+             and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+    if other:
+        raise StoreError(f"{root}: exists, is not empty and has no manifest.json; not a latent store")
+
+
+# ----------------------------------------------------------------------------- check and repair
+QUARANTINE_DIR = "quarantine"
+
+
+@dataclass
+class ShardProblem:
+    """A shard that is ``missing`` (listed, not on disk), ``unreadable``, ``changed`` (readable,
+    but not what was written) or ``unlisted`` (on disk, not in the manifest)."""
+
+    file: str
+    problem: str
+    reason: str
+    cells: dict[str, list[str]] | None = None  # cell -> modalities it held; None: unknown
+
+
+@dataclass
+class StoreCheck:
+    """What :func:`check_store` found, and what ``repair`` did."""
+
+    root: Path
+    shards: int = 0  # intact shards
+    rows: int = 0  # rows in them
+    manifest: str | None = None  # what is wrong with manifest.json
+    problems: list[ShardProblem] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)  # "cell fragment k: M in part-a, part-b"
+    repaired: bool = False
+    moved: list[str] = field(default_factory=list)  # shards moved to quarantine/
+    reingest: dict[str, list[str]] = field(default_factory=dict)  # cell -> modalities lost
+    unknown: list[str] = field(default_factory=list)  # lost shards whose cells nobody recorded
+    intact: list[str] = field(default_factory=list)  # readable shards: listed ones in manifest order, then unlisted
+    header: dict | None = None  # the old manifest's store header, when it was readable
+    extra: dict = field(default_factory=dict)  # the old manifest's other keys (e.g. a dataset's split)
+    writer: str | None = None  # the writer holding the lock while the store was checked, if any
+
+    @property
+    def ok(self) -> bool:
+        return self.manifest is None and not self.problems and not self.duplicates
+
+
+def _load_manifest(root: Path) -> tuple[dict | None, str | None]:
+    path = root / "manifest.json"
+    if not path.exists():
+        return None, "missing"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return None, f"unreadable ({exc})"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("shards"), list):
+        return None, f"not a {FORMAT} manifest"
+    return manifest, None
+
+
+def _verify_shard(path: Path, modalities: Sequence[str]) -> pa.Table:
+    """Read a whole shard (every page decompressed); its key columns and latents must be there."""
+    table = pq.read_table(path)
+    lacking = [c for c in ("grid_cell", "fragment_index", *modalities) if c not in table.column_names]
+    if lacking:
+        raise StoreError(f"not a store shard: no column(s) {lacking}")
+    return table
+
+
+def _fragment_keys(table: pa.Table, modalities: Sequence[str], file: str) -> pd.DataFrame:
+    cells = table.column("grid_cell").to_numpy(zero_copy_only=False)
+    frags = table.column("fragment_index").to_numpy(zero_copy_only=False)
+    parts = []
+    for m in modalities:
+        valid = table.column(m).is_valid().to_numpy(zero_copy_only=False)
+        parts.append(pd.DataFrame({"cell": cells[valid], "fragment": frags[valid], "modality": m, "file": file}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _duplicates(keys: pd.DataFrame) -> list[str]:
+    if keys.empty:
+        return []
+    dup = keys[keys.duplicated(["cell", "fragment", "modality"], keep=False)]
+    out = []
+    for (cell, frag, m), rows in dup.groupby(["cell", "fragment", "modality"], sort=True):
+        out.append(f"{cell} fragment {frag}: {m} stored twice (in {', '.join(sorted(set(rows['file'])))})")
+    return out
+
+
+def check_store(root: str | os.PathLike, repair: bool = False) -> StoreCheck:
+    """Read every shard of the store at ``root`` and report missing, unreadable, changed and
+    unlisted shards and fragments stored twice. With ``repair`` (under the write lock):
+    unreadable shards are moved to ``root/quarantine/``, the manifest is rebuilt from the
+    intact shards (its header from the old manifest, or else from the shards' footers; a
+    fragment stored twice keeps its first copy), and the cells whose latents were lost are
+    listed in ``reingest`` so that the next ``ingest`` of them adds them again."""
+    root = Path(root)
+    if not root.is_dir():
+        raise StoreError(f"{root}: no such folder")
+    if not repair:
+        report = _check(root)
+        holder = lock_holder(root)
+        report.writer = _holder_text(holder) if holder else None
+        return report
+    with store_lock(root, "store check --repair"):
+        report = _check(root)
+        if not report.ok:
+            _repair(root, report)
+    return report
+
+
+def _check(root: Path) -> StoreCheck:
+    manifest, manifest_problem = _load_manifest(root)
+    shard_dir = root / "shards"
+    on_disk = sorted(p.name for p in shard_dir.glob("part-*.parquet"))
+    if manifest is None and not on_disk:
+        raise StoreError(f"{root}: not a latent store (manifest.json {manifest_problem}, no shards/part-*.parquet)")
+    report = StoreCheck(root, manifest=manifest_problem)
+    entries = {e["file"]: e for e in (manifest or {}).get("shards", [])}
+    modalities = (manifest or {}).get("modalities") or list(MODALITY_NAMES)
+    keys = []
+    for name in list(entries) + [n for n in on_disk if n not in entries]:
+        entry, path = entries.get(name), shard_dir / name
+        held = {c: sorted(m) for c, m in _unpack_cells(entry["cells"]).items()} if entry and "cells" in entry else None
+        if not path.exists():
+            report.problems.append(ShardProblem(name, "missing", "listed in manifest.json, not on disk", held))
+            continue
+        try:
+            table = _verify_shard(path, modalities)
+        except (pa.ArrowException, OSError, StoreError) as exc:
+            report.problems.append(ShardProblem(name, "unreadable", str(exc), held))
+            continue
+        if entry is None:
+            report.problems.append(ShardProblem(name, "unlisted", "on disk, not in manifest.json (adopted by a repair)"))
+        elif "sha256" in entry and _sha256(path) != entry["sha256"]:
+            report.problems.append(ShardProblem(name, "changed", "readable, but not the file that was written "
+                                                "(sha256 differs; a repair records it as it is now)"))
+        report.intact.append(name)
+        report.shards += 1
+        report.rows += table.num_rows
+        keys.append(_fragment_keys(table, modalities, name))
+    report.duplicates = _duplicates(pd.concat(keys, ignore_index=True) if keys else pd.DataFrame())
+    report.header = _store_header(manifest) if manifest else None
+    report.extra = {k: v for k, v in (manifest or {}).items() if k != "shards"}
+    return report
+
+
+def _header_from_shards(root: Path, names: Sequence[str]) -> dict:
+    for name in names:
+        try:
+            header = _footer(root / "shards" / name)[1].get("store")
+        except (pa.ArrowException, OSError):
+            continue
+        if header and header.get("format") == FORMAT and "codec" in header:
+            return header
+    raise StoreError(f"{root}: cannot rebuild manifest.json: no intact shard records the store's codec (shards "
+                     "written by majortom-gen before `store check` existed do not); restore manifest.json from a "
+                     "backup, or ingest the cells into a new store")
+
+
+def _quarantine(root: Path, name: str) -> str:
+    folder = root / QUARANTINE_DIR
+    folder.mkdir(exist_ok=True)
+    target = folder / name
+    if target.exists():
+        target = folder / f"{Path(name).stem}.{uuid.uuid4().hex[:8]}.parquet"
+    os.replace(root / "shards" / name, target)
+    return str(target.relative_to(root))
+
+
+def _repair(root: Path, report: StoreCheck) -> None:
+    for p in report.problems:
+        if p.problem == "unreadable":
+            report.moved.append(_quarantine(root, p.file))
+    header = report.header or _header_from_shards(root, report.intact)
+    manifest = {**report.extra, **header, "shards": []}
+    store = LatentStore(root, manifest)
+    store._index = {}
+    for name in report.intact:  # a (cell, modality) already listed is dropped from later shards
+        store.add_shard(name, trust_footer=False)
+    store._write_manifest()
+    stored = store._stored_index()
+    for p in report.problems:
+        if p.problem not in ("missing", "unreadable"):
+            continue
+        if p.cells is None:
+            report.unknown.append(p.file)
+            continue
+        for cell, mods in p.cells.items():
+            lost = sorted(set(mods) - stored.get(cell, set()))
+            if lost:
+                report.reingest[cell] = sorted(set(report.reingest.get(cell, [])) | set(lost))
+    report.repaired = True
 
 
 @dataclass
@@ -430,12 +1094,15 @@ def load_aligned(store: LatentStore, modalities: Sequence[str], *, split: str | 
 
     ``split`` = 'train' | 'test' | None keeps the cells of :func:`split_cells` (or the split
     recorded in a training set built by ``dataset build``). With
-    ``cache=True`` the arrays are written once under ``STORE/cache/`` and memory-mapped."""
+    ``cache=True`` the arrays are written once under ``STORE/cache/`` and memory-mapped; the
+    cache is keyed on :meth:`LatentStore.content_key` (every shard's name, size and mtime), so
+    a shard added, removed, rewritten or damaged makes it be built again (or fail, naming the
+    shard) instead of serving stale latents."""
     unknown = [m for m in modalities if m not in store.modalities]
     if unknown:
         raise StoreError(f"modalities {unknown} are not in the store (it has {store.modalities})")
-    key = f"{'-'.join(modalities)}_{split or 'all'}_{test_fraction}_{seed}_{len(store.manifest['shards'])}"
-    cache_dir = store.root / "cache" / key
+    prefix = f"{'-'.join(modalities)}_{split or 'all'}_{test_fraction}_{seed}"
+    cache_dir = store.root / "cache" / f"{prefix}_{store.content_key()}" if cache else None
     if cache and (cache_dir / "done").exists():
         return AlignedArrays({m: np.load(cache_dir / f"{m}.npy", mmap_mode="r") for m in modalities},
                              np.load(cache_dir / "grid_cell.npy", allow_pickle=False),
@@ -467,5 +1134,8 @@ def load_aligned(store: LatentStore, modalities: Sequence[str], *, split: str | 
         if cache_dir.exists():
             shutil.rmtree(cache_dir)
         os.replace(tmp, cache_dir)
+        for old in cache_dir.parent.glob(f"{prefix}_*"):  # caches of earlier store contents
+            if old.is_dir() and old != cache_dir and not old.name.endswith(".tmp"):
+                shutil.rmtree(old, ignore_errors=True)
         return load_aligned(store, modalities, split=split, test_fraction=test_fraction, seed=seed, cache=True)
     return AlignedArrays(moments, cells, frag)

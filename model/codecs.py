@@ -6,7 +6,9 @@
   in the package (:data:`SHIPPED_CODEC`, with the command, seed and data that made it).
 - ``sd-vae``: the Stable Diffusion kl-f8 VAE (diffusers ``AutoencoderKL``), loaded from a
   hub id, a local ``save_pretrained`` folder, or an LDM/U-ViT style state dict file
-  (``autoencoder_kl_ema.pth``, ``.ckpt``, ``.safetensors``); scale factor 0.18215.
+  (``autoencoder_kl.pth``, ``.ckpt``, ``.safetensors``); scale factor 0.18215; optionally
+  separate decoder weights (``ENCODE,DECODE``: the official pipeline decodes with
+  ``autoencoder_kl_ema.pth``).
 - ``patch-pca``: a linear codec fitted on the data in seconds: PCA over 8x8x3 pixel blocks
   keeps 4 components, whitened, giving 4 x 32 x 32 latents; its log-variance is a fixed small
   constant. Any latent error decodes as an 8 px block, so it is kept for comparison only.
@@ -233,6 +235,7 @@ class Codec:
         self.norms: dict[str, LatentNorm] = dict(norms or {})
         self.provenance = dict(provenance or {})
         self._hash: str | None = None
+        self.decoder: AutoencoderKL | None = None  # separate decoder weights (see load_codec), else ``model``
 
     def norm(self, modality: str) -> LatentNorm:
         return self.norms.get(modality) or default_norm(self.name)
@@ -270,7 +273,8 @@ class Codec:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``z`` ``(B, 4, 32, 32)`` -> images ``(B, 3, 256, 256)`` in [-1, 1], CPU float32."""
         z = latents.to(self.device, self.dtype)
-        out = self.model.decode(z).sample if isinstance(self.model, AutoencoderKL) else self.model.decode(z)
+        model = self.decoder if self.decoder is not None else self.model
+        out = model.decode(z).sample if isinstance(model, AutoencoderKL) else model.decode(z)
         return out.float().clamp(-1, 1).cpu()
 
     def decode_network(self, x: torch.Tensor, modality: str) -> torch.Tensor:
@@ -321,9 +325,26 @@ def load_codec(name: str | None = None, source: str | os.PathLike | None = None,
                dtype: torch.dtype = torch.float32) -> Codec:
     """A codec from a folder written by :meth:`Codec.save` (its ``codec.json`` names it), the
     shipped small-vae (``name='small-vae'`` without ``source``), or an sd-vae from a hub id,
-    folder or state-dict file. ``name``, when given, must match the folder's record."""
+    folder or state-dict file. ``name``, when given, must match the folder's record.
+
+    An sd-vae ``source`` may name two weights, ``"ENCODE,DECODE"``: the official COP-GEN-Beta
+    pipeline encodes with ``autoencoder_kl.pth`` and decodes with ``autoencoder_kl_ema.pth``
+    (``--codec-source autoencoder_kl.pth,autoencoder_kl_ema.pth``). The codec's identity (its
+    hash, what a store records) is that of the encoding weights: they make the latents."""
     if name is not None and name not in CODEC_NAMES:
         raise ValueError(f"unknown codec {name!r}; valid codecs: {', '.join(CODEC_NAMES)}")
+    if name == "sd-vae" and isinstance(source, str) and "," in source:
+        parts = [part.strip() for part in source.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"--codec-source {source!r}: give one VAE, or two as ENCODE,DECODE "
+                             "(e.g. autoencoder_kl.pth,autoencoder_kl_ema.pth)")
+        codec = load_sd_vae(parts[0], device=device, dtype=dtype)
+        decoder = load_sd_vae(parts[1], device=device, dtype=dtype).model
+        same = [{k: v for k, v in dict(m.config).items() if not k.startswith("_")} for m in (decoder, codec.model)]
+        if same[0] != same[1]:
+            raise ValueError(f"--codec-source: the decoder {parts[1]} is not the same architecture as the encoder {parts[0]}")
+        codec.decoder, codec.source = decoder, source
+        return codec
     if source is None:
         if name == "small-vae":
             source = SHIPPED_CODEC

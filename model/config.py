@@ -1,4 +1,7 @@
-"""Typed, frozen run configs read from ``configs/*.yaml`` (groups nnet, optimizer, train, sample)."""
+"""Typed, frozen run configs read from ``configs/*.yaml`` (groups nnet, optimizer, train, sample).
+
+Every value is checked when the file is read: a malformed file, an unknown key or a value of
+the wrong type (``depth: four``) raises a ValueError naming the file and the key."""
 
 from __future__ import annotations
 
@@ -10,6 +13,12 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+# The keys of the ``nnet`` group and their types: the arguments of model.uvit.MultiModalUViT
+# (kept here so that reading a config needs no torch; a test keeps the two in step).
+NNET_FIELDS = {"modalities": "list[str]", "img_size": "int", "in_chans": "int", "patch_size": "int",
+               "embed_dim": "int", "depth": "int", "num_heads": "int", "mlp_ratio": "float", "qkv_bias": "bool",
+               "mlp_time_embed": "bool", "prediction": "str"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class TrainConfig:
     loss_gamma: float = 5.0  # the cap of min_snr / x0 weighting
     ema_decay: float = 0.9999
     checkpoint_every: int = 5000
+    keep_checkpoints: int = 3  # the newest checkpoints kept (older ones deleted); the final model is kept besides
     log_every: int = 100
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
@@ -38,6 +48,9 @@ class TrainConfig:
 
 
     def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.loss_weighting not in ("eps", "min_snr", "x0"):
             raise ValueError(f"train.loss_weighting: unknown {self.loss_weighting!r}; valid: eps, min_snr, x0")
         if not (0 <= self.p_clean and 0 <= self.p_drop and self.p_clean + self.p_drop <= 1):
@@ -63,14 +76,90 @@ class RunConfig:
         return replace(self, train=replace(self.train, **changes))
 
 
-def _typed(cls, values: dict[str, Any], where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+          "tuple[float, float]": "a pair of numbers", "list[str]": "a list of names"}
+
+
+def _fits(value: Any, kind: str) -> bool:
+    """Whether a YAML value has the type ``kind`` (a field's annotation, as text)."""
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "tuple[float, float]":
+        return isinstance(value, (list, tuple)) and len(value) == 2 and all(_fits(v, "float") for v in value)
+    if kind == "list[str]":
+        return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) for v in value)
+    raise TypeError(f"no check for the type {kind}")
+
+
+def _checked(values: Any, kinds: dict[str, str], group: str, path: Path) -> dict[str, Any]:
+    """The group's values (a mapping), each checked against its type in ``kinds``; a
+    ValueError names the file and the key of an unknown key or a value of the wrong type."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: {group} must be a mapping of keys to values, got {values!r}")
+    unknown = sorted(set(values) - set(kinds))
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; valid keys: {sorted(known)}")
-    if "betas" in values:
-        values = {**values, "betas": tuple(values["betas"])}
-    return cls(**values)
+        raise ValueError(f"{path}: unknown keys {unknown} in {group}; valid keys: {sorted(kinds)}")
+    out = {}
+    for key, value in values.items():
+        kind = kinds[key]
+        if not _fits(value, kind):
+            hint = ""
+            if kind == "float" and isinstance(value, str) and _is_number(value):
+                hint = " (YAML reads a number such as 1e-3 as text: write 1.0e-3)"
+            raise ValueError(f"{path}: {group}.{key} must be {_KINDS[kind]}, got {value!r}{hint}")
+        out[key] = value
+    return out
+
+
+def _as_declared(value: Any, kind: str) -> Any:
+    """A checked value as its dataclass field declares it: numbers as floats, pairs as tuples."""
+    if kind == "float":
+        return float(value)
+    if kind == "tuple[float, float]":
+        return tuple(float(v) for v in value)
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _typed(cls, values: Any, group: str, path: Path):
+    """``cls`` (a config dataclass) from the YAML group ``group`` of ``path``."""
+    kinds = {f.name: str(f.type) for f in fields(cls)}
+    checked = _checked(values, kinds, group, path)
+    try:
+        return cls(**{key: _as_declared(value, kinds[key]) for key, value in checked.items()})
+    except ValueError as exc:
+        message = str(exc)
+        raise ValueError(message if message.startswith(f"{path}:") else f"{path}: {message}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The file's groups; a ValueError names the file (and the line of a syntax error)."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML{where}: {exc.problem or exc.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config is a mapping of groups (nnet, optimizer, train, sample), "
+                         f"got a {type(raw).__name__}")
+    return raw
 
 
 def load_config(name_or_path: str | os.PathLike) -> RunConfig:
@@ -81,13 +170,14 @@ def load_config(name_or_path: str | os.PathLike) -> RunConfig:
     if not path.exists():
         names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ValueError(f"no config {str(name_or_path)!r}; give a YAML path or one of {names}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _read_yaml(path)
     unknown = sorted(set(raw) - {"nnet", "optimizer", "train", "sample"})
     if unknown:
         raise ValueError(f"{path}: unknown groups {unknown}; valid groups: nnet, optimizer, train, sample")
+    group = {name: {} if raw.get(name) is None else raw[name] for name in ("nnet", "optimizer", "train", "sample")}
     return RunConfig(
-        nnet=dict(raw.get("nnet", {})),
-        optimizer=_typed(OptimizerConfig, raw.get("optimizer", {}), f"{path} optimizer"),
-        train=_typed(TrainConfig, raw.get("train", {}), f"{path} train"),
-        sample=_typed(SampleConfig, raw.get("sample", {}), f"{path} sample"),
+        nnet=_checked(group["nnet"], NNET_FIELDS, "nnet", path),
+        optimizer=_typed(OptimizerConfig, group["optimizer"], "optimizer", path),
+        train=_typed(TrainConfig, group["train"], "train", path),
+        sample=_typed(SampleConfig, group["sample"], "sample", path),
     )

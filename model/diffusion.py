@@ -33,7 +33,7 @@ def sampling_scheduler(steps: int, spacing: str = "karras") -> DPMSolverMultiste
     ``spacing='karras'`` places the steps by the noise levels of Karras et al. (2022), dense
     at low noise; ``'linspace'`` spaces the training timesteps evenly (diffusers' default).
     Both solve the same ODE; on an exactly solvable case (Gaussian data, see
-    benchmarks/network.py) 25 Karras steps are about 3x more accurate than 50 evenly spaced ones."""
+    benchmarks/bench_network.py) 25 Karras steps are about 3x more accurate than 50 evenly spaced ones."""
     if spacing not in SPACINGS:
         raise ValueError(f"unknown step spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
     sched = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,

@@ -3,7 +3,9 @@
 - ``inception``: Inception-v3 pool3 features (2048-d) in the layout and with the quirks of
   the TF 2015-12-05 graph that the standard FID uses (the ``pt_inception-2015-12-05``
   weights of pytorch-fid: average pools that ignore padding, a max pool in the last block).
-  Images are resized to 299x299 (bilinear) and scaled to [-1, 1].
+  Images are resized to 299x299 with TensorFlow 1's bilinear rule (no half-pixel offset, as
+  torch-fidelity does for the paper's FID: :func:`resize_bilinear_tf1`) and scaled as
+  ``(255 x - 128) / 128``.
 - ``dinov2``: DINOv2 (ViT-S/14 for the paper's precision/recall) through ``transformers``:
   the layer-normed CLS token, images resized to 224x224 (bicubic) and normalised with the
   ImageNet mean and standard deviation.
@@ -33,6 +35,26 @@ DINOV2_DEFAULT = "facebook/dinov2-small"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+
+
+def resize_bilinear_tf1(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``(B, C, H, W)`` as TensorFlow 1's ``resize_bilinear`` with
+    ``align_corners=False``: output pixel ``i`` samples the input at ``i * in / out`` (no
+    half-pixel centres; the last input row/column is repeated past the edge). This is the
+    resize torch-fidelity applies before the FID Inception; it differs from
+    ``F.interpolate(..., align_corners=False)``, which samples at ``(i + 0.5) * in / out - 0.5``."""
+    x = images
+    for dim, out in ((2, size[0]), (3, size[1])):
+        n = x.shape[dim]
+        src = torch.arange(out, dtype=torch.float64) * (n / out)
+        lo = src.floor().long().clamp(max=n - 1)
+        hi = (lo + 1).clamp(max=n - 1)
+        w = (src - lo.double()).to(x.dtype).to(x.device)
+        shape = [1, 1, 1, 1]
+        shape[dim] = out
+        a, b = x.index_select(dim, lo.to(x.device)), x.index_select(dim, hi.to(x.device))
+        x = a + (b - a) * w.view(shape)
+    return x
 
 class _Conv(nn.Module):
     """Convolution (no bias) + batch norm (eps 1e-3) + ReLU; state-dict keys ``conv.*``, ``bn.*``."""
@@ -172,8 +194,8 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008)  # the classifier of the TF graph; unused for features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
+        x = resize_bilinear_tf1(images * 255, (299, 299))
+        x = (x - 128) / 128  # torch-fidelity's scaling of 0..255 pixels
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))

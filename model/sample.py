@@ -3,9 +3,18 @@
 Conditions are fed clean at timestep 0 and never changed. Generated modalities start from
 noise and are solved jointly. Modalities neither given nor asked for are marginalised the
 UniDiffuser way: one fixed noise draw, fed at the final timestep (1000) at every network
-call. Optional per-modality classifier-free guidance without retraining: the unconditional
-branch replaces that condition by (fixed) noise at the final timestep:
-``eps = eps_uncond + s * (eps_cond - eps_uncond)`` with ``s = 1 + w``.
+call.
+
+Optional per-condition classifier-free guidance without retraining, composed the standard
+way (compositional CFG, Liu et al. 2022): with ``e_c`` the fully conditional prediction and
+``e_{-m}`` the prediction with only condition ``m`` dropped (replaced by its fixed noise at the
+final timestep),
+
+    ``eps = e_c + sum_m w_m * (e_c - e_{-m})``.
+
+Every condition's term comes from the same ``e_c``: no cross terms, and the order in which
+the conditions are given does not matter. For one condition this is the usual
+``eps = e_unc + s * (e_c - e_unc)`` with ``s = 1 + w``.
 """
 
 from __future__ import annotations
@@ -38,13 +47,16 @@ def generate(
 ) -> dict[str, torch.Tensor]:
     """Generate the modalities ``generate`` given ``condition`` (latents in the network's
     space, each (B, C, H, W)). Returns {modality: (B * n_samples, C, H, W)} for the generated
-    and the condition modalities (samples of one input are consecutive; conditions are
-    returned as given). ``initial_noise`` fixes the starting noise of generated modalities
-    ((B * n_samples, C, H, W) each); ``guidance`` = {condition: w} adds classifier-free
-    guidance on that condition; ``batch_size`` bounds a network call. ``marginal_noise`` fixes
-    the noise standing in for modalities that are neither given nor generated (and for guided
-    conditions in the unconditional branch); by default it is drawn from ``seed``. ``spacing``
-    places the solver steps (see :func:`model.diffusion.sampling_scheduler`)."""
+    and the condition modalities (samples of one input are consecutive; each condition row is
+    repeated for its ``n_samples`` samples and returned as given). To give every sample its own
+    condition (e.g. its own posterior draw), pass one row per sample and ``n_samples=1``.
+    ``initial_noise`` fixes the starting noise of generated modalities ((B * n_samples, C, H, W)
+    each); ``guidance`` = {condition: w} adds classifier-free guidance on those conditions,
+    composed as in the module docstring; ``batch_size`` bounds a network call.
+    ``marginal_noise`` fixes the noise standing in for modalities that are neither given nor
+    generated (and for guided conditions when they are dropped); by default it is drawn from
+    ``seed``. ``spacing`` places the solver steps (see
+    :func:`model.diffusion.sampling_scheduler`)."""
     names = list(net.config.modalities)
     unknown = [m for m in list(condition) + list(generate) if m not in names]
     if unknown:
@@ -74,8 +86,9 @@ def generate(
     gen.manual_seed(seed if seed is not None else torch.seed())
     cond = {m: _expand(x.to(device, torch.float32), n_samples) for m, x in condition.items()}
     free = [m for m in names if m not in condition and m not in generate]
+    guided = [m for m in names if m in guidance]  # network order: nothing depends on the order of ``guidance``
     fixed_noise = {}
-    for m in free + list(guidance):
+    for m in free + guided:
         given = marginal_noise.get(m) if marginal_noise is not None else None
         fixed_noise[m] = (given.to(device, torch.float32) if given is not None
                           else torch.randn((total, *shape), generator=gen).to(device))
@@ -110,15 +123,24 @@ def generate(
     for k in sched.timesteps:
         k = int(k)
         xg = dict(zip(generate, x_flat.split(split, dim=1)))
-        eps = eps_of(xg, k, None)
-        for m, w in guidance.items():
-            unc = eps_of(xg, k, m)
-            eps = {g: unc[g] + (1 + w) * (eps[g] - unc[g]) for g in generate}
+        full = eps_of(xg, k, None)
+        eps = _guided(full, {m: eps_of(xg, k, m) for m in guided}, guidance)
         eps_flat = torch.cat([eps[m] for m in generate], dim=1)
         x_flat = sched.step(eps_flat, k, x_flat).prev_sample
     result = {m: _expand(condition[m], n_samples) for m in condition}  # the inputs, untouched
     result.update(zip(generate, x_flat.split(split, dim=1)))
     return result
+
+
+def _guided(full: dict[str, torch.Tensor], dropped: Mapping[str, dict[str, torch.Tensor]],
+            weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """Compositional classifier-free guidance: ``e_c + sum_m w_m (e_c - e_{-m})`` per generated
+    modality, with ``full`` = {generated: e_c} and ``dropped`` = {condition m: {generated:
+    e_{-m}}}, each (B, C, H, W); the terms are added in ``dropped``'s order. No guidance: ``full``."""
+    eps = dict(full)
+    for m, without in dropped.items():
+        eps = {g: eps[g] + weights[m] * (full[g] - without[g]) for g in eps}
+    return eps
 
 
 def _batched(net, lat, ts, batch_size):

@@ -10,20 +10,35 @@ an uninterrupted one: a checkpoint holds the model, EMA, optimizer, LR scheduler
 
 Layout of ``out``::
 
-    checkpoints/step-000100/  model (save_pretrained), ema.pt, optimizer.pt, scheduler.pt, state.json
+    checkpoints/step-000100/  model (save_pretrained), ema.pt, optimizer.pt, scheduler.pt, state.json;
+                              the newest ``train.keep_checkpoints`` are kept, older ones deleted
+                              once a newer one is complete
     log.jsonl                 one line per logged step: step, loss, loss per modality, lr
-    model/                    the EMA weights at the end (save_pretrained), what sampling loads
+    model/                    the EMA weights at the end (save_pretrained) and run_config.json, what
+                              sampling loads
+
+``state.json`` records the step, the config, ``data`` (what the caller says about the training
+data, e.g. the codec of the latents: :func:`checkpoint_state` reads it back so that a resume
+can refuse other data) and ``config_changes`` (each resume's changed config values, by step).
+
+Folders are written under a temporary sibling name and swapped in, so that a checkpoint or
+the final model is complete or absent and a new ``model/`` replaces the old one whole. A
+resume takes the newest checkpoint that reads completely: a damaged one (a truncated file) is
+named in a :class:`TrainingWarning` and the one before it is used.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,12 +57,34 @@ from model.uvit import MultiModalUViT
 SHIPPED_DEMO_MODEL = Path(__file__).resolve().parent / "weights" / "demo-model"
 
 
+# Config values that change how long a run goes and what it writes, not what a step
+# computes: a resume with other values is not reported as a config change.
+BOOKKEEPING = frozenset({"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                         "sample.steps"})
+
+
+class TrainingWarning(UserWarning):
+    """Training goes on, but the user should know: a damaged checkpoint skipped, a config
+    changed on resume."""
+
+
+class _Unreadable(Exception):
+    """A checkpoint file that cannot be read (missing, truncated, not what it should be)."""
+
+    def __init__(self, path: Path, error: BaseException) -> None:
+        first = (str(error).strip().splitlines() or [""])[0].split(". ")[0]  # the first sentence says it
+        reason = first if len(first) <= 160 else first[:157] + "..."
+        super().__init__(f"{path} is unreadable ({type(error).__name__}: {reason})")
+
+
 @dataclass
 class TrainResult:
     steps: int
     last_loss: float
     losses: list[float]
     model_dir: Path
+    resumed_from: int | None = None  # the step of the checkpoint the run resumed from
+    config_changes: list[dict] = field(default_factory=list)  # [{"step": s, "changes": {key: [old, new]}}]
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
@@ -64,9 +101,50 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 7]).integers(0, 2**62)))
 
 
+def check_max_steps(max_steps: int) -> None:
+    """Refuse a step count that trains nothing (it would leave an untrained model)."""
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device training cannot use: ``cuda`` without a CUDA device, or a name other
+    than cpu / cuda (accelerate places the network on the GPU itself)."""
+    if device not in (None, "cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r} (to choose a GPU, set CUDA_VISIBLE_DEVICES)")
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "torch sees no GPU"
+        raise ValueError(f"device 'cuda': no CUDA device is available ({why}; torch {torch.__version__}); "
+                         "use --device cpu, or leave --device out")
+
+
+def _step_of(folder: Path) -> int | None:
+    try:
+        return int(folder.name.removeprefix("step-"))
+    except ValueError:
+        return None
+
+
+def checkpoints(out: str | os.PathLike) -> list[Path]:
+    """The checkpoint folders under ``out``, oldest step first."""
+    found = [(_step_of(p), p) for p in (Path(out) / "checkpoints").glob("step-*") if p.is_dir()]
+    return [p for _, p in sorted(item for item in found if item[0] is not None)]
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    ckpts = checkpoints(out)
     return ckpts[-1] if ckpts else None
+
+
+def checkpoint_state(out: str | os.PathLike) -> dict | None:
+    """``state.json`` of the newest checkpoint under ``out`` that has a readable one (step,
+    config, ``data``, ``config_changes``), or None when there is none."""
+    for ckpt in reversed(checkpoints(out)):
+        try:
+            return json.loads((ckpt / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def train(
@@ -81,15 +159,28 @@ def train(
     on_checkpoint: Callable[[int, MultiModalUViT], None] | None = None,
     device: str | None = None,
     init_from: str | os.PathLike | None = None,
+    data: Mapping[str, Any] | None = None,
+    finish_model: Callable[[Path, TrainResult], None] | None = None,
 ) -> TrainResult:
     """Train (or resume) and write checkpoints, a log and the final EMA model under ``out``.
 
-    ``on_checkpoint(step, ema_network)`` runs after each checkpoint (e.g. to draw a sample grid).
-    ``device='cpu'`` forces the CPU; otherwise accelerate picks the GPU(s) when present.
-    ``init_from``: a model folder (same network config) whose weights start a new run
-    (fine-tuning); ignored when resuming from a checkpoint."""
+    ``max_steps`` (default: the config's) must be at least 1. ``on_checkpoint(step,
+    ema_network)`` runs after each checkpoint (e.g. to draw a sample grid). ``device='cpu'``
+    forces the CPU, ``'cuda'`` asks for the GPU (an error without one); by default accelerate
+    picks the GPU(s) when present. ``init_from``: a model folder (same network config) whose
+    weights start a new run (fine-tuning); ignored when resuming from a checkpoint. ``data``:
+    JSON facts about the training data (e.g. the latents' codec), kept in every checkpoint.
+    ``finish_model(folder, result)`` may add files to the final model folder before it
+    replaces ``out/model``.
+
+    A resume refuses a changed network and warns (:class:`TrainingWarning`) about any other
+    changed config value (outside :data:`BOOKKEEPING`); the changes are kept in the
+    checkpoints and returned in ``TrainResult.config_changes``."""
     out = Path(out)
     cfg, tcfg = config, config.train
+    total = max_steps if max_steps is not None else tcfg.max_steps
+    check_max_steps(total)
+    check_device(device)
     names = list(cfg.nnet.get("modalities", list(moments)))
     missing = [m for m in names if m not in moments]
     if missing:
@@ -99,12 +190,17 @@ def train(
     n = len(next(iter(moments.values())))
     if n == 0:
         raise ValueError("no training tuples: the store has no fragment with all the network's modalities")
-    total = max_steps if max_steps is not None else tcfg.max_steps
+    earlier_run = (out / "checkpoints").exists()
+    if earlier_run and not resume:
+        raise ValueError(f"{out}: holds checkpoints of an earlier run; pass --resume or use another --out")
+    resumed = _resume_point(out) if resume else None
+    if resume and resumed is None and earlier_run:
+        raise ValueError(f"{out}: --resume but no checkpoint to resume from")
+    history = _config_history(*resumed, config) if resumed is not None else []
     accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=device == "cpu" or not torch.cuda.is_available())
     torch.manual_seed(tcfg.seed)
     net = MultiModalUViT(**cfg.nnet)
-    ckpt = latest_checkpoint(out) if resume else None
-    if init_from is not None and ckpt is None:
+    if init_from is not None and resumed is None:
         start = MultiModalUViT.from_pretrained(init_from)
         differ = {k: (v, net.config.get(k)) for k, v in start.config.items()
                   if not k.startswith("_") and json.dumps(net.config.get(k)) != json.dumps(v)}
@@ -117,17 +213,14 @@ def train(
                             betas=cfg.optimizer.betas)
     lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.optimizer.warmup_steps)
     ema = EMAModel(net.parameters(), decay=tcfg.ema_decay, model_cls=MultiModalUViT, model_config=net.config)
-    step = 0
-    if resume and ckpt is None and (out / "checkpoints").exists():
-        raise ValueError(f"{out}: --resume but no checkpoint to resume from")
-    if ckpt is not None:
-        net.load_state_dict(MultiModalUViT.from_pretrained(ckpt / "model").state_dict())
-        ema.load_state_dict(torch.load(ckpt / "ema.pt", weights_only=False))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-        lr_sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-        step = json.loads((ckpt / "state.json").read_text())["step"]
-    elif not resume and (out / "checkpoints").exists():
-        raise ValueError(f"{out}: holds checkpoints of an earlier run; pass --resume or use another --out")
+    step, resumed_from = 0, None
+    if resumed is not None:
+        parts = resumed[1]
+        net.load_state_dict(parts["model"])
+        ema.load_state_dict(parts["ema.pt"])
+        opt.load_state_dict(parts["optimizer.pt"])
+        lr_sched.load_state_dict(parts["scheduler.pt"])
+        step = resumed_from = parts["state.json"]["step"]
     net, opt, lr_sched = accelerator.prepare(net, opt, lr_sched)
     ema.to(accelerator.device)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,16 +256,109 @@ def train(
                                       "lr": lr_sched.get_last_lr()[0]}) + "\n")
                 log.flush()
             if step % tcfg.checkpoint_every == 0 or step == total:
-                _save_checkpoint(out, step, accelerator.unwrap_model(net), ema, opt, lr_sched, config)
+                _save_checkpoint(out, step, accelerator.unwrap_model(net), ema, opt, lr_sched, config, data, history)
+                _prune_checkpoints(out, tcfg.keep_checkpoints, step)
                 if on_checkpoint is not None:
                     on_checkpoint(step, _ema_network(ema, cfg.nnet, accelerator.device))
             if progress:
                 progress(step, total, loss_value)
-    _atomic_save_pretrained(_ema_network(ema, cfg.nnet, "cpu"), out / "model")
+    result = TrainResult(step, loss_value, losses, out / "model", resumed_from, history)
     record = {**config.as_dict(), "latent_norm": {m: norms[m].as_dict() for m in names},
               "init_from": str(init_from) if init_from is not None else None}
-    (out / "model" / "run_config.json").write_text(json.dumps(record, indent=1))
-    return TrainResult(step, loss_value, losses, out / "model")
+
+    def write_model(folder: Path) -> None:
+        _ema_network(ema, cfg.nnet, "cpu").save_pretrained(folder)
+        (folder / "run_config.json").write_text(json.dumps(record, indent=1))
+        if finish_model is not None:
+            finish_model(folder, result)
+
+    _write_folder(out / "model", write_model)
+    return result
+
+
+def _read_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """Everything a checkpoint holds, read into memory (nothing is applied before all of it
+    reads); raises _Unreadable naming the first file that does not read."""
+    def network(path: Path):
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError("no config.json")
+        return MultiModalUViT.from_pretrained(path).state_dict()
+
+    def tensors(path: Path):
+        return torch.load(path, weights_only=False, map_location="cpu")
+
+    readers = {"state.json": lambda path: json.loads(path.read_text()), "model": network, "ema.pt": tensors,
+               "optimizer.pt": tensors, "scheduler.pt": tensors}
+    parts = {}
+    for name, read in readers.items():
+        try:
+            parts[name] = read(ckpt / name)
+        except Exception as exc:  # any failure to read means the file is damaged or missing
+            raise _Unreadable(ckpt / name, exc) from exc
+    return parts
+
+
+def _resume_point(out: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that reads completely, with its contents (None when there is no
+    checkpoint). A damaged one is named in a warning and the one before it is tried; when none
+    reads, a ValueError lists them."""
+    found = checkpoints(out)
+    problems = []
+    for ckpt in reversed(found):
+        try:
+            return ckpt, _read_checkpoint(ckpt)
+        except _Unreadable as exc:
+            problems.append(str(exc))
+            warnings.warn(f"{exc}: skipping checkpoint {ckpt.name}, trying the one before it", TrainingWarning,
+                          stacklevel=3)
+    if found:
+        raise ValueError(f"{out}: no complete checkpoint to resume from ({'; '.join(problems)}); "
+                         "start a new run (another --out)")
+    return None
+
+
+def _flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"group.key": value}`` of a config dict, tuples as lists (as JSON keeps them)."""
+    return {f"{group}.{key}": value for group, values in json.loads(json.dumps(config)).items()
+            for key, value in values.items()}
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, list]:
+    """``{"group.key": [old, new]}`` for each config value that differs (None: not set),
+    bookkeeping values aside."""
+    before, after = _flat_config(old), _flat_config(new)
+    return {key: [before.get(key), after.get(key)] for key in sorted(set(before) | set(after))
+            if key not in BOOKKEEPING and before.get(key) != after.get(key)}
+
+
+def _full_network(nnet: Mapping[str, Any]) -> dict[str, Any]:
+    """The network's arguments, defaults filled in (a value written out equals it left out)."""
+    params = inspect.signature(MultiModalUViT.__init__).parameters.values()
+    return {**{p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, **nnet}
+
+
+def _describe(changes: Mapping[str, list]) -> str:
+    return ", ".join(f"{key} {json.dumps(old)} -> {json.dumps(new)}" for key, (old, new) in changes.items())
+
+
+def _config_history(ckpt: Path, parts: Mapping[str, Any], config: RunConfig) -> list[dict]:
+    """The run's config changes up to this resume: the checkpoint's record plus this resume's
+    changes (warned about). A changed network is refused: the weights would not fit it."""
+    state = parts["state.json"]
+    old, new = dict(state.get("config", {})), config.as_dict()
+    old["nnet"], new["nnet"] = _full_network(old.get("nnet", {})), _full_network(new["nnet"])
+    changes = config_changes(old, new)
+    network = {key: change for key, change in changes.items() if key.startswith("nnet.")}
+    if network:
+        raise ValueError(f"{ckpt}: the network config changed since this checkpoint ({_describe(network)}); resume "
+                         "with the run's config, or start a new run (another --out)")
+    history = list(state.get("config_changes") or [])
+    if changes:
+        warnings.warn(f"{ckpt.parent.parent}: resuming from {ckpt.name} with a changed config: {_describe(changes)}; "
+                      "the run goes on with the new values (recorded in its checkpoints and model)", TrainingWarning,
+                      stacklevel=3)
+        history.append({"step": state["step"], "changes": changes})
+    return history
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -193,24 +379,58 @@ def _ema_network(ema: EMAModel, nnet: dict, device) -> MultiModalUViT:
     return net.eval()
 
 
-def _atomic_save_pretrained(net: MultiModalUViT, target: Path) -> None:
+def _write_folder(target: Path, write: Callable[[Path], None]) -> None:
+    """Have ``write`` fill a temporary sibling of ``target``, then swap it in: at every instant
+    the old folder or the new one is complete; a failure leaves the old one and no leftovers."""
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    net.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        _swap_in(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save_checkpoint(out: Path, step: int, net, ema: EMAModel, opt, lr_sched, config: RunConfig) -> None:
-    """Write a checkpoint folder under a temporary name and rename it: complete or absent."""
-    final = out / "checkpoints" / f"step-{step:06d}"
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
-    tmp.mkdir(parents=True)
-    net.save_pretrained(tmp / "model")
-    torch.save(ema.state_dict(), tmp / "ema.pt")
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    torch.save(lr_sched.state_dict(), tmp / "scheduler.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": config.as_dict()}))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+def _swap_in(new: Path, target: Path) -> None:
+    """Move the complete folder ``new`` to ``target``. An existing ``target`` is moved aside
+    first (put back if the move fails) and deleted only once the new one is in place."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_checkpoint(out: Path, step: int, net, ema: EMAModel, opt, lr_sched, config: RunConfig,
+                     data: Mapping[str, Any] | None = None, history: list[dict] | None = None) -> None:
+    """Write the checkpoint of ``step`` (complete or absent; see :func:`_write_folder`)."""
+    state = {"step": step, "config": config.as_dict(), "data": dict(data) if data is not None else None,
+             "config_changes": list(history or [])}
+
+    def write(folder: Path) -> None:
+        net.save_pretrained(folder / "model")
+        torch.save(ema.state_dict(), folder / "ema.pt")
+        torch.save(opt.state_dict(), folder / "optimizer.pt")
+        torch.save(lr_sched.state_dict(), folder / "scheduler.pt")
+        (folder / "state.json").write_text(json.dumps(state))
+
+    _write_folder(out / "checkpoints" / f"step-{step:06d}", write)
+
+
+def _prune_checkpoints(out: Path, keep: int, newest: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints up to step ``newest`` (the one just
+    written, complete). Later ones, left when a resume fell back past a damaged checkpoint,
+    are left alone (the run replaces them when it gets there)."""
+    older = [p for p in checkpoints(out) if _step_of(p) <= newest]
+    for ckpt in older[:-keep]:
+        try:
+            shutil.rmtree(ckpt)
+        except OSError as exc:
+            warnings.warn(f"could not delete the old checkpoint {ckpt} ({exc})", TrainingWarning, stacklevel=2)

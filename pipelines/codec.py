@@ -23,7 +23,7 @@ from majortom_gen.errors import MajorTomGenError
 from majortom_gen.fragments import to_unit_range
 from majortom_gen.modalities import MODALITY_NAMES
 from majortom_gen.selection import select
-from majortom_gen.staging import staged_folder
+from majortom_gen.staging import check_output, staged_folder
 from model.codec_training import CodecTrainConfig, train_small_vae
 from model.codecs import Codec, fit_latent_norms, load_codec, reconstruction_psnr
 from pipelines.ingest import read_fragments
@@ -58,10 +58,12 @@ def psnr_by_modality(codec: Codec, images: dict[str, np.ndarray]) -> dict[str, f
 
 def train_codec(source: str | os.PathLike, cells: Sequence[str], out: str | os.PathLike, *,
                 config: CodecTrainConfig = CodecTrainConfig(), command: str = "",
-                progress: Callable[[int, int, float], None] | None = None) -> CodecResult:
+                progress: Callable[[int, int, float], None] | None = None, overwrite: bool = False) -> CodecResult:
     """Train the small-vae codec on the fragments of ``cells`` and write it to ``out``
     (staged: complete or absent)."""
     start = time.perf_counter()
+    inputs = (source,) if Path(str(source)).exists() else ()
+    check_output(out, overwrite=overwrite, inputs=inputs)
     images = source_fragments(source, cells)
     pool = np.concatenate(list(images.values()))
     vae, losses = train_small_vae(pool, config, progress=progress)
@@ -76,7 +78,7 @@ def train_codec(source: str | os.PathLike, cells: Sequence[str], out: str | os.P
         "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
-    with staged_folder(out) as tmp:
+    with staged_folder(out, overwrite=overwrite, inputs=inputs, kind="codec train") as tmp:
         codec.save(tmp)
     return CodecResult(Path(out), {m: len(a) for m, a in images.items()}, psnr, time.perf_counter() - start)
 

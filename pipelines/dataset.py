@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.grid import parse_cell_id
-from majortom_gen.staging import staged_folder
+from majortom_gen.staging import check_output, staged_folder
 from majortom_gen.store import MOMENT_SHAPE, LatentStore, complete_rows, store_schema
 
 SPLITS = ("train", "test")
@@ -74,10 +74,11 @@ def spatial_split(cells: Sequence[str], test_fraction: float = 0.05, seed: int =
 
 def build_dataset(store_dir: str | os.PathLike, out: str | os.PathLike, *, cells: Sequence[str] | None = None,
                   modalities: Sequence[str] | None = None, split: str = "spatial", test_fraction: float = 0.05,
-                  seed: int = 0, block: int = 4, hf: bool = True) -> DatasetResult:
+                  seed: int = 0, block: int = 4, hf: bool = True, overwrite: bool = False) -> DatasetResult:
     """Write the subset of ``store_dir`` (the given cells, fragments having all of
     ``modalities``) with a ``split`` column to ``out``, and its ``datasets`` export to
     ``out/hf`` when ``hf``."""
+    check_output(out, overwrite=overwrite, inputs=(store_dir,))
     store = LatentStore.open(store_dir)
     mods = list(modalities or store.modalities)
     unknown = [m for m in mods if m not in store.modalities]
@@ -99,7 +100,7 @@ def build_dataset(store_dir: str | os.PathLike, out: str | os.PathLike, *, cells
     by_split = {s: sorted(c for c, v in assignment.items() if v == s) for s in SPLITS}
     counts = {s: int(pc.sum(pc.equal(table.column("split"), s)).as_py() or 0) for s in SPLITS}
     final = Path(out)
-    with staged_folder(final) as tmp:
+    with staged_folder(final, overwrite=overwrite, inputs=(store_dir,), kind="dataset build") as tmp:
         subset = LatentStore.create(tmp, _codec_info(store), store.manifest["fragment_mode"], modalities=mods)
         if (Path(store_dir) / "codec").is_dir():
             shutil.copytree(Path(store_dir) / "codec", tmp / "codec")

@@ -14,9 +14,17 @@ decoded with the store's codec to 256x256 RGB thumbnails and compared:
   relative MAE change and PSNR difference against the unconditional samples of the same
   fragments).
 
-"Real" images are the codec's reconstruction of each fragment's stored latent mean (the
-store keeps latents, not pixels), so the metrics measure the generative model, not the
-codec (the codec's own PSNR is reported by ``ingest`` and in the store manifest).
+"Real" images are by default the codec's reconstruction of each fragment's stored latent
+mean (the store keeps latents, not pixels), so the metrics measure the generative model, not
+the codec (the codec's own PSNR is reported by ``ingest`` and in the store manifest). With
+``real_source`` they are the thumbnail fragments read straight from the Major TOM shards, as
+the paper compares them (the FID Inception resizes with TF1's bilinear rule, as
+torch-fidelity does). Every table states N (fragments and samples).
+
+Test cells: the model's held-out cells (its ``training_data.json``); when its training cells
+are unknown (converted published weights without ``--training-cells``) every store cell is
+used and every output says so loudly; ``exclude_cells`` removes known training cells (e.g.
+the official ``train_metadata.parquet``).
 
 Features and paired metrics of each image set are cached under ``cache_dir`` by a key of
 everything that determines them (model weights, codec, fragments, seed, steps, extractor
@@ -32,6 +40,8 @@ import hashlib
 import json
 import math
 import os
+import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,12 +52,13 @@ import torch
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.fragments import from_unit_range
 from majortom_gen.modalities import parse_modalities
-from majortom_gen.staging import staged_folder
-from majortom_gen.store import LatentStore, load_aligned
+from majortom_gen.staging import check_output, staged_folder
+from majortom_gen.store import AlignedArrays, LatentStore, load_aligned
 from model import metrics
 from model.codecs import Codec, latent_norms
 from model.features import DINOV2_DEFAULT, INCEPTION_DEFAULT, FeatureExtractor, load_extractor
 from model.uvit import MultiModalUViT
+from pipelines.model_folder import model_record, open_model_for_store
 from pipelines.sample import condition_latents, open_store_codec, sample_chunk
 
 DISTRIBUTION_METRICS = ("fid", "precision", "recall", "f_score")
@@ -74,6 +85,9 @@ class EvalOptions:
     deterministic_conditions: bool = False
     cache_dir: str | None = None  # default: STORE/cache/eval
     device: str | None = None
+    exclude_cells: tuple[str, ...] = ()  # never evaluated on (e.g. the published weights' training cells)
+    real_source: str | None = None  # real images straight from these Major TOM shards (default: codec reconstruction)
+    overwrite: bool = False  # replace an earlier evaluation in ``out``
 
 
 @dataclass
@@ -142,6 +156,45 @@ def _open_codec(store: LatentStore, store_dir: Path, options: EvalOptions, devic
     return codec
 
 
+UNKNOWN_TRAINING_CELLS = ("the training cells of {model} are unknown (e.g. the published weights), so every store cell not "
+                          "given to --exclude-cells is evaluated and some may have been seen in training. For the "
+                          "published weights pass --exclude-cells train_metadata.parquet (written by the official data "
+                          "preparation), or record it with convert-weights --training-cells.")
+
+
+class TrainingCellsWarning(UserWarning):
+    """The evaluated model does not record its training cells."""
+
+
+def _source_images(source: str, store: LatentStore, cells: list[str], frags: list[int],
+                   modalities: list[str]) -> dict[str, np.ndarray]:
+    """The real thumbnail fragments of (``cells[i]``, ``frags[i]``) read from the Major TOM
+    shards under ``source`` (uint8 ``(N, 256, 256, 3)`` per modality), checking that the source
+    chooses the same products as the store holds."""
+    from majortom_gen.selection import select
+    from pipelines.ingest import read_fragments
+
+    unique = sorted(set(cells))
+    selection = select(source, unique, tuple(modalities))
+    chosen = {(r.grid_cell, r.modality): r.product_id for r in selection.products.itertuples()}
+    stored = store.table(["grid_cell"] + [f"{m}_product_id" for m in modalities], cells=unique).to_pandas()
+    stored = stored.drop_duplicates("grid_cell").set_index("grid_cell")
+    differ = [f"{c} {m}" for c in unique for m in modalities
+              if chosen.get((c, m)) is not None and chosen.get((c, m)) != stored.at[c, f"{m}_product_id"]]
+    if differ:
+        raise MajorTomGenError(f"--real-source {source}: its default product choice differs from the store's for "
+                               f"{len(differ)} cell/modality pair(s) (first: {differ[:3]}); give the source the store was "
+                               "ingested from")
+    images = read_fragments(selection, unique, store.manifest["fragment_mode"])
+    out = {}
+    for m in modalities:
+        lacking = [c for c in unique if c not in images.get(m, {})]
+        if lacking:
+            raise MajorTomGenError(f"--real-source {source}: no readable {m} thumbnail for {lacking[:5]}")
+        out[m] = np.stack([images[m][c][f] for c, f in zip(cells, frags)])
+    return out
+
+
 def _decode(codec: Codec, latents: torch.Tensor, batch: int, modality: str | None = None) -> np.ndarray:
     """Latents (the codec's; the network's of ``modality`` when given) -> uint8 RGB images
     ``(N, 256, 256, 3)``."""
@@ -159,11 +212,18 @@ class _Cache:
         folder.mkdir(parents=True, exist_ok=True)
 
     def get(self, key: str) -> dict[str, np.ndarray] | None:
+        """The arrays stored under ``key``; None when absent or unreadable (a truncated or
+        corrupt entry is removed and counts as a miss)."""
         path = self.folder / f"{key}.npz"
         if not path.exists():
             return None
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            warnings.warn(f"evaluation cache entry {path} is unreadable ({exc}); recomputing it", stacklevel=2)
+            path.unlink(missing_ok=True)
+            return None
 
     def put(self, key: str, arrays: dict[str, np.ndarray]) -> None:
         tmp = self.folder / f".{key}.{os.getpid()}.tmp.npz"
@@ -177,7 +237,8 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
     """Run the Table-1 evaluation and write ``out/{metrics.csv, table1.md, metrics.json, plots/}``.
     ``progress(done, total, note)`` is called after each batch of generated fragments."""
     opts = options or EvalOptions()
-    model_dir, store_dir = Path(model_dir), Path(store_dir)
+    check_output(out, overwrite=opts.overwrite, inputs=(model_dir, store_dir))
+    model_dir, store_dir = open_model_for_store(model_dir, store_dir), Path(store_dir)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
     store = LatentStore.open(store_dir)
@@ -199,8 +260,22 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
     if opts.split not in ("test", "train", "all"):
         raise MajorTomGenError(f"split must be test, train or all; got {opts.split!r}")
     test_fraction, split_seed = _split_settings(model_dir)
-    arrays = load_aligned(store, modalities, split=None if opts.split == "all" else opts.split,
-                          test_fraction=test_fraction, seed=split_seed)
+    record = model_record(model_dir)
+    train_cells = record.get("train_cells")
+    known = train_cells is not None and record.get("train_cells_complete", True)
+    if "split_seed" in record or opts.split != "test":  # trained here: its held-out cells
+        arrays = load_aligned(store, modalities, split=None if opts.split == "all" else opts.split,
+                              test_fraction=test_fraction, seed=split_seed)
+    else:  # converted weights: no split of this store means anything, use every cell
+        arrays = load_aligned(store, modalities)
+    if not known:
+        warnings.warn(UNKNOWN_TRAINING_CELLS.format(model=model_dir), TrainingCellsWarning, stacklevel=2)
+    leave_out = set(opts.exclude_cells) | (set(train_cells or ()) if opts.split == "test" else set())
+    leave_out &= set(arrays.grid_cell.tolist())  # (recorded: the ones this store has)
+    if leave_out:
+        keep = ~np.isin(arrays.grid_cell, sorted(leave_out))
+        arrays = AlignedArrays({m: a[keep] for m, a in arrays.moments.items()}, arrays.grid_cell[keep],
+                               arrays.fragment_index[keep])
     n = len(arrays) if opts.max_fragments is None else min(len(arrays), opts.max_fragments)
     if n <= opts.k:
         raise MajorTomGenError(f"{store_dir}: the {opts.split} split has {len(arrays)} fragment(s) with all of {modalities}; "
@@ -214,15 +289,16 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
                   "pr": load_extractor("dinov2", opts.pr_extractor, device)}
     cache = _Cache(Path(opts.cache_dir) if opts.cache_dir else store_dir / "cache" / "eval")
     base_key = (codec.info()["config_hash"], cells, frags, {m: n.as_dict() for m, n in norms.items()},
-                extractors["fid"].fingerprint, extractors["pr"].fingerprint)
+                extractors["fid"].fingerprint, extractors["pr"].fingerprint, opts.real_source or "codec reconstruction")
 
-    # real images: the codec's reconstruction of each stored latent mean
+    # real images: the codec's reconstruction of each stored latent mean, or the shards' thumbnails
     real_key = _digest("real", store.manifest["shards"], targets, *base_key)
     real = cache.get(real_key)
     if real is None:
         real = {}
+        from_source = _source_images(opts.real_source, store, cells, frags, targets) if opts.real_source else {}
         for m in targets:
-            images = _decode(codec, moments[m][:, :4], opts.batch_size)
+            images = from_source[m] if opts.real_source else _decode(codec, moments[m][:, :4], opts.batch_size)
             real[f"images_{m}"] = images
             real[f"fid_{m}"] = extractors["fid"](images, opts.batch_size)
             real[f"pr_{m}"] = extractors["pr"](images, opts.batch_size)
@@ -234,8 +310,8 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
     rows = []
     for cond in opts.conditions:
         generated = [m for m in targets if m not in cond]
-        key = _digest("generated", model_digest, condition_name(cond), generated, opts.seed, opts.steps, opts.n_samples,
-                      opts.deterministic_conditions, *base_key)
+        key = _digest("generated", "per-sample condition draws", model_digest, condition_name(cond), generated, opts.seed,
+                      opts.steps, opts.n_samples, opts.deterministic_conditions, *base_key)
         result = cache.get(key)
         if result is None:
             result = _generate_set(model_dir, device, codec, extractors, moments, real, cells, frags, cond, generated, norms, opts,
@@ -252,8 +328,10 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
                 "store": str(store_dir), "codec": codec.info()["name"], "fragments": n, "cells": sorted(set(cells)),
                 "test_fraction": test_fraction, "split_seed": split_seed, "device": str(device),
                 "extractors": {k: {"kind": e.kind, "source": e.source, "fingerprint": e.fingerprint} for k, e in extractors.items()},
-                "real_images": "codec reconstruction of each fragment's stored latent mean"}
-    with staged_folder(out) as tmp:
+                "real_images": (f"thumbnail fragments read from the shards under {opts.real_source}" if opts.real_source
+                                else "codec reconstruction of each fragment's stored latent mean"),
+                "training_cells": "recorded with the model" if known else "unknown", "excluded_cells": sorted(leave_out)}
+    with staged_folder(out, overwrite=opts.overwrite, inputs=(model_dir, store_dir), kind="evaluate") as tmp:
         files = write_outputs(tmp, rows, settings)
     out = Path(out)
     return EvalResult(out, rows, n, [out / f.relative_to(tmp) for f in files])
@@ -262,13 +340,13 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
 def _generate_set(model_dir: Path, device: torch.device, codec, extractors: dict[str, FeatureExtractor], moments, real,
                   cells, frags, cond, generated, norms, opts: EvalOptions, tick) -> dict[str, np.ndarray]:
     """Generate ``generated`` given ``cond`` for every fragment (in batches, with the same
-    per-fragment draws as ``majortom-gen sample``); returns per modality the features of the
-    first samples and the per-fragment paired metrics."""
+    per-fragment-sample draws as ``majortom-gen sample``: each sample its own condition draw);
+    returns per modality the features of the first samples and the per-fragment paired metrics."""
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(cells), opts.batch_size):
         idx = range(start, min(start + opts.batch_size, len(cells)))
         condition = condition_latents({m: moments[m][start:idx.stop] for m in cond}, norms, cells[start:idx.stop],
-                                      frags[start:idx.stop], opts.seed, opts.deterministic_conditions)
+                                      frags[start:idx.stop], opts.seed, opts.deterministic_conditions, opts.n_samples)
         out = sample_chunk(str(model_dir), str(device), cells[start:idx.stop], frags[start:idx.stop], condition,
                            generated, opts.n_samples, opts.steps, opts.seed, opts.batch_size * opts.n_samples)
         for m in generated:
@@ -358,17 +436,20 @@ def write_outputs(folder: Path, rows: list[dict], settings: dict) -> list[Path]:
         writer.writeheader()
         for r in rows:
             writer.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in columns})
+    count = f"N = {settings['fragments']} fragments, {settings['n_samples']} sample(s) each; FID/precision/recall on the first"
+    warning = ([f"**Warning**: {UNKNOWN_TRAINING_CELLS.format(model=settings['model'])}", ""]
+               if settings.get("training_cells") == "unknown" else [])
     extractor_note = ("Feature extractors: " + "; ".join(f"{k}: {e['kind']} from {e['source']}" for k, e in settings["extractors"].items()))
     md = [f"# Evaluation: {settings['model']}", "",
           f"{settings['fragments']} fragments of {len(settings['cells'])} {settings['split']} cell(s); "
           f"{settings['n_samples']} sample(s) per fragment, {settings['steps']} DPM-Solver++ steps, seed {settings['seed']}.",
-          "Real images: the codec's reconstruction of each fragment's stored latent.", extractor_note, "",
-          "## Generative metrics (FID on Inception features; precision, recall, F-score on DINOv2 features, "
-          f"k={settings['k']})", "", table_markdown(rows, DISTRIBUTION_METRICS, modalities), "",
-          "## Paired metrics against the real fragment of the same place (spread in 8-bit units)", "",
+          f"Real images: {settings['real_images']}.", extractor_note, "", *warning,
+          f"## Generative metrics (FID on Inception features; precision, recall, F-score on DINOv2 features, "
+          f"k={settings['k']}; {count})", "", table_markdown(rows, DISTRIBUTION_METRICS, modalities), "",
+          f"## Paired metrics against the real fragment of the same place (spread in 8-bit units; {count})", "",
           table_markdown(rows, PAIRED_METRICS, modalities), "",
           "## What conditioning buys: paired MAE change and PSNR gain against the unconditional samples "
-          "of the same fragments", "", table_markdown([r for r in rows if r["condition"] != "none"], CONDITIONING_METRICS,
+          f"of the same fragments ({count})", "", table_markdown([r for r in rows if r["condition"] != "none"], CONDITIONING_METRICS,
                                                      modalities), ""]
     md_path = folder / "table1.md"
     md_path.write_text("\n".join(md))

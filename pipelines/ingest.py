@@ -10,8 +10,14 @@ writes the store shard atomically. The client lists finished shards in the manif
 Bad input never stops the run: a cell whose product cannot be read or decoded (corrupt or
 truncated PNG, missing columns, wrong thumbnail size, all nodata, a missing file or row
 group) is quarantined with the reason, listed in ``STORE/ingest-errors.jsonl`` and in the
-report; every other cell is stored. Cells already in the store are skipped, so a killed
-run started again ends with exactly the rows of an uninterrupted one.
+report; every other cell is stored. A modality whose metadata cannot be read (its dataset
+folder is there) *failed*: it is reported like quarantined cells, and the next run adds it.
+
+What is already stored is skipped per (cell, modality): a cell is done for the modalities
+it has, so a killed run started again ends with exactly the rows of an uninterrupted one, and
+a run after a failed modality adds only that modality. The run holds the store's write lock
+(``STORE/write.lock``) from planning to the last shard, so a second ingest of the same store
+is refused instead of storing cells twice.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import os
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +42,7 @@ from majortom_gen.georef import normalise_crs, product_box
 from majortom_gen.grid import parse_cell_id
 from majortom_gen.modalities import MODALITY_NAMES, get_modality
 from majortom_gen.selection import Filters, Selection, select
-from majortom_gen.store import CellLatents, CodecInfo, LatentStore, cells_table, write_shard_file
+from majortom_gen.store import CellLatents, CodecInfo, LatentStore, cells_table, store_lock, write_shard_file
 
 ERRORS_FILE = "ingest-errors.jsonl"
 CODEC_DIR = "codec"
@@ -73,14 +79,15 @@ class IngestReport:
     shards_written: int = 0
     quarantined: dict[str, str] = field(default_factory=dict)
     coverage: dict[str, int] = field(default_factory=dict)
-    missing_modalities: dict[str, str] = field(default_factory=dict)
+    missing_modalities: dict[str, str] = field(default_factory=dict)  # not in the source (no dataset folder)
+    failed_modalities: dict[str, str] = field(default_factory=dict)  # in the source, metadata unreadable
     codec: dict[str, Any] = field(default_factory=dict)
     codec_psnr_db: float | None = None
     seconds: float = 0.0
 
     @property
     def completed_with_errors(self) -> bool:
-        return bool(self.quarantined)
+        return bool(self.quarantined or self.failed_modalities)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -193,11 +200,20 @@ def encode_task(store_root: str, batch: list[str], products: dict[str, dict[str,
 
 
 # ----------------------------------------------------------------------------- planning
-def plan_batches(selection: Selection, skip: set[str], cells_per_shard: int) -> list[list[str]]:
-    """Cells to ingest (those with at least one product, not yet stored), in batches,
-    ordered so neighbouring cells (hence the same shard files) share a batch."""
-    have = set(selection.products["grid_cell"])
-    todo = sorted((c for c in selection.cells if c in have and c not in skip), key=parse_cell_id)
+def plan_modalities(selection: Selection, stored: dict[str, set[str]]) -> dict[str, set[str]]:
+    """``{cell: modalities to ingest}``: the selected products' modalities not yet stored for
+    the cell (cells with nothing to add are left out)."""
+    todo: dict[str, set[str]] = defaultdict(set)
+    for cell, modality in zip(selection.products["grid_cell"], selection.products["modality"]):
+        if modality not in stored.get(cell, ()):
+            todo[cell].add(modality)
+    return dict(todo)
+
+
+def plan_batches(cells: Iterable[str], cells_per_shard: int) -> list[list[str]]:
+    """``cells`` in batches, ordered so neighbouring cells (hence the same shard files) share
+    a batch."""
+    todo = sorted(set(cells), key=parse_cell_id)
     return [todo[i:i + cells_per_shard] for i in range(0, len(todo), cells_per_shard)]
 
 
@@ -209,12 +225,33 @@ def _products_of(selection: Selection) -> dict[str, dict[str, tuple]]:
     return out
 
 
-def _decode_items(selection: Selection, batch: list[str]) -> dict[tuple[str, str], list[tuple[str, int, str]]]:
+def _decode_items(selection: Selection, batch: list[str], todo: dict[str, set[str]] | None = None
+                  ) -> dict[tuple[str, str], list[tuple[str, int, str]]]:
+    """The products to read for ``batch`` (only the modalities in ``todo[cell]`` when given),
+    grouped by (modality, shard file)."""
     rows = selection.products[selection.products["grid_cell"].isin(batch)]
     groups: dict[tuple[str, str], list] = defaultdict(list)
     for r in rows.itertuples(index=False):
-        groups[(r.modality, r.shard)].append((r.grid_cell, int(r.parquet_row), r.crs))
+        if todo is None or r.modality in todo.get(r.grid_cell, ()):
+            groups[(r.modality, r.shard)].append((r.grid_cell, int(r.parquet_row), r.crs))
     return groups
+
+
+def split_missing(source: str | os.PathLike, missing: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``(failed, absent)`` of the modalities a selection could not read: a modality whose
+    dataset folder is in the source but whose metadata is unreadable *failed* (a fault to report
+    and retry); one the source does not have is *absent*."""
+    from majortom_gen.sources import dataset_root
+
+    failed, absent = {}, {}
+    for modality, why in missing.items():
+        try:
+            dataset_root(modality, source)
+        except MajorTomGenError:
+            absent[modality] = why
+            continue
+        failed[modality] = why
+    return failed, absent
 
 
 # ----------------------------------------------------------------------------- codec
@@ -242,8 +279,9 @@ def prepare_codec(store_root: Path, selection: Selection, batches: list[list[str
     (dB) on the first cells when the store's codec is set up now.
 
     small-vae and patch-pca are kept with the store (``STORE/codec``): small-vae copied from
-    ``codec_source`` (default: the shipped one), patch-pca fitted on the first ``fit_cells``
-    cells. sd-vae is loaded from ``codec_source`` and recorded by its hash."""
+    ``codec_source`` (default: the shipped one), patch-pca copied from ``codec_source`` or
+    fitted on the first ``fit_cells`` cells. sd-vae is loaded from ``codec_source`` and recorded
+    by its hash."""
     import shutil
 
     import torch
@@ -261,6 +299,8 @@ def prepare_codec(store_root: Path, selection: Selection, batches: list[list[str
         return ("sd-vae", options.codec_source, device, options.precision, options.threads), codec.info(), None
     folder = store_root / CODEC_DIR
     psnr = None
+    for stale in store_root.glob(".codec-*.tmp"):  # left by a killed run (the caller holds the write lock)
+        shutil.rmtree(stale, ignore_errors=True)
     if not (folder / CODEC_RECORD).exists():
         images = {m: torch.from_numpy(to_unit_range(np.concatenate(list(frags.values()))))
                   for m, frags in read_fragments(selection, first, options.fragment_mode).items()}
@@ -268,9 +308,13 @@ def prepare_codec(store_root: Path, selection: Selection, batches: list[list[str
             raise MajorTomGenError(f"cannot set up the {options.codec} codec: no readable product among the first cells")
         tmp = store_root / f".codec-{uuid.uuid4().hex}.tmp"
         store_root.mkdir(parents=True, exist_ok=True)
-        if options.codec == "patch-pca":
+        if options.codec == "patch-pca" and options.codec_source is None:
             codec, psnr = fit_patch_pca(images)
             codec.save(tmp)
+        elif options.codec == "patch-pca":  # an existing fit (e.g. a model's training store's codec)
+            codec = load_codec("patch-pca", options.codec_source)
+            shutil.copytree(options.codec_source, tmp)
+            psnr = reconstruction_psnr(codec, torch.cat([x[:8] for x in images.values()]))
         else:
             source = Path(options.codec_source) if options.codec_source else SHIPPED_CODEC
             codec = load_codec("small-vae", source)  # checks that it is one
@@ -304,17 +348,37 @@ def ingest(
     rule: str = "least-cloudy",
     progress: Callable[[int, int], None] | None = None,
 ) -> IngestReport:
-    """Ingest ``cells`` of the Major TOM data under ``source`` into the store at ``store_root``.
+    """Ingest ``cells`` of the Major TOM data under ``source`` into the store at ``store_root``,
+    holding the store's write lock (:class:`~majortom_gen.store.StoreLockedError` if another
+    writer holds it).
 
     ``progress(cells_done, cells_total)`` is called as batches finish."""
     start = time.perf_counter()
     store_root = Path(store_root)
     selection = select(source, cells, modalities, filters, rule)
+    new_folder = not store_root.exists()
+    store_root.mkdir(parents=True, exist_ok=True)
+    try:
+        with store_lock(store_root, "ingest"):
+            report = _ingest_locked(source, selection, cells, store_root, options, modalities, progress)
+    finally:
+        if new_folder and store_root.is_dir() and not any(store_root.iterdir()):
+            store_root.rmdir()  # nothing was stored: leave no empty folder behind
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _ingest_locked(source, selection: Selection, cells: list[str], store_root: Path, options: IngestOptions,
+                   modalities: tuple[str, ...], progress: Callable[[int, int], None] | None) -> IngestReport:
+    """The body of :func:`ingest`, run under the store's write lock."""
     existing = LatentStore.open(store_root) if (store_root / "manifest.json").exists() else None
-    done = existing.stored_cells() if existing else set()
-    batches = plan_batches(selection, done, options.cells_per_shard)
-    report = IngestReport(str(store_root), len(cells), len(done & set(cells)), coverage=selection.coverage(),
-                          missing_modalities=selection.missing)
+    stored = existing.cell_modalities() if existing else {}
+    todo = plan_modalities(selection, stored)
+    batches = plan_batches(todo, options.cells_per_shard)
+    failed, absent = split_missing(source, selection.missing)
+    already = [c for c in dict.fromkeys(cells) if c in stored and c not in todo]
+    report = IngestReport(str(store_root), len(cells), len(already), coverage=selection.coverage(),
+                          missing_modalities=absent, failed_modalities=failed)
     no_products = [c for c in cells if c not in set(selection.products["grid_cell"])]
     for c in no_products:
         report.quarantined[c] = "no product of any modality matches this cell and the filters"
@@ -330,8 +394,7 @@ def ingest(
         progress(0, total)
 
     def finish(result: dict) -> None:
-        if result["shard"]:
-            store.add_shard(result["shard"])
+        if result["shard"] and store.add_shard(result["shard"]):
             report.shards_written += 1
         report.cells_written += len(result["cells"])
         report.fragments_written += result["fragments"]
@@ -340,12 +403,13 @@ def ingest(
             progress(report.cells_written + len(result["quarantined"]), total)
 
     def args(batch: list[str], decoded: list) -> tuple:
-        return (str(store_root), batch, {c: products[c] for c in batch}, decoded, codec_spec,
+        wanted = {c: {m: p for m, p in products[c].items() if m in todo[c]} for c in batch}
+        return (str(store_root), batch, wanted, decoded, codec_spec,
                 options.fragment_mode, options.encode_batch, tuple(modalities))
     if options.scheduler == "synchronous":
         for batch in batches:
             decoded = [(m, decode_task(m, shard, items, options.fragment_mode))
-                       for (m, shard), items in _decode_items(selection, batch).items()]
+                       for (m, shard), items in _decode_items(selection, batch, todo).items()]
             finish(encode_task(*args(batch, decoded)))
     elif batches:
         from dask.distributed import as_completed
@@ -355,7 +419,7 @@ def ingest(
             futures = []
             for batch in batches:
                 decoded = [client.submit(_tagged_decode, m, shard, items, options.fragment_mode, pure=False)
-                           for (m, shard), items in _decode_items(selection, batch).items()]
+                           for (m, shard), items in _decode_items(selection, batch, todo).items()]
                 futures.append(client.submit(encode_task, *args(batch, decoded), pure=False))
             for fut in as_completed(futures):
                 finish(fut.result())
@@ -363,8 +427,7 @@ def ingest(
             client.close()
             if cluster is not None:
                 cluster.close()
-    _write_errors(store_root, report.quarantined)
-    report.seconds = time.perf_counter() - start
+    _write_errors(store_root, report.quarantined, report.failed_modalities)
     return report
 
 
@@ -372,9 +435,13 @@ def _tagged_decode(modality: str, shard: str, items: list, mode: str) -> tuple[s
     return modality, decode_task(modality, shard, items, mode)
 
 
-def _write_errors(store_root: Path, quarantined: dict[str, str]) -> None:
+def _write_errors(store_root: Path, quarantined: dict[str, str], failed: dict[str, str]) -> None:
+    """``ingest-errors.jsonl``: one line per failed modality (``{"modality", "reason"}``), then
+    one per quarantined cell (``{"grid_cell", "reason"}``)."""
     tmp = store_root / f".errors-{uuid.uuid4().hex}.tmp"
     with open(tmp, "w") as f:
+        for modality, reason in sorted(failed.items()):
+            f.write(json.dumps({"modality": modality, "reason": reason}) + "\n")
         for cell, reason in sorted(quarantined.items()):
             f.write(json.dumps({"grid_cell": cell, "reason": reason}) + "\n")
     os.replace(tmp, store_root / ERRORS_FILE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,9 +22,11 @@ from shapely.geometry.base import BaseGeometry
 
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.georef import default_grid
-from majortom_gen.staging import staged_folder
+from majortom_gen.selection import summarise_cells
+from majortom_gen.staging import check_output, staged_folder
 from majortom_gen.store import LatentStore
 from pipelines.export import export_samples
+from pipelines.model_folder import open_model_for_store
 from pipelines.sample import sample_store
 
 
@@ -41,14 +44,18 @@ def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, 
                     condition: str | Sequence[str] = "auto", source: str | None = None, n_samples: int = 1,
                     steps: int = 50, seed: int = 0, dst_crs: str = "EPSG:4326", device: str | None = None,
                     reflectance: bool = False, workers: int | None = None,
-                    progress: Callable[[int, int], None] | None = None, codec_source: str | None = None) -> RegionResult:
+                    progress: Callable[[int, int], None] | None = None, codec_source: str | None = None,
+                    overwrite: bool = False) -> RegionResult:
     grid = default_grid()
+    check_output(out, overwrite=overwrite, inputs=(model_dir, store_dir))
+    model_dir = open_model_for_store(model_dir, store_dir)
     wanted = list(cells or []) + (grid.cells_in(region) if region is not None else [])
     wanted = list(dict.fromkeys(wanted))
     if not wanted:
         raise MajorTomGenError("no cells: give a region or cell ids")
     store = LatentStore.open(store_dir)
-    missing = [c for c in wanted if c not in store.stored_cells()]
+    stored = store.stored_cells()
+    missing = [c for c in wanted if c not in stored]
     if missing and source is not None:
         from pipelines.ingest import IngestOptions, ingest
 
@@ -69,9 +76,10 @@ def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, 
                 continue
         groups[cond].append(cell)
     if not groups:
-        raise MajorTomGenError("no cell of the region can be generated: " + "; ".join(f"{c}: {r}" for c, r in skipped.items()))
+        listing = Path(tempfile.gettempdir()) / f"majortom-gen-skipped-{os.getpid()}.tsv"
+        raise MajorTomGenError("no cell of the region can be generated: " + summarise_cells(skipped, full_list=listing))
     final = Path(out)
-    with staged_folder(final) as out:  # complete or nothing
+    with staged_folder(final, overwrite=overwrite, inputs=(model_dir, store_dir), kind="generate") as out:
         runs = []
         for cond, group_cells in groups.items():
             name = "+".join(cond) or "unconditional"

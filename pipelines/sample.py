@@ -1,13 +1,15 @@
 """Sample missing modalities for fragments of a latent store.
 
-Conditions come from the store (latents sampled from their stored moments, or their mean
-with ``deterministic_conditions``). Every random draw of a fragment -- its condition latents,
-its starting noise, the noise standing in for marginalised modalities -- derives from
-(seed, grid cell, fragment, sample, modality), so re-running part of a selection, in other
-batches or on other workers, regenerates identical fragments. Sampling runs in chunks, in
-process or on a local Dask cluster with one worker per GPU. Writes ``samples.npz`` (latents,
-float16) and, when the store's codec can be loaded offline (small-vae, patch-pca), one
-quick-look PNG per cell (see :mod:`pipelines.quicklook`).
+Conditions come from the store: each generated sample gets its own posterior draw of its
+conditions from their stored moments (as the official COP-GEN-Beta sampler does), or, with
+``deterministic_conditions``, every sample gets their mean. Every random draw of a fragment
+sample -- its condition latents, its starting noise, the noise standing in for marginalised
+modalities -- derives from (seed, grid cell, fragment, sample, modality), so re-running part
+of a selection, in other batches or on other workers, regenerates identical fragments.
+Sampling runs in chunks, in process or on a local Dask cluster with one worker per GPU.
+Writes ``samples.npz`` (latents, float16; the conditions too: each sample's draw) and, when
+the store's codec can be loaded offline (small-vae, patch-pca), one quick-look PNG per cell
+(see :mod:`pipelines.quicklook`).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from PIL import Image
 
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.fragments import from_unit_range
-from majortom_gen.staging import staged_folder
+from majortom_gen.staging import check_output, staged_folder
 from majortom_gen.store import MOMENT_SHAPE, LatentStore, complete_rows, moment_array
 from model.codecs import CODEC_RECORD, LatentNorm, latent_norms, load_codec, sample_latents
 from model.sample import generate
 from model.uvit import MultiModalUViT
+from pipelines.model_folder import open_model_for_store
 
 
 @dataclass
@@ -76,16 +79,21 @@ def fragment_noise(cells: Sequence[str], frags: Sequence[int], n_samples: int, m
 
 
 def condition_latents(moments: dict[str, torch.Tensor], norms: dict[str, LatentNorm], cells: Sequence[str],
-                      frags: Sequence[int], seed: int, deterministic: bool) -> dict[str, torch.Tensor]:
-    """Condition latents in the network's space from stored moments ``(B, 8, 32, 32)``: the
-    mean, or one draw per fragment from its own seed."""
+                      frags: Sequence[int], seed: int, deterministic: bool, n_samples: int = 1) -> dict[str, torch.Tensor]:
+    """The condition latents of every fragment sample, in the network's space: from stored
+    moments ``(B, 8, H, W)`` per modality, ``(B * n_samples, 4, H, W)`` (the samples of a
+    fragment are consecutive rows). Sample s of a fragment gets its own posterior draw, seeded
+    from (seed, cell, fragment, s, "condition:" + modality), so it does not depend on the other
+    fragments of the batch; with ``deterministic`` every sample gets the mean."""
     if deterministic:
-        return {m: norms[m].to_network(mom[:, :4]) for m, mom in moments.items()}
+        return {m: norms[m].to_network(mom[:, :4]).repeat_interleave(n_samples, dim=0)
+                for m, mom in moments.items()}
     out = {}
     for m, mom in moments.items():
-        draws = [sample_latents(mom[i:i + 1], 1.0, torch.Generator().manual_seed(fragment_seed(seed, c, f, -1, m)))
-                 for i, (c, f) in enumerate(zip(cells, frags))]
-        out[m] = norms[m].to_network(torch.cat(draws) if draws else mom[:, :4])
+        tag = "condition:" + m
+        draws = [sample_latents(mom[i:i + 1], 1.0, torch.Generator().manual_seed(fragment_seed(seed, c, f, s, tag)))
+                 for i, (c, f) in enumerate(zip(cells, frags)) for s in range(n_samples)]
+        out[m] = norms[m].to_network(torch.cat(draws) if draws else mom[:0, :4])
     return out
 
 
@@ -116,12 +124,19 @@ def _worker_device(device: str | None) -> str:
 def sample_chunk(model_dir: str, device: str | None, cells: Sequence[str], frags: Sequence[int],
                  cond: dict[str, torch.Tensor], generate_modalities: Sequence[str], n_samples: int, steps: int, seed: int,
                  batch_size: int) -> dict[str, np.ndarray]:
-    """Generate one chunk of fragments (a Dask task or an in-process call); float16 latents."""
+    """Generate ``n_samples`` samples of each fragment of one chunk (a Dask task or an in-process
+    call). ``cond`` holds one row per fragment sample, ``(len(cells) * n_samples, C, H, W)`` per
+    condition (see :func:`condition_latents`); returns float16 latents of the same rows for the
+    generated modalities and the conditions (as given)."""
+    rows = len(cells) * n_samples
+    wrong = {m: tuple(v.shape) for m, v in cond.items() if v.shape[0] != rows}
+    if wrong:
+        raise ValueError(f"conditions need one row per fragment sample ({len(cells)} x {n_samples} = {rows}); got {wrong}")
     dev = _worker_device(device)
     net = _network(model_dir, dev)
     shape = (net.config.in_chans, net.config.img_size, net.config.img_size)
     free = [m for m in net.modalities if m not in cond and m not in generate_modalities]
-    result = generate(net, cond, list(generate_modalities), n_samples=n_samples, steps=steps, seed=seed,
+    result = generate(net, cond, list(generate_modalities), n_samples=1, steps=steps, seed=seed,  # a row per sample
                       initial_noise=fragment_noise(cells, frags, n_samples, generate_modalities, seed, shape),
                       marginal_noise=fragment_noise(cells, frags, n_samples, free, seed, shape, tag="marginal:"),
                       batch_size=batch_size)
@@ -132,15 +147,19 @@ def sample_fragments(model_dir: str, cells: Sequence[str], frags: Sequence[int],
                      generate_modalities: Sequence[str], *, n_samples: int = 1, steps: int = 50, seed: int = 0,
                      batch_size: int = 64, device: str | None = None, workers: int | None = None,
                      progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
-    """Sample every fragment in chunks of ``batch_size``: in this process, or with ``workers``
-    > 1 on a local Dask cluster (default: one worker per GPU when there are several; each
-    worker holds the model once and uses its own GPU). The result does not depend on the
+    """Sample every fragment in chunks of ``batch_size`` fragments: in this process, or with
+    ``workers`` > 1 on a local Dask cluster (default: one worker per GPU when there are several;
+    each worker holds the model once and uses its own GPU). ``cond`` holds one row per fragment
+    sample, ``(len(cells) * n_samples, C, H, W)`` per condition (:func:`condition_latents`);
+    returns ``(len(cells) * n_samples, C, H, W)`` float16 latents per generated modality and
+    condition, the samples of a fragment consecutive. The result does not depend on the
     chunking or the number of workers (per-fragment noise)."""
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() and device in (None, "cuda") else 0
     workers = workers if workers is not None else (n_gpus if n_gpus > 1 else 1)
     chunks = [slice(i, min(i + batch_size, len(cells))) for i in range(0, len(cells), batch_size)]
-    args = [(str(model_dir), device, cells[c], frags[c], {m: v[c] for m, v in cond.items()}, list(generate_modalities),
-             n_samples, steps, seed, batch_size * n_samples) for c in chunks]
+    rows = [slice(c.start * n_samples, c.stop * n_samples) for c in chunks]  # the chunks' fragment samples
+    args = [(str(model_dir), device, cells[c], frags[c], {m: v[r] for m, v in cond.items()}, list(generate_modalities),
+             n_samples, steps, seed, batch_size * n_samples) for c, r in zip(chunks, rows)]
     parts: list[dict[str, np.ndarray] | None] = [None] * len(chunks)
     done = 0
     if workers <= 1:
@@ -169,9 +188,13 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
                  generate_modalities: Sequence[str], out: str | os.PathLike, *, n_samples: int = 1, steps: int = 50,
                  seed: int = 0, deterministic_conditions: bool = False, batch_size: int = 64,
                  device: str | None = None, workers: int | None = None,
-                 progress: Callable[[int, int], None] | None = None, codec_source: str | None = None) -> SampleResult:
+                 progress: Callable[[int, int], None] | None = None, codec_source: str | None = None,
+                 overwrite: bool = False) -> SampleResult:
     """Sample ``generate_modalities`` given ``condition`` for the stored fragments of ``cells``
-    and write ``out`` (see the module docstring)."""
+    and write ``out`` (see the module docstring). ``model_dir`` may be a ``train`` run folder;
+    it must fit the store's codec (:func:`pipelines.model_folder.open_model_for_store`)."""
+    check_output(out, overwrite=overwrite, inputs=(model_dir, store_dir))
+    model_dir = open_model_for_store(model_dir, store_dir)
     modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
     store = LatentStore.open(store_dir)
     norms = latent_norms(store.codec, modalities)
@@ -187,13 +210,13 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
     cell_ids = table.column("grid_cell").to_pylist()
     frag_ids = table.column("fragment_index").to_pylist()
     moments = {m: torch.from_numpy(moment_array(table, m, np.float32)) for m in condition}
-    cond = condition_latents(moments, norms, cell_ids, frag_ids, seed, deterministic_conditions)
+    cond = condition_latents(moments, norms, cell_ids, frag_ids, seed, deterministic_conditions, n_samples)
     arrays = sample_fragments(str(model_dir), cell_ids, frag_ids, cond, generate_modalities, n_samples=n_samples,
                               steps=steps, seed=seed, batch_size=batch_size, device=device, workers=workers,
                               progress=progress)
     result = {m: torch.from_numpy(a) for m, a in arrays.items()}
     final = Path(out)
-    with staged_folder(final) as out:  # complete or nothing
+    with staged_folder(final, overwrite=overwrite, inputs=(model_dir, store_dir), kind="sample") as out:
         arrays = {f"latent_{m}": a for m, a in arrays.items()}
         np.savez_compressed(out / "samples.npz", grid_cell=np.repeat(np.asarray(cell_ids), n_samples),
                             fragment_index=np.repeat(np.asarray(frag_ids), n_samples),
@@ -221,8 +244,8 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
 def _png_grids(codec, result, cell_ids, frag_ids, n_samples, condition, generated, out: Path,
                real: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[Path]:
     """One quick-look PNG per cell (:mod:`pipelines.quicklook`): the cell's fragments in place;
-    the conditions, then per generated modality the real one (where the store has it), the
-    samples, and with several samples their mean and std."""
+    the conditions (the first sample's draw), then per generated modality the real one (where
+    the store has it), the samples, and with several samples their mean and std."""
     from pipelines.quicklook import cell_rows, write_quicklook
 
     images = {m: from_unit_range(codec.decode_network(result[m].float(), m).numpy()) for m in result}  # (B*n, 256, 256, 3)
@@ -244,7 +267,8 @@ def _png_grids(codec, result, cell_ids, frag_ids, n_samples, condition, generate
 
 def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cells: Sequence[str], a: Sequence[str],
                 b: Sequence[str], n: int, out: str | os.PathLike, *, steps: int = 50, seed: int = 0,
-                batch_size: int = 64, device: str | None = None, codec_source: str | None = None) -> SampleResult:
+                batch_size: int = 64, device: str | None = None, codec_source: str | None = None,
+                overwrite: bool = False) -> SampleResult:
     """The paper's looping experiment on stored fragments: generate ``b`` from the real ``a``,
     then ``a`` from the generated ``b``, ``n`` times (iteration i uses seed + i). Writes
     ``chain.npz`` (``latent_<M>_<i>`` for every iteration's output, float16), ``chain.json``
@@ -255,6 +279,8 @@ def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cell
     overlap = set(a) & set(b)
     if overlap or not a or not b:
         raise MajorTomGenError(f"the two sides of a chain must be non-empty and disjoint; got {list(a)} and {list(b)}")
+    check_output(out, overwrite=overwrite, inputs=(model_dir, store_dir))
+    model_dir = open_model_for_store(model_dir, store_dir)
     modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
     unknown = [m for m in list(a) + list(b) if m not in modalities]
     if unknown:
@@ -284,7 +310,7 @@ def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cell
         current = {m: torch.from_numpy(v).float() for m, v in generated.items()}
         src, dst = dst, src
     final = Path(out)
-    with staged_folder(final) as tmp:
+    with staged_folder(final, overwrite=overwrite, inputs=(model_dir, store_dir), kind="chain") as tmp:
         np.savez_compressed(tmp / "chain.npz", grid_cell=np.asarray(cell_ids), fragment_index=np.asarray(frag_ids),
                             **{f"real_{m}": v.numpy().astype(np.float16) for m, v in real.items()}, **outputs)
         (tmp / "chain.json").write_text(json.dumps({"model": str(model_dir), "store": str(store_dir), "a": list(a),

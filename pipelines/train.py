@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,35 +13,96 @@ from majortom_gen.errors import MajorTomGenError
 from majortom_gen.store import LatentStore, load_aligned
 from model.codecs import latent_norms
 from model.config import load_config
-from model.train import SHIPPED_DEMO_MODEL, TrainResult, train  # noqa: F401 (the demo's model, for the CLI)
+from pipelines.model_folder import model_record, open_model_for_store
+from model.train import (  # noqa: F401 (the demo's model and the warning class, for the CLI)
+    SHIPPED_DEMO_MODEL,
+    TrainingWarning,
+    TrainResult,
+    check_device,
+    check_max_steps,
+    checkpoint_state,
+    train,
+)
 
 
 def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike, *,
                    max_steps: int | None = None, resume: bool = False, test_fraction: float = 0.05, split_seed: int = 0,
                    progress: Callable[[int, int, float], None] | None = None, device: str | None = None,
-                   init_from: str | os.PathLike | None = None, command: str = "") -> TrainResult:
+                   init_from: str | os.PathLike | None = None, command: str = "",
+                   keep_checkpoints: int | None = None) -> TrainResult:
     """Train on the store's training split (cells held out for testing by ``split_seed``);
-    ``init_from`` starts from a model's weights (fine-tuning). The model folder records the
-    store, codec, split, ``command`` and the hardware in ``training_data.json``."""
+    ``init_from`` starts from a model's weights (fine-tuning); ``keep_checkpoints`` overrides
+    the config's number of checkpoints kept. The model folder records the store, codec, split,
+    ``command``, the hardware, the step a resume started from and the config changes of the
+    run's resumes in ``training_data.json``.
+
+    Every checkpoint records the store's codec (``data.codec`` in its ``state.json``): a
+    resume on a store of another codec is refused."""
     import time
 
     start = time.perf_counter()
+    if max_steps is not None:
+        check_max_steps(max_steps)
+    check_device(device)
     cfg = load_config(config)
+    if keep_checkpoints is not None:
+        cfg = cfg.with_train(keep_checkpoints=keep_checkpoints)
     store = LatentStore.open(store_dir)
+    if resume:
+        check_resume_codec(out, store.codec, store_dir)
+    inherited: list[str] | None = []  # the cells the starting weights saw (None: unknown)
+    if init_from is not None:
+        init_from = open_model_for_store(init_from, store_dir, option="--init-from")
+        inherited = model_record(init_from).get("train_cells")
     modalities = list(cfg.nnet.get("modalities", store.modalities))
     arrays = load_aligned(store, modalities, split="train", test_fraction=test_fraction, seed=split_seed, cache=True)
     if len(arrays) == 0:
         raise MajorTomGenError(f"{store_dir}: no training fragment has all of {modalities}")
     grid = _sample_grid_callback(store, Path(store_dir), Path(out) / "samples", cfg.sample.steps)
+
+    def record(folder: Path, result: TrainResult) -> None:
+        meta = {"store": str(Path(store_dir).resolve()), "codec": store.codec, "test_fraction": test_fraction,
+                "split_seed": split_seed, "train_fragments": len(arrays),
+                "train_cells": sorted(set(arrays.grid_cell.tolist()) | set(inherited or [])),
+                "train_cells_complete": inherited is not None, "config": str(config), "steps": result.steps,
+                "resumed_from": result.resumed_from, "config_changes": result.config_changes,
+                "seconds": round(time.perf_counter() - start, 1),
+                "init_from": str(init_from) if init_from is not None else None, "command": command,
+                "hardware": hardware()}
+        (folder / "training_data.json").write_text(json.dumps(meta, indent=1))
+
     result = train(cfg, arrays.moments, out, norms=latent_norms(store.codec, modalities), max_steps=max_steps,
-                   resume=resume, progress=progress, on_checkpoint=grid, device=device, init_from=init_from)
-    meta = {"store": str(Path(store_dir).resolve()), "codec": store.codec, "test_fraction": test_fraction,
-            "split_seed": split_seed, "train_fragments": len(arrays), "train_cells": sorted(set(arrays.grid_cell.tolist())),
-            "config": str(config), "steps": result.steps, "seconds": round(time.perf_counter() - start, 1),
-            "init_from": str(init_from) if init_from is not None else None, "command": command, "hardware": hardware()}
-    (result.model_dir / "training_data.json").write_text(json.dumps(meta, indent=1))
+                   resume=resume, progress=progress, on_checkpoint=grid, device=device, init_from=init_from,
+                   data={"codec": _codec_id(store.codec)}, finish_model=record)
     plot_losses(Path(out) / "log.jsonl", Path(out) / "loss.png")
     return result
+
+
+def _codec_id(codec: dict) -> dict:
+    """What identifies a codec: its name and config hash (as the store's manifest holds them)."""
+    return {"name": codec["name"], "config_hash": codec["config_hash"]}
+
+
+def _codec_text(codec: dict) -> str:
+    return f"{codec['name']} ({str(codec['config_hash'])[:12]})"
+
+
+def check_resume_codec(out: str | os.PathLike, store_codec: dict, store_dir: str | os.PathLike) -> None:
+    """Refuse to resume the run in ``out`` on latents of another codec than the one its
+    checkpoints record (a run from before codecs were recorded resumes with a warning)."""
+    state = checkpoint_state(out)
+    if state is None:
+        return
+    recorded = (state.get("data") or {}).get("codec")
+    if recorded is None:
+        warnings.warn(f"{out}: its checkpoints do not record the codec of their latents; cannot check that the store's "
+                      f"codec {_codec_text(store_codec)} is the run's", TrainingWarning, stacklevel=2)
+        return
+    if _codec_id(recorded) != _codec_id(store_codec):
+        raise MajorTomGenError(
+            f"{out}: the run was trained on latents of codec {_codec_text(recorded)}; the store {store_dir} holds "
+            f"latents of codec {_codec_text(store_codec)}. Resume on a store made with the run's codec, or start a "
+            "new run (another --out)")
 
 
 def hardware() -> dict:

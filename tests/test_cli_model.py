@@ -46,7 +46,7 @@ def test_train_resume_and_sample(store, world, tmp_path):
     assert np.array_equal(np.load(tmp_path / "again" / "samples.npz")["latent_DEM"], z["latent_DEM"])
     _check_export(store, world, out, tmp_path / "tifs")
     _check_generate_region(store, run / "model", tmp_path / "region")
-    _check_ingest_on_the_fly(world, run / "model", tmp_path)
+    _check_ingest_on_the_fly(world, store, run / "model", tmp_path)
     r = runner.invoke(app, ["sample", "--model", str(run / "model"), "--store", str(store), "--cells", WORLD_CELLS[0],
                             "--generate", "LANDSAT", "--out", str(out)])
     assert r.exit_code == 2 and "unknown modality" in r.output
@@ -118,11 +118,13 @@ def _check_generate_region(store, model, out):
     assert not [p for p in (s2 / "geotiff" / "mosaic").iterdir() if "reflectance" in p.name]
 
 
-def _check_ingest_on_the_fly(world, model, tmp_path):
+def _check_ingest_on_the_fly(world, store, model, tmp_path):
     from majortom_gen.store import LatentStore
 
     partial = tmp_path / "partial-store"
-    ingest(world, list(WORLD_CELLS[:2]), partial, IngestOptions(scheduler="synchronous", codec="patch-pca"))
+    # a store for the model must be encoded with the model's codec (here: the training store's patch-pca)
+    ingest(world, list(WORLD_CELLS[:2]), partial, IngestOptions(scheduler="synchronous", codec="patch-pca",
+                                                                codec_source=str(store / "codec")))
     r = runner.invoke(app, ["generate", "--store", str(partial), "--model", str(model), "--out", str(tmp_path / "fly"),
                             "--cells", WORLD_CELLS[2], "--generate", "S1RTC", "--steps", "2", "--source", str(world),
                             "--crs", "EPSG:32632"])

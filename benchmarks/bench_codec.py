@@ -1,6 +1,6 @@
 """Codec benchmark: the shipped learned codec (small-vae) against patch-pca, measured in one run.
 
-    python benchmarks/codec.py [--cells 3] [--quick]
+    python benchmarks/bench_codec.py [--cells 3] [--quick]
 
 1. Reconstruction PSNR (dB, 8-bit scale, decode of the mean latent) per modality on held-out
    synthetic fragments (cells of the demo region, which the shipped codec never saw; patch-pca
@@ -13,6 +13,10 @@
 3. Speed on this machine: encode and decode fragments/s for small-vae and patch-pca, and
    for the full-size SD VAE architecture (random weights) as the baseline the offline codec
    replaces; ratios to the SD VAE.
+
+``--quick`` (CI: every section runs and prints, in seconds): one held-out cell, 2 fragments
+per modality for the PSNR and the latent-error figures, one timing repeat, and the speed
+figures on 64x64 crops (the ratios are not those of 256x256 fragments).
 """
 
 from __future__ import annotations
@@ -29,11 +33,19 @@ from PIL import Image
 
 from majortom_gen.fragments import to_unit_range
 from majortom_gen.synth import SynthOptions, write_world
-from model.codecs import SD_VAE_CONFIG, Codec, fit_patch_pca, load_codec, reconstruction_psnr
+from model.codecs import (
+    SD_VAE_CONFIG,
+    Codec,
+    fit_patch_pca,
+    load_codec,
+    reconstruction_psnr,
+)
 from pipelines.codec import psnr_by_modality, source_fragments
 
 HELD_OUT = ["501U_60R", "502U_58R", "503U_61R", "500U_62R", "503U_59R"]  # demo-region cells
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-fragments"
+QUICK_FRAGMENTS = 2  # per modality, --quick
+QUICK_SPEED_SIZE = 64  # px, --quick
 REAL_FILES = {"DEM": "dem.webp", "S1RTC": "s1rtc.webp", "S2L1C": "s2l1c.webp", "S2L2A": "s2l2a.webp"}
 
 
@@ -56,7 +68,8 @@ def block_border_ratio(images: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, default=3, help="held-out synthetic cells (16 fragments each)")
-    parser.add_argument("--quick", action="store_true", help="one cell, fewer timing repeats (CI)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one cell, 2 fragments per modality, one timing repeat, 64x64 speed crops (CI)")
     args = parser.parse_args()
     torch.manual_seed(0)
     cells = HELD_OUT[: 1 if args.quick else args.cells]
@@ -64,6 +77,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_world(cells, Path(tmp), SynthOptions(seed=0, workers=1))
         frags = source_fragments(tmp, cells)
+    if args.quick:
+        frags = {m: a[:QUICK_FRAGMENTS] for m, a in frags.items()}
     pca, _ = fit_patch_pca({m: torch.from_numpy(to_unit_range(a)) for m, a in frags.items()})
 
     print(f"[psnr] held-out synthetic fragments ({len(cells)} cells of the demo region, "
@@ -81,7 +96,7 @@ def main() -> None:
     else:
         print(f"[psnr] {REAL} not found: real fragments skipped")
 
-    x = torch.from_numpy(to_unit_range(frags["DEM"][:8]))
+    x = torch.from_numpy(to_unit_range(frags["DEM"][:QUICK_FRAGMENTS if args.quick else 8]))
     print("[blocks] a latent error of std 0.1 (network units), decoded; border/inside gradient ratio (1 = no blocks):")
     for name, codec in (("small-vae", small), ("patch-pca", pca)):
         base = codec.to_network(codec.encode_moments(x), "DEM", sample=False)
@@ -91,16 +106,19 @@ def main() -> None:
 
     repeat = 1 if args.quick else 3
     batch = torch.from_numpy(to_unit_range(np.concatenate([a[:4] for a in frags.values()])))[:16]
+    size = 256
+    if args.quick:  # 64x64 crops: every codec runs at any multiple of 8 px
+        size, batch = QUICK_SPEED_SIZE, batch[:4, :, :QUICK_SPEED_SIZE, :QUICK_SPEED_SIZE]
     sd = Codec("sd-vae", __import__("diffusers").AutoencoderKL(**SD_VAE_CONFIG))
-    sd_batch = batch[:2]
+    sd_batch = batch[:1 if args.quick else 2]
     rates = {}
     for name, codec, xb in (("sd-vae (full size, random weights)", sd, sd_batch), ("small-vae", small, batch),
                             ("patch-pca", pca, batch)):
         z = codec.encode_moments(xb)[:, :4]
-        rates[name] = (len(xb) / timed(lambda: codec.encode_moments(xb), repeat),
-                       len(xb) / timed(lambda: codec.decode(z), repeat))
+        rates[name] = (len(xb) / timed(lambda codec=codec, xb=xb: codec.encode_moments(xb), repeat),
+                       len(xb) / timed(lambda codec=codec, z=z: codec.decode(z), repeat))
     base_enc, base_dec = rates["sd-vae (full size, random weights)"]
-    print(f"[speed] CPU, {torch.get_num_threads()} threads, fragments/s (x the SD VAE):")
+    print(f"[speed] CPU, {torch.get_num_threads()} threads, {size}x{size} fragments/s (x the SD VAE):")
     for name, (enc, dec) in rates.items():
         print(f"  {name:36s} encode {enc:8.1f} ({enc / base_enc:6.1f}x)   decode {dec:8.1f} ({dec / base_dec:6.1f}x)")
     n = sum(p.numel() for p in small.model.parameters())

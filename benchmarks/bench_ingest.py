@@ -1,17 +1,21 @@
 """Ingestion benchmarks, figures as ratios to baselines measured in the same run.
 
-    python benchmarks/ingest.py [--cells 16] [--skip-vae]
+    python benchmarks/bench_ingest.py [--cells 16] [--workers 2] [--skip-vae] [--skip-memory] [--quick]
 
 1. decode+crop (fragments/s, codec excluded): the ingest decode task in one process, against
    the bound of only decoding the same thumbnails in one process; and its scaling with
    Dask workers (1 vs N local workers).
 2. end to end: ingest with the default offline codec, small-vae (cells/s, fragments/s);
    encode throughput of the full-size sd-vae architecture (random weights) on the CPU, and
-   on a GPU when one is present, relative to patch-pca (benchmarks/codec.py compares the
+   on a GPU when one is present, relative to patch-pca (benchmarks/bench_codec.py compares the
    codecs in detail).
 3. store random read: aligned 4-modality tuples/s from a 10k-fragment store, against a
    contiguous copy of the same bytes.
 4. peak memory of an ingest of N cells vs N/4 cells (bounded means a ratio near 1).
+
+``--quick`` (CI: every section runs and prints, in seconds): 2 cells, decoded on 1 and 2
+workers; the ingests on 1 worker with the patch-pca codec; encode speeds on 64x64 crops; a
+512-fragment store read in 4 batches of 128; the memory of 1 cell vs 2.
 """
 
 from __future__ import annotations
@@ -26,13 +30,19 @@ from pathlib import Path
 import numpy as np
 
 from majortom_gen.formats import decode_thumbnail
+from majortom_gen.fragments import fragment_windows
 from majortom_gen.georef import default_grid
 from majortom_gen.regions import read_region
 from majortom_gen.selection import select
 from majortom_gen.sources import read_row_groups
-from majortom_gen.store import CellLatents, LatentStore, CodecInfo, cells_table, load_aligned
+from majortom_gen.store import (
+    CellLatents,
+    CodecInfo,
+    LatentStore,
+    cells_table,
+    load_aligned,
+)
 from majortom_gen.synth import SynthOptions, write_world
-from majortom_gen.fragments import fragment_windows
 
 REGION = "7.3,44.9,8.1,45.4"
 
@@ -72,24 +82,27 @@ def decode_benchmark(world: Path, cells: list[str], workers: int) -> None:
     for n in sorted({1, workers}):
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as cl, Client(cl) as client:
             client.submit(lambda: 0).result()
-            t, res = timed(lambda: client.gather([client.submit(_decode_count, m, s, it, pure=False) for (m, s), it in groups.items()]))
+            t, _ = timed(lambda: client.gather([client.submit(_decode_count, m, s, it, pure=False) for (m, s), it in groups.items()]))
             rates[n] = n_frag / t
     if workers > 1:
         print(f"[decode] Dask scaling (work on workers, counts returned): {rates[1]:,.0f} fragments/s on 1 worker, {rates[workers]:,.0f} on {workers} "
               f"-> {rates[workers] / rates[1]:.2f}x (linear would be {workers}x)")
 
 
-def end_to_end(world: Path, cells: list[str], workers: int, skip_vae: bool) -> None:
+def end_to_end(world: Path, cells: list[str], workers: int, skip_vae: bool, codec: str = "small-vae",
+               size: int = 256) -> None:
     import torch
 
     from model.codecs import SD_VAE_CONFIG, Codec, fit_patch_pca
     from pipelines.ingest import IngestOptions, ingest
 
     with tempfile.TemporaryDirectory() as tmp:
-        t, report = timed(lambda: ingest(world, cells, Path(tmp) / "store", IngestOptions(workers=workers)))
-    print(f"[e2e] small-vae ingest of {report.cells_written} cells: {report.cells_written / t:.2f} cells/s, "
+        options = IngestOptions(workers=workers) if codec == "small-vae" else \
+            IngestOptions(workers=workers, codec=codec, fit_cells=min(4, len(cells)))
+        t, report = timed(lambda: ingest(world, cells, Path(tmp) / "store", options))
+    print(f"[e2e] {codec} ingest of {report.cells_written} cells: {report.cells_written / t:.2f} cells/s, "
           f"{report.fragments_written / t:,.0f} fragments/s (incl. cluster start and codec set-up; {t:.1f} s)")
-    x = torch.rand(16, 3, 256, 256) * 2 - 1
+    x = torch.rand(16, 3, size, size) * 2 - 1
     pca, _ = fit_patch_pca(x)
     t_pca, _ = timed(lambda: pca.encode_moments(x))
     if skip_vae:
@@ -100,11 +113,11 @@ def end_to_end(world: Path, cells: list[str], workers: int, skip_vae: bool) -> N
     xb = x[:4]
     vae.encode_moments(xb[:1])
     t_vae, _ = timed(lambda: vae.encode_moments(xb))
-    print(f"[e2e] encode on CPU: patch-pca {16 / t_pca:,.0f} fragments/s, sd-vae (full size, random weights) "
+    print(f"[e2e] encode on CPU, {size}x{size}: patch-pca {16 / t_pca:,.0f} fragments/s, sd-vae (full size, random weights) "
           f"{4 / t_vae:.2f} fragments/s -> sd-vae is {(16 / t_pca) / (4 / t_vae):,.0f}x slower")
     if torch.cuda.is_available():
         gv = Codec("sd-vae", AutoencoderKL(**SD_VAE_CONFIG), device="cuda", dtype=torch.float16)
-        xg = (torch.rand(64, 3, 256, 256) * 2 - 1)
+        xg = (torch.rand(64, 3, size, size) * 2 - 1)
         gv.encode_moments(xg[:8])
         torch.cuda.synchronize()
         t_gpu, _ = timed(lambda: gv.encode_moments(xg))
@@ -112,7 +125,7 @@ def end_to_end(world: Path, cells: list[str], workers: int, skip_vae: bool) -> N
               f"-> {(64 / t_gpu) / (4 / t_vae):,.0f}x the CPU")
 
 
-def store_read(n_fragments: int = 10_000) -> None:
+def store_read(n_fragments: int = 10_000, batches: int = 40, batch: int = 256) -> None:
     grid = default_grid()
     cells = grid.cells_in(read_region("0,40,20,50"))[: n_fragments // 16]
     rng = np.random.default_rng(0)
@@ -126,12 +139,12 @@ def store_read(n_fragments: int = 10_000) -> None:
             store.write_shard(cells_table(lat))
         t_load, arrays = timed(lambda: load_aligned(store, mods, cache=True))
         n = len(arrays)
-        idx = rng.integers(0, n, (40, 256))
+        idx = rng.integers(0, n, (batches, batch))
         t_rand, _ = timed(lambda: [arrays.get(np.sort(i)) for i in idx])
         rate = idx.size / t_rand
         contiguous = {m: np.asarray(a) for m, a in arrays.moments.items()}
-        t_copy, _ = timed(lambda: [{m: a[:256].copy() for m, a in contiguous.items()} for _ in range(40)])
-        print(f"[store] {n} aligned 4-modality fragments; first load + cache {t_load:.1f} s; random batches of 256: "
+        t_copy, _ = timed(lambda: [{m: a[:batch].copy() for m, a in contiguous.items()} for _ in range(batches)])
+        print(f"[store] {n} aligned 4-modality fragments; first load + cache {t_load:.1f} s; random batches of {batch}: "
               f"{rate:,.0f} tuples/s (target >= 5,000) -> {t_copy / t_rand:.2f} of a contiguous in-memory copy")
 
 
@@ -155,11 +168,12 @@ def _peak_rss(cmd: list[str]) -> tuple[float, float]:
     return peak_self / 2**20, peak_child / 2**20
 
 
-def peak_memory(cells_small: int, cells_big: int, workers: int) -> None:
+def peak_memory(cells_small: int, cells_big: int, workers: int, codec: str = "small-vae") -> None:
     """Peak RSS of an ingest (client process and its Dask workers) for few and many cells."""
+    extra = "" if codec == "small-vae" else f", codec={codec!r}, fit_cells=1"
     code = ("import sys, pathlib, tempfile\nfrom pipelines.ingest import ingest, IngestOptions\n"
             f"ingest(sys.argv[1], sys.argv[2].split(','), pathlib.Path(tempfile.mkdtemp()) / 's', "
-            f"IngestOptions(workers={workers}, cells_per_shard=4))\n")
+            f"IngestOptions(workers={workers}, cells_per_shard=4{extra}))\n")
     cells = default_grid().cells_in(read_region(REGION))[:cells_big]
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,17 +192,23 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--skip-vae", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 cells, patch-pca ingests, 64x64 encode timings, a 512-fragment store (CI)")
     args = ap.parse_args()
+    codec, size, store_args, ingest_workers = "small-vae", 256, (10_000, 40, 256), args.workers
+    if args.quick:
+        args.cells, args.workers = 2, 2
+        codec, size, store_args, ingest_workers = "patch-pca", 64, (512, 4, 128), 1
     cells = default_grid().cells_in(read_region(REGION))[: args.cells]
     with tempfile.TemporaryDirectory() as tmp:
         world = Path(tmp) / "world"
         t, _ = timed(lambda: write_world(cells, world, SynthOptions(seed=1, workers=args.workers)))
         print(f"[setup] synthetic world of {len(cells)} cells in {t:.1f} s ({len(cells) / t:.2f} cells/s on {args.workers} workers)")
         decode_benchmark(world, cells, args.workers)
-        end_to_end(world, cells, args.workers, args.skip_vae)
-    store_read()
+        end_to_end(world, cells, ingest_workers, args.skip_vae, codec, size)
+    store_read(*store_args)
     if not args.skip_memory:
-        peak_memory(max(args.cells // 4, 2), args.cells, args.workers)
+        peak_memory(1 if args.quick else max(args.cells // 4, 2), args.cells, ingest_workers, codec)
 
 
 if __name__ == "__main__":

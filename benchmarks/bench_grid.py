@@ -1,10 +1,10 @@
 """Grid lookups: ``Grid.cells_at`` points/s and ``Grid.cells_in`` for a 100 km x 100 km
 polygon, each against a naive per-item baseline measured in the same run.
 
-    python benchmarks/grid.py [--points 20000] [--repeat 5]
+    python benchmarks/bench_grid.py [--points 20000] [--repeat 5] [--quick]
 
 Figures are printed as ratios to the baseline (these machines are noisy; absolute times
-are printed for reference only).
+are printed for reference only). ``--quick`` (CI): 1,000 points, one repeat.
 """
 
 from __future__ import annotations
@@ -75,7 +75,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="1,000 points, one repeat (CI)")
     args = ap.parse_args()
+    if args.quick:
+        args.points, args.repeat = 1_000, 1
     grid = Grid(10)
     rng = np.random.default_rng(0)
     # a continental-scale scatter (Europe), as an ingest selection would be

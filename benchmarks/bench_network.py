@@ -1,6 +1,6 @@
 """Model benchmarks, figures as ratios to baselines measured in the same run.
 
-    python benchmarks/network.py [--train-steps 20] [--reference-steps 250]
+    python benchmarks/bench_network.py [--train-steps 20] [--reference-steps 250] [--quick]
 
 1. Solver sweep: generate with 10/15/20/25/50 DPM-Solver++ steps, Karras and evenly spaced,
    on a fixed network and fixed starting noise; report each one's RMS error against a
@@ -9,6 +9,9 @@
 2. Throughput: forward+backward train steps/s and 4-modality sampling tuples/s for the
    `tiny` config on the CPU (and `paper` / `release` on a GPU when present), with model FLOPs
    utilisation against the device's peak when known.
+
+``--quick`` (CI: every section runs and prints, in seconds): the sweep on 2 samples against a
+60-step reference, and 2 train steps and one sampling run at batch 4 (2 on a GPU).
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ import time
 import torch
 
 from model.config import load_config
-from model.diffusion import SPACINGS, alphas_cumprod, draw_timesteps, diffusion_loss, sampling_scheduler
+from model.diffusion import (
+    SPACINGS,
+    alphas_cumprod,
+    diffusion_loss,
+    draw_timesteps,
+    sampling_scheduler,
+)
 from model.sample import generate
 from model.uvit import MultiModalUViT
 
@@ -39,20 +48,20 @@ def model_flops_per_sample(net: MultiModalUViT) -> float:
     return float(blocks * per_block + skips + io)
 
 
-def solver_sweep(net: MultiModalUViT, ref_steps: int, device: str) -> None:
+def solver_sweep(net: MultiModalUViT, ref_steps: int, device: str, samples: int = 8) -> None:
     """Both step spacings against a fine reference, as multiples of the 50-step evenly spaced
     error (the baseline); the same on Gaussian data, where the exact ODE solution is known."""
     g = torch.Generator().manual_seed(0)
     c = net.config
     shape = (c.in_chans, c.img_size, c.img_size)
-    cond = {"S2L2A": torch.randn(8, *shape, generator=g).to(device)}
-    noise = {m: torch.randn(8, *shape, generator=g) for m in ("DEM", "S1RTC")}
+    cond = {"S2L2A": torch.randn(samples, *shape, generator=g).to(device)}
+    noise = {m: torch.randn(samples, *shape, generator=g) for m in ("DEM", "S1RTC")}
 
     def run(steps: int, spacing: str):
         return generate(net, cond, ["DEM", "S1RTC"], steps=steps, seed=0, initial_noise=noise, spacing=spacing)
 
     ref = run(ref_steps, "linspace")
-    rms = lambda out: float(torch.sqrt(sum(((out[m] - ref[m]) ** 2).mean() for m in ("DEM", "S1RTC")) / 2))  # noqa: E731
+    rms = lambda out: float(torch.sqrt(sum(((out[m] - ref[m]) ** 2).mean() for m in ("DEM", "S1RTC")) / 2))
     _report(f"tiny network, vs a {ref_steps}-step solution", lambda n, sp: rms(run(n, sp)))
     _report("Gaussian data, vs the exact ODE solution", _gaussian_error)
 
@@ -127,15 +136,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-steps", type=int, default=20)
     ap.add_argument("--reference-steps", type=int, default=250)
+    ap.add_argument("--quick", action="store_true",
+                    help="sweep on 2 samples vs a 60-step reference, 2 train steps at batch 4 (CI)")
     args = ap.parse_args()
+    sweep_samples, cpu_batch, gpu_batches = 8, 32, (256, 64)
+    if args.quick:
+        args.train_steps, args.reference_steps = 2, 60
+        sweep_samples, cpu_batch, gpu_batches = 2, 4, (2, 2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     net = MultiModalUViT(**load_config("tiny").nnet).to(device).eval()
-    solver_sweep(net, args.reference_steps, device)
-    throughput("tiny", "cpu", 32, args.train_steps, torch.float32)
+    solver_sweep(net, args.reference_steps, device, sweep_samples)
+    throughput("tiny", "cpu", cpu_batch, args.train_steps, torch.float32)
     if device == "cuda":
-        throughput("paper", "cuda", 256, args.train_steps, torch.bfloat16)
-        throughput("release", "cuda", 64, args.train_steps, torch.bfloat16)
+        throughput("paper", "cuda", gpu_batches[0], args.train_steps, torch.bfloat16)
+        throughput("release", "cuda", gpu_batches[1], args.train_steps, torch.bfloat16)
     else:
         print("[gpu] no GPU available in this run: paper/release throughput not measured")
 

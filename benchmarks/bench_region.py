@@ -1,14 +1,18 @@
 """Region throughput: fragments/s from the store to GeoTIFFs, figures as ratios measured in
 the same run.
 
-    python benchmarks/region.py [--cells 4] [--steps 25]
+    python benchmarks/bench_region.py [--cells 4] [--steps 25] [--quick]
 
 Builds a small synthetic world, ingests it, trains the tiny model for a few steps (its
 quality does not matter for speed), then times, for every fragment of the region:
 sampling (DPM-Solver++, CPU), decoding latents to thumbnails, writing fragment COGs, and
 mosaics (VRTs, blended COGs). Prints fragments/s with sampling included and excluded, and
 each stage's share of the time; the baseline for the writing stage is a plain (non-COG)
-GeoTIFF write of the same pixels.
+GeoTIFF write of the same pixels. The latents are decoded by the store's own codec (the
+default ingest codec, small-vae; patch-pca with ``--quick``).
+
+``--quick`` (CI: every stage runs and prints, in seconds): one cell, a patch-pca store, one
+train step, 2 solver steps.
 """
 
 from __future__ import annotations
@@ -27,10 +31,9 @@ from majortom_gen.fragments import from_unit_range
 from majortom_gen.georef import default_grid
 from majortom_gen.store import LatentStore
 from majortom_gen.synth import SynthOptions, write_world
-from model.codecs import load_codec
 from pipelines.export import _mosaics, write_fragment_cog
 from pipelines.ingest import IngestOptions, ingest
-from pipelines.sample import sample_store
+from pipelines.sample import open_store_codec, sample_store
 from pipelines.train import train_on_store
 
 
@@ -38,23 +41,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, default=4)
     ap.add_argument("--steps", type=int, default=25, help="DPM-Solver++ steps")
+    ap.add_argument("--quick", action="store_true", help="1 cell, patch-pca store, 1 train step, 2 solver steps (CI)")
     args = ap.parse_args()
+    options, train_steps = IngestOptions(scheduler="synchronous"), 5
+    if args.quick:
+        args.cells, args.steps, train_steps = 1, 2, 1
+        options = IngestOptions(scheduler="synchronous", codec="patch-pca", fit_cells=1)
     grid = default_grid()
     cells = grid.cells_in((7.5, 45.0, 7.9, 45.2))[: args.cells]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_world(cells, root / "world", SynthOptions(seed=0, workers=1))
-        ingest(root / "world", cells, root / "store", IngestOptions(scheduler="synchronous"))
-        train_on_store("tiny", root / "store", root / "run", max_steps=5, test_fraction=0.0)
+        ingest(root / "world", cells, root / "store", options)
+        train_on_store("tiny", root / "store", root / "run", max_steps=train_steps, test_fraction=0.0)
         store = LatentStore.open(root / "store")
         t0 = time.perf_counter()
         result = sample_store(root / "run" / "model", root / "store", cells, ("S2L1C", "S2L2A"), ("DEM", "S1RTC"),
                               root / "samples", steps=args.steps, seed=0)
         t_sample = time.perf_counter() - t0
         z = np.load(root / "samples" / "samples.npz")
-        codec = load_codec("patch-pca", str(root / "store" / "codec"))
+        codec = open_store_codec(root / "store")  # the codec that made the store's latents
         t0 = time.perf_counter()
-        pixels = {m: from_unit_range(codec.decode(torch.from_numpy(z[f"latent_{m}"].astype(np.float32))).numpy())
+        # samples.npz holds the network's latents: decode_network undoes the codec's normalisation
+        pixels = {m: from_unit_range(codec.decode_network(torch.from_numpy(z[f"latent_{m}"].astype(np.float32)), m).numpy())
                   for m in ("DEM", "S1RTC")}
         t_decode = time.perf_counter() - t0
         geo = store.lookup(cells=cells).set_index(["grid_cell", "fragment_index"])
@@ -80,7 +89,7 @@ def main() -> None:
     n = result.fragments
     total = t_sample + t_decode + t_write + t_mosaic
     print(f"region of {len(cells)} cells, {n} fragments, 2 generated modalities, {args.steps} steps, "
-          f"{torch.get_num_threads()} CPU threads")
+          f"{codec.name} codec, {torch.get_num_threads()} CPU threads")
     print(f"  sampling included: {n / total:7.2f} fragments/s")
     print(f"  sampling excluded: {n / (total - t_sample):7.2f} fragments/s "
           f"({(total - t_sample) / total:.2f}x the time with sampling)")
