@@ -35,3 +35,7 @@ class ShardError(MajorTomGenError):
 
 class DecodeError(MajorTomGenError):
     """Bytes in an image column are not the GeoTIFF/PNG/JPEG they should be."""
+
+
+class StoreError(MajorTomGenError):
+    """The store is missing, inconsistent, or asked to mix codecs."""

@@ -62,6 +62,8 @@ def train_codec(source: str | os.PathLike, cells: Sequence[str], out: str | os.P
     """Train the small-vae codec on the fragments of ``cells`` and write it to ``out``
     (staged: complete or absent)."""
     start = time.perf_counter()
+    if config.crop % 8 or config.crop < 8:
+        raise MajorTomGenError(f"--crop {config.crop} must be a multiple of 8 (the codec downsamples by 8)")
     inputs = (source,) if Path(str(source)).exists() else ()
     check_output(out, overwrite=overwrite, inputs=inputs)
     images = source_fragments(source, cells)
