@@ -459,19 +459,25 @@ CodecSourceOption = Annotated[Optional[str], typer.Option(
          "to decode with other weights (official: autoencoder_kl.pth,autoencoder_kl_ema.pth); small-vae and patch-pca "
          "need nothing.")]
 WorkersOption = Annotated[Optional[int], typer.Option(
-    min=1, help="Sampling workers on a local Dask cluster (default: one per GPU when there are several, else in-process).")]
+    min=0, help="Sampling workers on a local Dask cluster (default: one per GPU when there are several, else in-process).")]
 
 
 def _device_option(value: str | None) -> str | None:
-    """Refuse a device torch cannot use (``cuda`` without CUDA) before any work."""
+    """Refuse a device torch cannot use (``cuda``/``cuda:N`` without CUDA, ``mps`` without
+    MPS, an unknown name) before any work; ``train`` applies its stricter rule itself."""
     if value is None:
         return value
-    from pipelines.train import check_device
+    import torch
 
     try:
-        check_device(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        device = torch.device(value)
+    except RuntimeError as exc:
+        raise typer.BadParameter(f"{value!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter(f"device {value!r}: no CUDA device is available (torch {torch.__version__}); "
+                                 "use --device cpu, or leave --device out")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise typer.BadParameter(f"device {value!r}: MPS is not available on this machine")
     return value
 
 
@@ -873,6 +879,7 @@ def demo(
     world, store, run = out / "world", out / "store", out / "train"
     region_out, eval_out = out / "region", out / "evaluation"
     _reset_if_other_demo(out, {"seed": seed, "cells": ids, "steps": steps})
+    _adopt_demo_outputs(region_out, eval_out)
     console.rule("[bold]1. synthetic Major TOM world")
     console.print(f"{len(ids)} cells around Turin, seed {seed} -> {world}")
     run_synth(ids, world, seed=seed, workers=n_workers, products_per_shard=500,
@@ -980,16 +987,27 @@ def _write_file_list(out: Path) -> Path:
 
 def _reset_if_other_demo(out: Path, params: dict) -> None:
     """A demo folder is resumable for the same parameters; other parameters start afresh
-    (a store must not mix latents of two worlds)."""
+    (a store must not mix latents of two worlds, nor a run resume on other cells: its
+    held-out cells would differ)."""
     import json
     import shutil
 
     record = out / "demo.json"
     if record.exists() and json.loads(record.read_text()) != params:
-        for name in ("world", "store"):
+        for name in ("world", "store", "train", "region", "evaluation"):
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(params))
+
+
+def _adopt_demo_outputs(*folders: Path) -> None:
+    """Folders of the demo's own output (``demo.json`` beside them) written by a version
+    before output markers get one, so that the demo can replace them on a re-run."""
+    from majortom_gen.staging import MARKER
+
+    for folder in folders:
+        if folder.is_dir() and not (folder / MARKER).exists() and (folder.parent / "demo.json").exists():
+            (folder / MARKER).write_text(json.dumps({"made_by": "majortom-gen", "kind": "demo"}) + "\n")
 
 
 def main() -> None:  # pragma: no cover - console-script shim

@@ -8,11 +8,11 @@ one of its parents, and any input of the same command (the store, the model, the
 or a folder that holds or lies inside one.
 
 ``with staged_folder(out, ...) as tmp:`` checks again, then yields a fresh sibling folder
-``.<name>.partial-<pid>-<id>``; on success it writes the marker and replaces ``out`` (an
+``.<name>.partial-<host>-<pid>-<id>``; on success it writes the marker and replaces ``out`` (an
 older output is removed only then), on any error the partial folder is deleted, ``out`` is
 left as it was, and a file-system error names ``out`` (not the hidden folder) and says
-when the disk is full. Partial folders left by killed runs (their pid is gone) are removed
-the next time any command writes into the same parent folder.
+when the disk is full. Partial folders left by killed runs of this host (their pid is gone)
+are removed the next time any command writes into the same parent folder.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,7 +30,12 @@ from pathlib import Path
 from majortom_gen.errors import MajorTomGenError
 
 MARKER = ".majortom-gen-output.json"  # in every folder written through staged_folder
-_PARTIAL = re.compile(r"^\..+\.partial-(?:old-)?(?:(\d+)-)?[0-9a-f]{8}$")
+# .<name>.partial-[old-]<host>-<pid>-<8 hex>: only this host's partials of dead pids are removed
+_PARTIAL = re.compile(r"^\..+\.partial-(?:old-)?(?P<host>[A-Za-z0-9_.-]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
 
 
 class OutputError(MajorTomGenError, ValueError):
@@ -70,6 +76,17 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False, inputs: Ite
     return path
 
 
+def local_paths(*sources: str | os.PathLike | None) -> list[Path]:
+    """The local files or folders among option values that may also be hub ids or URLs
+    (``--codec-source``, ``--source``; ``ENCODE,DECODE`` pairs split), for ``inputs``."""
+    out = []
+    for source in sources:
+        for part in (str(source).split(",") if source else []):
+            if part and "://" not in part and Path(part).expanduser().exists():
+                out.append(Path(part))
+    return out
+
+
 def _marker_kind(path: Path) -> str:
     try:
         return str(json.loads((path / MARKER).read_text()).get("kind", ""))
@@ -90,18 +107,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
-    """Delete ``.<name>.partial-*`` folders under ``folder`` left by runs that are no longer
-    alive (their pid is in the name; names without a pid are from older versions and are
-    removed too). Returns what was removed."""
+    """Delete the partial folders under ``folder`` left by killed runs of this host: names
+    ``.<name>.partial-<host>-<pid>-<8 hex>`` whose host is this one and whose pid is no
+    longer alive (a run on another machine sharing the folder is never touched, nor anything
+    else). Returns what was removed."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
         match = _PARTIAL.match(entry.name)
-        if not match or not entry.is_dir():
+        if not match or not entry.is_dir() or entry.is_symlink():
             continue
-        if match.group(1) is not None and _pid_alive(int(match.group(1))):
+        if match.group("host") != _host() or _pid_alive(int(match.group("pid"))):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
@@ -125,7 +143,7 @@ def staged_folder(out: str | os.PathLike, *, overwrite: bool = False, inputs: It
     final = check_output(given, overwrite=overwrite, inputs=list(inputs))
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(final.parent)
-    tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / f".{final.name}.partial-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -138,10 +156,18 @@ def staged_folder(out: str | os.PathLike, *, overwrite: bool = False, inputs: It
         if type(exc).__module__.startswith("rasterio"):  # GDAL errors: no errno, often no path
             raise MajorTomGenError(f"could not write {given}: {exc}{_disk_note(final.parent)}") from exc
         raise
-    if final.exists():
-        old = final.parent / f".{final.name}.partial-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
+    old = final.parent / f".{final.name}.partial-old-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    moved_old = False
+    try:
+        if final.exists():
+            os.replace(final, old)
+            moved_old = True
         os.replace(tmp, final)
+    except OSError as exc:  # e.g. --out is a mount point: put the old output back, keep nothing half-done
+        if moved_old and not final.exists():
+            os.replace(old, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MajorTomGenError(f"could not move the finished output into {given}: {exc.strerror or exc}; "
+                               f"{'the earlier output is unchanged' if moved_old else 'nothing was written'}") from exc
+    if moved_old:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)

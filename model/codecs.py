@@ -52,9 +52,13 @@ SD_VAE_CONFIG: dict[str, Any] = {
 }
 
 
-def _hash(config: dict, module: torch.nn.Module) -> str:
+def _hash(config: dict, module: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> str:
+    """sha256 of a config and a module's weights (only the weights whose names start with one
+    of ``prefixes``, when given)."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, t in sorted(module.state_dict().items()):
+        if prefixes is not None and not name.startswith(prefixes):
+            continue
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -247,8 +251,16 @@ class Codec:
         return config
 
     def info(self) -> dict:
+        """Name, config and ``config_hash``: what a store records. For sd-vae the hash covers
+        the encoder side only (``encoder.*``, ``quant_conv.*``) and the architecture: the
+        latents depend on nothing else, and the public kl-f8 VAEs share the encoder (their
+        fine-tuning changed the decoder), so a store encoded with one decodes with another."""
         if self._hash is None:
-            self._hash = _hash(self.config(), self.model)
+            if self.name == "sd-vae":
+                arch = {k: v for k, v in self.config().items() if k not in ("scaling_factor", "force_upcast")}
+                self._hash = _hash(arch, self.model, prefixes=("encoder.", "quant_conv."))
+            else:
+                self._hash = _hash(self.config(), self.model)
         return {"name": self.name, "config_hash": self._hash, "config": self.config()}
 
     @torch.no_grad()

@@ -52,7 +52,7 @@ import torch
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.fragments import from_unit_range
 from majortom_gen.modalities import parse_modalities
-from majortom_gen.staging import check_output, staged_folder
+from majortom_gen.staging import check_output, local_paths, staged_folder
 from majortom_gen.store import AlignedArrays, LatentStore, load_aligned
 from model import metrics
 from model.codecs import Codec, latent_norms
@@ -237,7 +237,8 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
     """Run the Table-1 evaluation and write ``out/{metrics.csv, table1.md, metrics.json, plots/}``.
     ``progress(done, total, note)`` is called after each batch of generated fragments."""
     opts = options or EvalOptions()
-    check_output(out, overwrite=opts.overwrite, inputs=(model_dir, store_dir))
+    inputs = (model_dir, store_dir, opts.cache_dir, *local_paths(opts.codec_source, opts.real_source))
+    check_output(out, overwrite=opts.overwrite, inputs=inputs)
     model_dir, store_dir = open_model_for_store(model_dir, store_dir), Path(store_dir)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
@@ -262,7 +263,10 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
     test_fraction, split_seed = _split_settings(model_dir)
     record = model_record(model_dir)
     train_cells = record.get("train_cells")
-    known = train_cells is not None and record.get("train_cells_complete", True)
+    known = train_cells is not None and record.get("train_cells_complete", not record.get("init_from"))
+    if opts.split == "train" and "split_seed" not in record:
+        raise MajorTomGenError(f"--split train: the model {model_dir} was not trained here, its training split of this "
+                               "store is unknown; use --split test (every cell, with --exclude-cells) or all")
     if "split_seed" in record or opts.split != "test":  # trained here: its held-out cells
         arrays = load_aligned(store, modalities, split=None if opts.split == "all" else opts.split,
                               test_fraction=test_fraction, seed=split_seed)
@@ -288,7 +292,8 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
     extractors = {"fid": load_extractor("inception", opts.fid_extractor, device),
                   "pr": load_extractor("dinov2", opts.pr_extractor, device)}
     cache = _Cache(Path(opts.cache_dir) if opts.cache_dir else store_dir / "cache" / "eval")
-    base_key = (codec.info()["config_hash"], cells, frags, {m: n.as_dict() for m, n in norms.items()},
+    base_key = (codec.info()["config_hash"], codec.source, store.manifest["shards"], str(device), cells, frags,
+                {m: n.as_dict() for m, n in norms.items()},
                 extractors["fid"].fingerprint, extractors["pr"].fingerprint, opts.real_source or "codec reconstruction")
 
     # real images: the codec's reconstruction of each stored latent mean, or the shards' thumbnails
@@ -331,7 +336,7 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
                 "real_images": (f"thumbnail fragments read from the shards under {opts.real_source}" if opts.real_source
                                 else "codec reconstruction of each fragment's stored latent mean"),
                 "training_cells": "recorded with the model" if known else "unknown", "excluded_cells": sorted(leave_out)}
-    with staged_folder(out, overwrite=opts.overwrite, inputs=(model_dir, store_dir), kind="evaluate") as tmp:
+    with staged_folder(out, overwrite=opts.overwrite, inputs=inputs, kind="evaluate") as tmp:
         files = write_outputs(tmp, rows, settings)
     out = Path(out)
     return EvalResult(out, rows, n, [out / f.relative_to(tmp) for f in files])

@@ -21,7 +21,7 @@ from affine import Affine
 
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.fragments import from_unit_range
-from majortom_gen.staging import check_output, staged_folder
+from majortom_gen.staging import check_output, local_paths, staged_folder
 from majortom_gen.thumbnails import s2_reflectance_from_thumbnail
 from majortom_gen.store import LatentStore
 
@@ -107,7 +107,7 @@ def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike,
     samples. With ``reflectance``, generated S2 fragments also get ``..._reflectance.tif``:
     approximate reflectance inverted from the thumbnail below saturation (see the CAVEAT tag)."""
     samples_dir, store_dir, out = Path(samples_dir), Path(store_dir), Path(out)
-    check_output(out, overwrite=overwrite, inputs=(samples_dir, store_dir))
+    check_output(out, overwrite=overwrite, inputs=(samples_dir, store_dir, *local_paths(codec_source)))
     meta = json.loads((samples_dir / "samples.json").read_text())
     z = np.load(samples_dir / "samples.npz")
     store = LatentStore.open(store_dir)
@@ -120,7 +120,7 @@ def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike,
     cells = sorted(set(z["grid_cell"].tolist()))
     geo = store.lookup(cells=cells).set_index(["grid_cell", "fragment_index"])
     final = out
-    with staged_folder(final, overwrite=overwrite, inputs=(samples_dir, store_dir), kind="export") as out:
+    with staged_folder(final, overwrite=overwrite, inputs=(samples_dir, store_dir, *local_paths(codec_source)), kind="export") as out:
         files = []
         for m in meta["generate"]:
             latents = torch.from_numpy(z[f"latent_{m}"].astype(np.float32))

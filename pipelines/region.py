@@ -23,7 +23,7 @@ from shapely.geometry.base import BaseGeometry
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.georef import default_grid
 from majortom_gen.selection import summarise_cells
-from majortom_gen.staging import check_output, staged_folder
+from majortom_gen.staging import check_output, local_paths, staged_folder
 from majortom_gen.store import LatentStore
 from pipelines.export import export_samples
 from pipelines.model_folder import open_model_for_store
@@ -47,7 +47,7 @@ def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, 
                     progress: Callable[[int, int], None] | None = None, codec_source: str | None = None,
                     overwrite: bool = False) -> RegionResult:
     grid = default_grid()
-    check_output(out, overwrite=overwrite, inputs=(model_dir, store_dir))
+    check_output(out, overwrite=overwrite, inputs=(model_dir, store_dir, *local_paths(codec_source, source)))
     model_dir = open_model_for_store(model_dir, store_dir)
     wanted = list(cells or []) + (grid.cells_in(region) if region is not None else [])
     wanted = list(dict.fromkeys(wanted))
@@ -79,7 +79,7 @@ def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, 
         listing = Path(tempfile.gettempdir()) / f"majortom-gen-skipped-{os.getpid()}.tsv"
         raise MajorTomGenError("no cell of the region can be generated: " + summarise_cells(skipped, full_list=listing))
     final = Path(out)
-    with staged_folder(final, overwrite=overwrite, inputs=(model_dir, store_dir), kind="generate") as out:
+    with staged_folder(final, overwrite=overwrite, inputs=(model_dir, store_dir, *local_paths(codec_source, source)), kind="generate") as out:
         runs = []
         for cond, group_cells in groups.items():
             name = "+".join(cond) or "unconditional"

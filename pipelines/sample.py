@@ -28,7 +28,7 @@ from PIL import Image
 
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.fragments import from_unit_range
-from majortom_gen.staging import check_output, staged_folder
+from majortom_gen.staging import check_output, local_paths, staged_folder
 from majortom_gen.store import MOMENT_SHAPE, LatentStore, complete_rows, moment_array
 from model.codecs import CODEC_RECORD, LatentNorm, latent_norms, load_codec, sample_latents
 from model.sample import generate
@@ -193,7 +193,7 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
     """Sample ``generate_modalities`` given ``condition`` for the stored fragments of ``cells``
     and write ``out`` (see the module docstring). ``model_dir`` may be a ``train`` run folder;
     it must fit the store's codec (:func:`pipelines.model_folder.open_model_for_store`)."""
-    check_output(out, overwrite=overwrite, inputs=(model_dir, store_dir))
+    check_output(out, overwrite=overwrite, inputs=(model_dir, store_dir, *local_paths(codec_source)))
     model_dir = open_model_for_store(model_dir, store_dir)
     modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
     store = LatentStore.open(store_dir)
@@ -216,7 +216,7 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
                               progress=progress)
     result = {m: torch.from_numpy(a) for m, a in arrays.items()}
     final = Path(out)
-    with staged_folder(final, overwrite=overwrite, inputs=(model_dir, store_dir), kind="sample") as out:
+    with staged_folder(final, overwrite=overwrite, inputs=(model_dir, store_dir, *local_paths(codec_source)), kind="sample") as out:
         arrays = {f"latent_{m}": a for m, a in arrays.items()}
         np.savez_compressed(out / "samples.npz", grid_cell=np.repeat(np.asarray(cell_ids), n_samples),
                             fragment_index=np.repeat(np.asarray(frag_ids), n_samples),
@@ -279,7 +279,7 @@ def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cell
     overlap = set(a) & set(b)
     if overlap or not a or not b:
         raise MajorTomGenError(f"the two sides of a chain must be non-empty and disjoint; got {list(a)} and {list(b)}")
-    check_output(out, overwrite=overwrite, inputs=(model_dir, store_dir))
+    check_output(out, overwrite=overwrite, inputs=(model_dir, store_dir, *local_paths(codec_source)))
     model_dir = open_model_for_store(model_dir, store_dir)
     modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
     unknown = [m for m in list(a) + list(b) if m not in modalities]
@@ -310,7 +310,7 @@ def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cell
         current = {m: torch.from_numpy(v).float() for m, v in generated.items()}
         src, dst = dst, src
     final = Path(out)
-    with staged_folder(final, overwrite=overwrite, inputs=(model_dir, store_dir), kind="chain") as tmp:
+    with staged_folder(final, overwrite=overwrite, inputs=(model_dir, store_dir, *local_paths(codec_source)), kind="chain") as tmp:
         np.savez_compressed(tmp / "chain.npz", grid_cell=np.asarray(cell_ids), fragment_index=np.asarray(frag_ids),
                             **{f"real_{m}": v.numpy().astype(np.float16) for m, v in real.items()}, **outputs)
         (tmp / "chain.json").write_text(json.dumps({"model": str(model_dir), "store": str(store_dir), "a": list(a),

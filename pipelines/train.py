@@ -47,13 +47,24 @@ def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out:
     cfg = load_config(config)
     if keep_checkpoints is not None:
         cfg = cfg.with_train(keep_checkpoints=keep_checkpoints)
+    check_run_folder(out, inputs=(store_dir, init_from))
     store = LatentStore.open(store_dir)
     if resume:
         check_resume_codec(out, store.codec, store_dir)
-    inherited: list[str] | None = []  # the cells the starting weights saw (None: unknown)
+    inherited: list[str] | None = []  # cells earlier weights saw: a resumed run's, a fine-tuned model's (None: unknown)
+    earlier = Path(out) / "model" / "training_data.json"
+    if resume and earlier.is_file():  # a resume on a changed store or split: the cells of every invocation count
+        before = json.loads(earlier.read_text())
+        known_before = before.get("train_cells") is not None and before.get("train_cells_complete", not before.get("init_from"))
+        inherited = list(before["train_cells"]) if known_before else None
     if init_from is not None:
         init_from = open_model_for_store(init_from, store_dir, option="--init-from")
-        inherited = model_record(init_from).get("train_cells")
+        start_record = model_record(init_from)
+        start_cells = start_record.get("train_cells")
+        if start_cells is None or not start_record.get("train_cells_complete", not start_record.get("init_from")):
+            inherited = None
+        elif inherited is not None:
+            inherited = inherited + list(start_cells)
     modalities = list(cfg.nnet.get("modalities", store.modalities))
     arrays = load_aligned(store, modalities, split="train", test_fraction=test_fraction, seed=split_seed, cache=True)
     if len(arrays) == 0:
@@ -76,6 +87,35 @@ def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out:
                    data={"codec": _codec_id(store.codec)}, finish_model=record)
     plot_losses(Path(out) / "log.jsonl", Path(out) / "loss.png")
     return result
+
+
+def check_run_folder(out: str | os.PathLike, inputs=()) -> None:
+    """Refuse a ``train --out`` that would overwrite what is not a training run: the working
+    directory or a parent of it, an input (the store, the starting model) or a folder holding
+    one, or an existing non-empty folder with neither ``checkpoints/`` nor ``log.jsonl``."""
+    from majortom_gen.staging import OutputError, check_output
+
+    path = Path(out).expanduser().resolve()
+    if path.is_dir() and any(path.iterdir()) and not ((path / "checkpoints").is_dir() or (path / "log.jsonl").is_file()):
+        raise OutputError(f"--out {out} holds files that are not a majortom-gen training run; nothing was changed. "
+                          "Give a new folder (or the folder of the run to resume).")
+    if path.is_dir() and any(path.iterdir()):  # a run to resume (or refused just above)
+        _check_inputs(path, out, inputs)
+    else:
+        check_output(out, inputs=[i for i in inputs if i is not None])
+
+
+def _check_inputs(path: Path, out, inputs) -> None:
+    from majortom_gen.staging import OutputError
+
+    if path == Path.cwd().resolve() or path in Path.cwd().resolve().parents:
+        raise OutputError(f"--out {out} is the working directory or one of its parents; give a run folder")
+    for item in inputs:
+        if item is None:
+            continue
+        inp = Path(item).expanduser().resolve()
+        if inp == path or path in inp.parents or inp in path.parents:
+            raise OutputError(f"--out {out} and the input {item} overlap; give a separate run folder")
 
 
 def _codec_id(codec: dict) -> dict:

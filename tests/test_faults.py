@@ -110,18 +110,22 @@ def test_empty_existing_folder_is_used(tmp_path):
 
 
 def test_leftovers_of_killed_runs_are_removed_by_the_next_run_in_that_folder(tmp_path):
+    from majortom_gen.staging import _host
+
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    stale = tmp_path / f".other.partial-{dead_pid}-0123abcd"  # another output's, from a killed run
+    stale = tmp_path / f".other.partial-{_host()}-{dead_pid}-0123abcd"  # another output's, from a killed run
     stale.mkdir()
     (stale / "big.bin").write_bytes(b"0" * 1000)
-    legacy = tmp_path / ".old.partial-89abcdef"  # a name without pid (older versions)
-    legacy.mkdir()
-    alive = tmp_path / f".busy.partial-{os.getpid()}-fedcba98"  # a run still going
-    alive.mkdir()
+    keep = [tmp_path / f".busy.partial-{_host()}-{os.getpid()}-fedcba98",  # a run still going
+            tmp_path / f".far.partial-otherhost-{dead_pid}-0123abcd",  # a run on another machine (shared disk)
+            tmp_path / ".backup.partial-20240101",  # the user's own folders
+            tmp_path / ".old.partial-89abcdef"]
+    for folder in keep:
+        folder.mkdir()
     with staged_folder(tmp_path / "new") as tmp:
         _write(tmp)
-    assert not stale.exists() and not legacy.exists() and alive.exists()
+    assert not stale.exists() and all(folder.exists() for folder in keep)
     assert remove_stale_partials(tmp_path) == []
 
 
@@ -308,6 +312,17 @@ def test_sd_vae_source_may_name_encoder_and_decoder_weights(tmp_path):
     assert torch.allclose(both.decode(z), load_codec("sd-vae", dec).decode(z))  # pictures from the decoder weights
     assert not torch.allclose(both.decode(z), alone.decode(z))
     assert both.info()["config_hash"] == alone.info()["config_hash"]  # a store encoded with enc decodes with both
+    # a VAE with the same encoder and another decoder (like sd-vae-ft-ema vs the original kl-f8) is the same codec
+    torch.manual_seed(2)
+    vae = AutoencoderKL(**config)
+    same_encoder = AutoencoderKL(**config)
+    same_encoder.load_state_dict({k: (v if k.startswith(("encoder.", "quant_conv.")) else v + 1)
+                                  for k, v in vae.state_dict().items()})
+    vae.save_pretrained(tmp_path / "a")
+    same_encoder.save_pretrained(tmp_path / "b")
+    assert load_codec("sd-vae", str(tmp_path / "a")).info()["config_hash"] == \
+        load_codec("sd-vae", str(tmp_path / "b")).info()["config_hash"]
+    assert load_codec("sd-vae", str(tmp_path / "a")).info()["config_hash"] != alone.info()["config_hash"]
     with pytest.raises(ValueError, match="ENCODE,DECODE"):
         load_codec("sd-vae", f"{enc},{dec},{enc}")
 
@@ -986,3 +1001,14 @@ def test_device_cuda_without_cuda_is_a_clear_error(store, tmp_path):
                             str(_config_file(tmp_path)), "--max-steps", "1", "--device", "cuda"])
     assert r.exit_code == 2 and "no CUDA device" in r.output, r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_train_out_that_is_not_a_run_is_refused(store, tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "my-notes.txt").write_text("mine")
+    r = runner.invoke(app, ["train", "--store", str(store), "--out", str(mine), "--max-steps", "1"])
+    assert r.exit_code == 2 and "not a majortom-gen training run" in r.output, r.output
+    assert (mine / "model" / "my-notes.txt").read_text() == "mine"
+    r = runner.invoke(app, ["train", "--store", str(store), "--out", str(store / "run"), "--max-steps", "1"])
+    assert r.exit_code == 2 and "input" in r.output, r.output
