@@ -467,17 +467,11 @@ def _device_option(value: str | None) -> str | None:
     MPS, an unknown name) before any work; ``train`` applies its stricter rule itself."""
     if value is None:
         return value
-    import torch
+    from pipelines.sample import device_problem
 
-    try:
-        device = torch.device(value)
-    except RuntimeError as exc:
-        raise typer.BadParameter(f"{value!r} is not a torch device ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter(f"device {value!r}: no CUDA device is available (torch {torch.__version__}); "
-                                 "use --device cpu, or leave --device out")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise typer.BadParameter(f"device {value!r}: MPS is not available on this machine")
+    problem = device_problem(value)
+    if problem:
+        raise typer.BadParameter(problem)
     return value
 
 
@@ -955,10 +949,11 @@ def demo(
                  f"majortom-gen train --config {DEMO_CONFIG} --store {store} --out {run} --max-steps {steps} "
                  f"--test-fraction {DEMO_TEST_FRACTION} --init-from {SHIPPED_DEMO_MODEL}{dev}",
                  f"majortom-gen generate --model {run / 'model'} --store {store} --region {region_file} "
-                 f"--condition S2L1C,S2L2A --generate DEM,S1RTC --n-samples 2 --steps 25 --seed {seed} --out {region_out}{dev}",
+                 f"--condition S2L1C,S2L2A --generate DEM,S1RTC --n-samples 2 --steps 25 --seed {seed} --out {region_out} "
+                 f"--overwrite{dev}",
                  f"majortom-gen evaluate --model {run / 'model'} --store {store} --out {eval_out} --conditions "
                  f"{DEMO_CONDITIONS} --generate {DEMO_GENERATE} --steps 25 --fid-extractor {extractors['inception']} --pr-extractor "
-                 f"{extractors['dinov2']}{dev}"):
+                 f"{extractors['dinov2']} --overwrite{dev}"):
         console.print(f"  {line}", highlight=False, soft_wrap=True)
     console.print("On real data: --source hf://datasets/Major-TOM (or a local mirror), --codec sd-vae --codec-source "
                   "<VAE>, `majortom-gen convert-weights` for the published COP-GEN-Beta model, and the default "

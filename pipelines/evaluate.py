@@ -441,7 +441,7 @@ def write_outputs(folder: Path, rows: list[dict], settings: dict) -> list[Path]:
         writer.writeheader()
         for r in rows:
             writer.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in columns})
-    count = f"N = {settings['fragments']} fragments, {settings['n_samples']} sample(s) each; FID/precision/recall on the first"
+    count = f"N = {settings['fragments']} fragments, {settings['n_samples']} sample(s) each"
     warning = ([f"**Warning**: {UNKNOWN_TRAINING_CELLS.format(model=settings['model'])}", ""]
                if settings.get("training_cells") == "unknown" else [])
     extractor_note = ("Feature extractors: " + "; ".join(f"{k}: {e['kind']} from {e['source']}" for k, e in settings["extractors"].items()))
@@ -450,7 +450,8 @@ def write_outputs(folder: Path, rows: list[dict], settings: dict) -> list[Path]:
           f"{settings['n_samples']} sample(s) per fragment, {settings['steps']} DPM-Solver++ steps, seed {settings['seed']}.",
           f"Real images: {settings['real_images']}.", extractor_note, "", *warning,
           f"## Generative metrics (FID on Inception features; precision, recall, F-score on DINOv2 features, "
-          f"k={settings['k']}; {count})", "", table_markdown(rows, DISTRIBUTION_METRICS, modalities), "",
+          f"k={settings['k']}; {count}, the first sample of each scored)", "",
+          table_markdown(rows, DISTRIBUTION_METRICS, modalities), "",
           f"## Paired metrics against the real fragment of the same place (spread in 8-bit units; {count})", "",
           table_markdown(rows, PAIRED_METRICS, modalities), "",
           "## What conditioning buys: paired MAE change and PSNR gain against the unconditional samples "

@@ -108,6 +108,21 @@ def _network(model_dir: str, device: str) -> MultiModalUViT:
     return _NETS[key]
 
 
+def device_problem(value: str) -> str | None:
+    """Why torch cannot use the device ``value`` on this machine (``cuda``/``cuda:N`` without
+    CUDA, ``mps`` without MPS, not a device name), or None when it can."""
+    try:
+        device = torch.device(value)
+    except RuntimeError as exc:
+        return f"{value!r} is not a torch device ({exc})"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return (f"device {value!r}: no CUDA device is available (torch {torch.__version__}); use --device cpu, "
+                "or leave --device out")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"device {value!r}: MPS is not available on this machine"
+    return None
+
+
 def _worker_device(device: str | None) -> str:
     """On a Dask worker with GPUs: one GPU per worker (by worker index); else the given device."""
     if device not in (None, "cuda") or not torch.cuda.is_available():
