@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(str(resources.files("configs")))  # configs/*.yaml, shipped as package data
 
 # The keys of the ``nnet`` group and their types: the arguments of model.uvit.MultiModalUViT
 # (kept here so that reading a config needs no torch; a test keeps the two in step).
