@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,6 @@ class WorldSummary:
     cells_per_modality: dict[str, int]
     cells_in_all: int
     cells_in_any: int
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def summarise_shard(path: str | os.PathLike) -> ShardSummary:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,11 +317,3 @@ def save_random_extractors(folder: str | os.PathLike, seed: int = 0, dinov2_laye
                           intermediate_size=128, patch_size=14, image_size=224)
     Dinov2Model(config).save_pretrained(folder / "dinov2")
     return {"inception": folder / "inception.pth", "dinov2": folder / "dinov2"}
-
-
-def images_digest(images: Iterable[np.ndarray]) -> str:
-    """A content hash of a sequence of image arrays (for feature caches)."""
-    h = hashlib.sha256()
-    for a in images:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
