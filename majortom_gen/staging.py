@@ -46,10 +46,10 @@ def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_output(out: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike | None] = (),
-                 option: str = "--out") -> Path:
-    """Raise :class:`OutputError` (naming ``option`` and the path) unless ``out`` may be
-    written; returns its resolved path. See the module docstring for the rules."""
+def check_place(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
+                option: str = "--out") -> Path:
+    """Refuse an output path that is the working directory or a parent of it, or that is, holds
+    or lies inside one of ``inputs``; returns the resolved path."""
     given = Path(out)
     path = given.expanduser().resolve()
     if _within(Path.cwd().resolve(), path):
@@ -63,6 +63,15 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False, inputs: Ite
             where = "is" if inp == path else ("holds" if _within(inp, path) else "lies inside")
             raise OutputError(f"{option} {given} {where} the input {item}; writing it would replace the input. "
                               "Give a separate folder.")
+    return path
+
+
+def check_output(out: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike | None] = (),
+                 option: str = "--out") -> Path:
+    """Raise :class:`OutputError` (naming ``option`` and the path) unless ``out`` may be
+    written; returns its resolved path. See the module docstring for the rules."""
+    given = Path(out)
+    path = check_place(given, inputs=inputs, option=option)
     if path.is_file() or (path.exists() and not path.is_dir()):
         raise OutputError(f"{option} {given} exists and is a file; give a folder path that does not exist")
     if path.is_dir() and any(path.iterdir()):
@@ -94,15 +103,16 @@ def _marker_kind(path: Path) -> str:
         return ""
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, someone else's
+    except PermissionError:  # alive, another user's
         return True
+    except (OverflowError, ValueError):
+        return False
     return True
 
 
@@ -119,7 +129,7 @@ def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
         match = _PARTIAL.match(entry.name)
         if not match or not entry.is_dir() or entry.is_symlink():
             continue
-        if match.group("host") != _host() or _pid_alive(int(match.group("pid"))):
+        if match.group("host") != _host() or pid_alive(int(match.group("pid"))):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from majortom_gen.errors import StoreError
+from majortom_gen.staging import pid_alive
 
 LOCK_FILE = "write.lock"
 _HELD: dict[str, dict] = {}  # resolved store root -> the lock record this process wrote
@@ -34,18 +35,6 @@ class StoreLockedError(StoreError):
 
 class StaleLockWarning(UserWarning):
     """A lock left by a writer that is no longer running was taken over."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
 
 
 def lock_holder(root: str | os.PathLike) -> dict | None:
@@ -79,7 +68,7 @@ def _is_stale(record: dict) -> bool:
     pid = record.get("pid")
     if record.get("host") != socket.gethostname() or not isinstance(pid, int):
         return False
-    return pid == os.getpid() or not _pid_alive(pid)
+    return pid == os.getpid() or not pid_alive(pid)
 
 
 def holder_text(record: dict) -> str:

@@ -137,15 +137,6 @@ def _folder_digest(folder: Path) -> str:
     return h.hexdigest()[:20]
 
 
-def _split_settings(model_dir: Path) -> tuple[float, int]:
-    """The test fraction and split seed the model was trained with (its held-out cells)."""
-    meta = model_dir / "training_data.json"
-    if meta.exists():
-        d = json.loads(meta.read_text())
-        return float(d.get("test_fraction", 0.05)), int(d.get("split_seed", 0))
-    return 0.05, 0
-
-
 def _open_codec(store: LatentStore, store_dir: Path, options: EvalOptions, device: torch.device) -> Codec:
     """The codec that made the store's latents (see :func:`pipelines.sample.open_store_codec`)."""
     if options.codec and options.codec != store.codec["name"]:
@@ -260,8 +251,8 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
             raise MajorTomGenError(f"condition {condition_name(cond)} leaves nothing to generate (of {targets})")
     if opts.split not in ("test", "train", "all"):
         raise MajorTomGenError(f"split must be test, train or all; got {opts.split!r}")
-    test_fraction, split_seed = _split_settings(model_dir)
-    record = model_record(model_dir)
+    record = model_record(model_dir)  # the test fraction and split seed it was trained with: its held-out cells
+    test_fraction, split_seed = float(record.get("test_fraction", 0.05)), int(record.get("split_seed", 0))
     train_cells = record.get("train_cells")
     known = train_cells is not None and record.get("train_cells_complete", not record.get("init_from"))
     if opts.split == "train" and "split_seed" not in record:

@@ -93,29 +93,16 @@ def check_run_folder(out: str | os.PathLike, inputs=()) -> None:
     """Refuse a ``train --out`` that would overwrite what is not a training run: the working
     directory or a parent of it, an input (the store, the starting model) or a folder holding
     one, or an existing non-empty folder with neither ``checkpoints/`` nor ``log.jsonl``."""
-    from majortom_gen.staging import OutputError, check_output
+    from majortom_gen.staging import OutputError, check_output, check_place
 
     path = Path(out).expanduser().resolve()
-    if path.is_dir() and any(path.iterdir()) and not ((path / "checkpoints").is_dir() or (path / "log.jsonl").is_file()):
-        raise OutputError(f"--out {out} holds files that are not a majortom-gen training run; nothing was changed. "
-                          "Give a new folder (or the folder of the run to resume).")
-    if path.is_dir() and any(path.iterdir()):  # a run to resume (or refused just above)
-        _check_inputs(path, out, inputs)
+    if path.is_dir() and any(path.iterdir()):  # only a run to resume
+        if not ((path / "checkpoints").is_dir() or (path / "log.jsonl").is_file()):
+            raise OutputError(f"--out {out} holds files that are not a majortom-gen training run; nothing was "
+                              "changed. Give a new folder (or the folder of the run to resume).")
+        check_place(out, inputs=inputs)
     else:
-        check_output(out, inputs=[i for i in inputs if i is not None])
-
-
-def _check_inputs(path: Path, out, inputs) -> None:
-    from majortom_gen.staging import OutputError
-
-    if path == Path.cwd().resolve() or path in Path.cwd().resolve().parents:
-        raise OutputError(f"--out {out} is the working directory or one of its parents; give a run folder")
-    for item in inputs:
-        if item is None:
-            continue
-        inp = Path(item).expanduser().resolve()
-        if inp == path or path in inp.parents or inp in path.parents:
-            raise OutputError(f"--out {out} and the input {item} overlap; give a separate run folder")
+        check_output(out, inputs=inputs)
 
 
 def _codec_id(codec: dict) -> dict:
