@@ -166,18 +166,60 @@ def staged_folder(out: str | os.PathLike, *, overwrite: bool = False, inputs: It
         if type(exc).__module__.startswith("rasterio"):  # GDAL errors: no errno, often no path
             raise MajorTomGenError(f"could not write {given}: {exc}{_disk_note(final.parent)}") from exc
         raise
-    old = final.parent / f".{final.name}.partial-old-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    moved_old = False
+    had_old = final.exists()
     try:
-        if final.exists():
-            os.replace(final, old)
-            moved_old = True
-        os.replace(tmp, final)
-    except OSError as exc:  # e.g. --out is a mount point: put the old output back, keep nothing half-done
-        if moved_old and not final.exists():
-            os.replace(old, final)
+        swap_in(tmp, final, aside=final.parent / f".{final.name}.partial-old-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    except OSError as exc:  # e.g. --out is a mount point: the old output is back, nothing half-done
         shutil.rmtree(tmp, ignore_errors=True)
         raise MajorTomGenError(f"could not move the finished output into {given}: {exc.strerror or exc}; "
-                               f"{'the earlier output is unchanged' if moved_old else 'nothing was written'}") from exc
-    if moved_old:
-        shutil.rmtree(old, ignore_errors=True)
+                               f"{'the earlier output is unchanged' if had_old else 'nothing was written'}") from exc
+
+
+def swap_in(new: Path, target: Path, aside: Path | None = None) -> None:
+    """Move the complete folder ``new`` to ``target``. An existing ``target`` is moved aside
+    first (to ``aside``; put back if the move fails) and deleted only once the new one is in
+    place: at every instant the old folder or the new one is complete."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    aside = aside or target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if not target.exists():
+            os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, sync: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of the file ``path`` (``.NAME.tmp-<hex>``, same
+    suffix) to write; when the block succeeds it replaces ``path`` in one rename (after an
+    fsync with ``sync``), so readers see the old file or the new one, never half of one. On
+    any error the temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        yield tmp
+        if sync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through :func:`atomic_path`; returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of :func:`atomic_path`'s temporaries."""
+    return name.startswith(".") and ".tmp-" in name

@@ -62,6 +62,20 @@ def open_store_codec(store_dir: str | os.PathLike, source: str | None = None, de
     return codec
 
 
+def fragment_georef(store: LatentStore, cells: Sequence[str], frags: Sequence[int]) -> dict[str, np.ndarray]:
+    """Where each fragment lies, for the sample run to carry: ``utm_crs`` (str, e.g.
+    ``EPSG:32633``), ``utm_transform`` float64 ``(N, 6)`` (the affine ``a, b, c, d, e, f`` of
+    its 256 x 256 window of the 10 m product grid, metres) and ``source_product_ids`` (a JSON
+    object per fragment: modality -> product id)."""
+    geo = store.lookup(cells=sorted(set(cells))).set_index(["grid_cell", "fragment_index"])
+    rows = geo.loc[list(zip(cells, frags))]
+    id_cols = [c for c in geo.columns if c.endswith("_product_id")]
+    products = [json.dumps({c.removesuffix("_product_id"): r[c] for c in id_cols if r[c]}) for _, r in rows.iterrows()]
+    return {"utm_crs": np.asarray(rows["utm_crs"].tolist(), dtype=str),
+            "utm_transform": np.asarray([list(t)[:6] for t in rows["utm_transform"]], np.float64).reshape(-1, 6),
+            "source_product_ids": np.asarray(products, dtype=str)}
+
+
 def fragment_seed(seed: int, cell: str, fragment: int, sample: int, modality: str = "") -> int:
     """A stable 63-bit seed for one fragment sample (and modality: generated modalities
     start from independent noise)."""
@@ -235,7 +249,9 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
         arrays = {f"latent_{m}": a for m, a in arrays.items()}
         np.savez_compressed(out / "samples.npz", grid_cell=np.repeat(np.asarray(cell_ids), n_samples),
                             fragment_index=np.repeat(np.asarray(frag_ids), n_samples),
-                            sample=np.tile(np.arange(n_samples), len(cell_ids)), **arrays)
+                            sample=np.tile(np.arange(n_samples), len(cell_ids)),
+                            **{k: np.repeat(v, n_samples, axis=0) for k, v in fragment_georef(store, cell_ids, frag_ids).items()},
+                            **arrays)
         (out / "samples.json").write_text(json.dumps({
             "model": str(model_dir), "store": str(store_dir), "condition": list(condition), "generate": list(generate_modalities),
             "n_samples": n_samples, "steps": steps, "seed": seed, "deterministic_conditions": deterministic_conditions,
