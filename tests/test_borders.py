@@ -22,3 +22,22 @@ def test_core_imports_neither_torch_nor_model():
 
 def test_model_imports_no_geography():
     assert offending("model", "majortom_gen\\.(?:grid|georef|regions|mosaic)|rasterio|pyproj|shapely|geopandas") == []
+
+
+def test_core_imports_no_glue():
+    """The core (grid, formats, store...) sits below the pipelines and the command line."""
+    assert offending("majortom_gen", "pipelines") == []
+
+
+def test_importing_every_core_module_loads_no_torch():
+    """At run time too: no core module pulls torch in through a third package."""
+    import subprocess
+    import sys
+
+    modules = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                     for p in (ROOT / "majortom_gen").rglob("*.py"))
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted(n for n in ('torch', 'diffusers', 'model', 'pipelines') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from majortom_gen.cli import app
+from pipelines.cli import app
 
 runner = CliRunner()
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from majortom_gen.cli import app
+from pipelines.cli import app
 from pipelines.ingest import IngestOptions, ingest
 
 from conftest import WORLD_CELLS

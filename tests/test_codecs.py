@@ -158,7 +158,7 @@ def test_codec_train_cli__writes_a_loadable_codec_with_its_record(world, tmp_pat
     from PIL import Image
     from typer.testing import CliRunner
 
-    from majortom_gen.cli import app
+    from pipelines.cli import app
 
     runner = CliRunner()
     out = tmp_path / "codec"

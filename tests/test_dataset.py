@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from majortom_gen.cli import app
+from pipelines.cli import app
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.grid import parse_cell_id
 from majortom_gen.store import LatentStore, load_aligned, moment_array

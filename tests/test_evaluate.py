@@ -9,7 +9,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from majortom_gen.cli import app
+from pipelines.cli import app
 from majortom_gen.store import split_cells
 from model.features import save_random_extractors
 

@@ -25,7 +25,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from majortom_gen.cli import app
+from pipelines.cli import app
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.modalities import MODALITY_NAMES
 from majortom_gen.staging import MARKER, check_output, remove_stale_partials, staged_folder

@@ -185,7 +185,7 @@ def test_ingest__bad_input_is_quarantined_and_the_rest_stored(tmp_path):
 def test_cli_ingest__exit_status_completed_with_errors(tmp_path, world8):
     from typer.testing import CliRunner
 
-    from majortom_gen.cli import app
+    from pipelines.cli import app
 
     r = CliRunner().invoke(app, ["ingest", "--source", str(world8), "--cells", "501U_60R", "600U_1R",
                                  "--store", str(tmp_path / "s"), "--workers", "1", "--codec", PCA])
@@ -208,7 +208,7 @@ def _rows(root: Path) -> dict[tuple[str, int], bytes]:
 
 
 def test_ingest__killed_and_resumed_equals_uninterrupted(tmp_path, world8):
-    cmd = [sys.executable, "-m", "majortom_gen.cli", "ingest", "--source", str(world8), "--cells", ",".join(CELLS8),
+    cmd = [sys.executable, "-m", "pipelines.cli", "ingest", "--source", str(world8), "--cells", ",".join(CELLS8),
            "--cells-per-shard", "1", "--workers", "1", "--codec", PCA]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cmd + ["--store", str(killed)], start_new_session=True,

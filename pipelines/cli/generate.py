@@ -1,0 +1,175 @@
+"""Commands that generate: sample, chain, export, fill a region."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.text import Text
+
+from majortom_gen.errors import MajorTomGenError
+from pipelines.cli.common import (
+    CellsOption,
+    CodecSourceOption,
+    DeviceOption,
+    OverwriteOption,
+    ReflectanceOption,
+    RegionOption,
+    WorkersOption,
+    app,
+    cells_from_options,
+    console,
+    err_console,
+    progress_bar,
+    user_errors,
+)
+
+
+@app.command(context_settings={"allow_extra_args": True})
+@user_errors
+def sample(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Option(help="A trained or converted model folder (save_pretrained).")],
+    store: Annotated[Path, typer.Option(help="Latent store holding the conditions.")],
+    out: Annotated[Path, typer.Option(help="Output folder: samples.npz, samples.json, PNG grids.")],
+    generate: Annotated[str, typer.Option(help="Modalities to generate, comma-separated.")],
+    condition: Annotated[str, typer.Option(help="Condition modalities, comma-separated, or 'none'.")] = "none",
+    cells: CellsOption = None,
+    region: RegionOption = None,
+    n_samples: Annotated[int, typer.Option(min=1, help="Samples per fragment.")] = 1,
+    steps: Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")] = 50,
+    seed: Annotated[int, typer.Option(min=0, help="Seed; each fragment's noise derives from (seed, cell, fragment).")] = 0,
+    deterministic_conditions: Annotated[bool, typer.Option(help="Use the conditions' latent means, not samples.")] = False,
+    device: DeviceOption = None,
+    workers: WorkersOption = None,
+    codec_source: CodecSourceOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Generate any subset of modalities from any other subset, for fragments of a store."""
+    from majortom_gen.modalities import parse_modalities
+    from pipelines.sample import sample_store
+
+    ids = cells_from_options((cells or []) + list(ctx.args), region)
+    cond = () if condition.strip().lower() in ("", "none") else parse_modalities(condition)
+    try:
+        with progress_bar("sampling", "fragments") as update:
+            result = sample_store(model, store, ids, cond, parse_modalities(generate), out, n_samples=n_samples,
+                                  steps=steps, seed=seed, deterministic_conditions=deterministic_conditions, device=device,
+                                  workers=workers, progress=update, codec_source=codec_source, overwrite=overwrite)
+    except ValueError as exc:
+        raise MajorTomGenError(str(exc)) from None
+    console.print(f"[green]sampled[/] {result.fragments} fragments x {n_samples} -> {result.out} "
+                  f"({len(result.files)} files)", highlight=False)
+
+
+@app.command(context_settings={"allow_extra_args": True})
+@user_errors
+def chain(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Option(help="A trained or converted model folder.")],
+    store: Annotated[Path, typer.Option(help="Latent store with both sides of the chain.")],
+    out: Annotated[Path, typer.Option(help="Output folder: chain.npz, chain.json, a PNG per cell.")],
+    a: Annotated[str, typer.Option(help="Start modalities (taken from the store), comma-separated.")],
+    b: Annotated[str, typer.Option(help="The other side, comma-separated.")],
+    n: Annotated[int, typer.Option(min=1, help="Generations: b from a, a from b, ... n times.")] = 4,
+    cells: CellsOption = None,
+    region: RegionOption = None,
+    steps: Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")] = 50,
+    seed: Annotated[int, typer.Option(min=0, help="Seed (iteration i uses seed + i).")] = 0,
+    device: DeviceOption = None,
+    codec_source: CodecSourceOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """The paper's looping experiment: generate B from the real A, then A from the generated B,
+    n times, to see what survives repeated translation."""
+    from majortom_gen.modalities import parse_modalities
+    from pipelines.sample import chain_store
+
+    ids = cells_from_options((cells or []) + list(ctx.args), region)
+    try:
+        result = chain_store(model, store, ids, parse_modalities(a), parse_modalities(b), n, out, steps=steps, seed=seed,
+                             device=device, codec_source=codec_source, overwrite=overwrite)
+    except ValueError as exc:
+        raise MajorTomGenError(str(exc)) from None
+    console.print(f"[green]chained[/] {result.fragments} fragments x {n} generations -> {result.out}", highlight=False)
+
+
+@app.command()
+@user_errors
+def export(
+    samples: Annotated[Path, typer.Option(help="Output folder of `majortom-gen sample`.")],
+    store: Annotated[Path, typer.Option(help="The latent store the samples were drawn from.")],
+    out: Annotated[Path, typer.Option(help="Folder for the GeoTIFFs: <cell>/<modality>/f<fragment>_s<sample>.tif.")],
+    crs: Annotated[str, typer.Option(help="CRS of the blended mosaic COGs.")] = "EPSG:4326",
+    region: RegionOption = None,
+    mosaic: Annotated[bool, typer.Option(help="Also write mosaics: a VRT per UTM zone and a blended COG per modality and sample.")] = True,
+    reflectance: ReflectanceOption = False,
+    codec_source: CodecSourceOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Write generated fragments as Cloud-Optimized GeoTIFFs in their cell's UTM CRS, and mosaics."""
+    from majortom_gen.georef import normalise_crs
+    from majortom_gen.regions import read_region
+    from pipelines.export import export_samples
+
+    result = export_samples(samples, store, out, mosaic=mosaic, dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance,
+                            codec_source=codec_source, overwrite=overwrite,
+                            region=read_region(region) if region else None)
+    console.print(f"[green]exported[/] {len(result.files)} COGs -> {result.out}", highlight=False)
+
+
+@app.command("generate", context_settings={"allow_extra_args": True})
+@user_errors
+def generate_region_cmd(
+    ctx: typer.Context,
+    store: Annotated[Path, typer.Option(help="Latent store holding what the region has.")],
+    model: Annotated[Path, typer.Option(help="A trained or converted model folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder: samples/, geotiff/ (fragments and mosaics), region.json.")],
+    generate: Annotated[str, typer.Option(help="Modalities to generate, comma-separated (e.g. DEM,S1RTC).")],
+    region: RegionOption = None,
+    cells: CellsOption = None,
+    condition: Annotated[str, typer.Option(help="'auto' (everything each cell has) or comma-separated modalities.")] = "auto",
+    source: Annotated[Optional[str], typer.Option(help="Major TOM source to ingest cells the store lacks.")] = None,
+    n_samples: Annotated[int, typer.Option(min=1, help="Samples per fragment (> 1 adds mean/std rasters).")] = 1,
+    steps: Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")] = 50,
+    seed: Annotated[int, typer.Option(min=0, help="Seed; fragment noise derives from (seed, cell, fragment).")] = 0,
+    crs: Annotated[str, typer.Option(help="CRS of the mosaic COGs.")] = "EPSG:4326",
+    reflectance: ReflectanceOption = False,
+    device: DeviceOption = None,
+    workers: WorkersOption = None,
+    codec_source: CodecSourceOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Fill a region: generate the missing modalities for the cells covering a polygon and
+    export them as GeoTIFFs and mosaics."""
+    from majortom_gen.georef import normalise_crs
+    from majortom_gen.modalities import parse_modalities
+    from majortom_gen.regions import read_region
+    from majortom_gen.selection import parse_cell_list
+    from pipelines.region import generate_region
+
+    geom = read_region(region) if region else None
+    ids = parse_cell_list((cells or []) + list(ctx.args))
+    if geom is None and not ids:
+        raise MajorTomGenError("give --region FILE|WKT|bbox or --cells IDS")
+    cond = "auto" if condition.strip().lower() == "auto" else parse_modalities(condition)
+    try:
+        with progress_bar("sampling", "fragments") as update:
+            result = generate_region(model, store, out, generate=parse_modalities(generate), region=geom, cells=ids,
+                                     condition=cond, source=source, n_samples=n_samples, steps=steps, seed=seed,
+                                     dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance, device=device,
+                                     workers=workers, progress=update, codec_source=codec_source,
+                                     overwrite=overwrite)
+    except ValueError as exc:
+        raise MajorTomGenError(str(exc)) from None
+    for name, group in result.groups.items():
+        console.print(f"conditioned on {name}: {len(group)} cell(s)", highlight=False)
+    if result.skipped:
+        from majortom_gen.selection import summarise_cells
+
+        err_console.print(Text(f"skipped {summarise_cells(result.skipped)} (all listed in {result.out / 'region.json'})",
+                               style="yellow"), soft_wrap=True)
+    console.print(f"[green]wrote[/] {len(result.files)} files -> {result.out}/geotiff (mosaics in geotiff/mosaic)", highlight=False)
+
+
