@@ -27,14 +27,14 @@ import rasterio
 import torch
 from affine import Affine
 
-from majortom_gen.fragments import from_unit_range
 from majortom_gen.georef import default_grid
 from majortom_gen.store import LatentStore
 from majortom_gen.synth import SynthOptions, write_world
 from pipelines.export import _mosaics, write_fragment_cog
 from pipelines.ingest import IngestOptions, ingest
-from pipelines.sample import open_store_codec, sample_store
-from pipelines.train import train_on_store
+from pipelines.codec import decode_images, open_store_codec
+from pipelines.sample import SamplingOptions, sample_store
+from pipelines.train import TrainOptions, train_on_store
 
 
 def main() -> None:
@@ -53,18 +53,16 @@ def main() -> None:
         root = Path(tmp)
         write_world(cells, root / "world", SynthOptions(seed=0, workers=1))
         ingest(root / "world", cells, root / "store", options)
-        train_on_store("tiny", root / "store", root / "run", max_steps=train_steps, test_fraction=0.0)
+        train_on_store("tiny", root / "store", root / "run", TrainOptions(max_steps=train_steps, test_fraction=0.0))
         store = LatentStore.open(root / "store")
         t0 = time.perf_counter()
         result = sample_store(root / "run" / "model", root / "store", cells, ("S2L1C", "S2L2A"), ("DEM", "S1RTC"),
-                              root / "samples", steps=args.steps, seed=0)
+                              root / "samples", SamplingOptions(steps=args.steps, seed=0))
         t_sample = time.perf_counter() - t0
         z = np.load(root / "samples" / "samples.npz")
         codec = open_store_codec(root / "store")  # the codec that made the store's latents
         t0 = time.perf_counter()
-        # samples.npz holds the network's latents: decode_network undoes the codec's normalisation
-        pixels = {m: from_unit_range(codec.decode_network(torch.from_numpy(z[f"latent_{m}"].astype(np.float32)), m).numpy())
-                  for m in ("DEM", "S1RTC")}
+        pixels = {m: decode_images(codec, z[f"latent_{m}"], m) for m in ("DEM", "S1RTC")}  # the network's latents
         t_decode = time.perf_counter() - t0
         geo = store.lookup(cells=cells).set_index(["grid_cell", "fragment_index"])
         rows = [geo.loc[(c, int(f))] for c, f in zip(z["grid_cell"], z["fragment_index"])]

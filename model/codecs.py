@@ -64,6 +64,11 @@ def _hash(config: dict, module: torch.nn.Module, prefixes: tuple[str, ...] | Non
     return h.hexdigest()
 
 
+def moment_means(moments: torch.Tensor) -> torch.Tensor:
+    """The latent means of moments: ``(B, 2C, H, W)`` -> ``(B, C, H, W)`` (the first half)."""
+    return moments[:, :moments.shape[1] // 2]
+
+
 def sample_latents(moments: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw scaled latents ``scale * (mean + exp(logvar/2) * eps)`` from ``(B, 8, H, W)`` moments."""
     mean, logvar = moments.float().chunk(2, dim=1)

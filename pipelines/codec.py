@@ -1,5 +1,9 @@
-"""The learned offline codec: train it on the thumbnails of a Major TOM source (the synthetic
-world for the shipped one) and measure it.
+"""Codecs in the pipelines: the codec of a store, latents to pictures, and the learned offline
+codec (train it on the thumbnails of a Major TOM source -- the synthetic world for the
+shipped one -- and measure it).
+
+``open_store_codec`` opens the codec that made a store's latents; ``decode_images`` is the one
+way latents become 8-bit pictures.
 
 ``train_codec`` reads the fragments of the chosen cells (every modality), trains a small
 ``AutoencoderKL`` (:mod:`model.codec_training`), fits one latent normalisation per modality
@@ -20,15 +24,50 @@ import numpy as np
 import torch
 
 from majortom_gen.errors import MajorTomGenError
-from majortom_gen.fragments import to_unit_range
+from majortom_gen.fragments import from_unit_range, to_unit_range
 from majortom_gen.modalities import MODALITY_NAMES
 from majortom_gen.selection import select
 from majortom_gen.staging import check_output, staged_folder
 from model.codec_training import CodecTrainConfig, train_small_vae
-from model.codecs import Codec, fit_latent_norms, load_codec, reconstruction_psnr
+from majortom_gen.store import LatentStore
+from model.codecs import CODEC_RECORD, Codec, fit_latent_norms, load_codec, reconstruction_psnr
 from pipelines.ingest import read_fragments
 
 PSNR_FRAGMENTS = 64  # per modality: the reconstruction PSNR recorded with a trained codec
+DECODE_BATCH = 64  # latents decoded per call
+
+
+def open_store_codec(store_dir: str | os.PathLike, source: str | None = None, device: str = "cpu") -> Codec | None:
+    """The codec that made a store's latents: the copy kept with the store (``STORE/codec``:
+    small-vae, patch-pca), or the sd-vae at ``source`` (hub id, folder or state-dict file, or
+    ENCODE,DECODE), checked against the store's record. None when it cannot be had offline
+    (sd-vae without ``source``)."""
+    store = LatentStore.open(store_dir)
+    name = store.codec["name"]
+    folder = Path(store_dir) / "codec"
+    if source is None and (folder / CODEC_RECORD).exists():
+        source = str(folder)
+    if source is None:
+        return None
+    codec = load_codec(name, source, device=device)
+    if codec.info()["config_hash"] != store.codec["config_hash"]:
+        raise MajorTomGenError(f"codec {source} ({codec.info()['config_hash'][:12]}) is not the one that made the store's "
+                               f"latents ({store.codec['config_hash'][:12]})")
+    return codec
+
+
+def decode_images(codec: Codec, latents: torch.Tensor | np.ndarray, modality: str | None = None,
+                  batch: int = DECODE_BATCH) -> np.ndarray:
+    """Latents ``(N, 4, 32, 32)`` -> uint8 RGB pictures ``(N, 256, 256, 3)``, decoded in
+    batches: the network's latents of ``modality`` when it is given, else the codec's own."""
+    x = torch.as_tensor(np.asarray(latents, np.float32) if isinstance(latents, np.ndarray) else latents).float()
+    if len(x) == 0:
+        return np.zeros((0, 256, 256, 3), np.uint8)
+
+    def one(part: torch.Tensor) -> torch.Tensor:
+        return codec.decode(part) if modality is None else codec.decode_network(part, modality)
+
+    return np.concatenate([from_unit_range(one(x[i:i + batch]).numpy()) for i in range(0, len(x), batch)])
 
 
 @dataclass

@@ -50,16 +50,14 @@ import numpy as np
 import torch
 
 from majortom_gen.errors import MajorTomGenError
-from majortom_gen.fragments import from_unit_range
 from majortom_gen.modalities import parse_modalities
-from majortom_gen.staging import check_output, local_paths, staged_folder
-from majortom_gen.store import AlignedArrays, LatentStore, load_aligned
+from majortom_gen.staging import atomic_path, check_output, local_paths, staged_folder
+from majortom_gen.store import LatentStore, load_aligned
 from model import metrics
-from model.codecs import Codec, latent_norms
+from model.codecs import Codec, moment_means
 from model.features import DINOV2_DEFAULT, INCEPTION_DEFAULT, FeatureExtractor, load_extractor
-from model.uvit import MultiModalUViT
-from pipelines.model_folder import model_record, open_model_for_store
-from pipelines.sample import condition_latents, open_store_codec, sample_chunk
+from pipelines.model_folder import ModelOnStore, model_record
+from pipelines.sample import FragmentBatch, SamplingOptions, condition_latents, sample_chunk
 
 DISTRIBUTION_METRICS = ("fid", "precision", "recall", "f_score")
 PAIRED_METRICS = ("psnr", "ssim", "mae", "psnr_best", "spread")
@@ -88,6 +86,12 @@ class EvalOptions:
     exclude_cells: tuple[str, ...] = ()  # never evaluated on (e.g. the published weights' training cells)
     real_source: str | None = None  # real images straight from these Major TOM shards (default: codec reconstruction)
     overwrite: bool = False  # replace an earlier evaluation in ``out``
+
+    def sampling(self, device: str) -> SamplingOptions:
+        """The sampling settings of the generated sets."""
+        return SamplingOptions(n_samples=self.n_samples, steps=self.steps, seed=self.seed,
+                               deterministic_conditions=self.deterministic_conditions, batch_size=self.batch_size,
+                               device=device, codec_source=self.codec_source)
 
 
 @dataclass
@@ -137,14 +141,13 @@ def _folder_digest(folder: Path) -> str:
     return h.hexdigest()[:20]
 
 
-def _open_codec(store: LatentStore, store_dir: Path, options: EvalOptions, device: torch.device) -> Codec:
-    """The codec that made the store's latents (see :func:`pipelines.sample.open_store_codec`)."""
-    if options.codec and options.codec != store.codec["name"]:
-        raise MajorTomGenError(f"the store's latents were made by {store.codec['name']}, not {options.codec}")
-    codec = open_store_codec(store_dir, options.codec_source, device=str(device))
-    if codec is None:
-        raise MajorTomGenError(f"codec {store.codec['name']!r} needs --codec-source (a hub id, folder or state-dict file)")
-    return codec
+def _open_codec(bound: ModelOnStore, options: EvalOptions) -> Codec:
+    """The codec that made the store's latents (:func:`pipelines.codec.open_store_codec`)."""
+    if options.codec and options.codec != bound.store.codec["name"]:
+        raise MajorTomGenError(f"the store's latents were made by {bound.store.codec['name']}, not {options.codec}")
+    if bound.codec is None:
+        raise MajorTomGenError(f"codec {bound.store.codec['name']!r} needs --codec-source (a hub id, folder or state-dict file)")
+    return bound.codec
 
 
 UNKNOWN_TRAINING_CELLS = ("the training cells of {model} are unknown (e.g. the published weights), so every store cell not "
@@ -186,15 +189,6 @@ def _source_images(source: str, store: LatentStore, cells: list[str], frags: lis
     return out
 
 
-def _decode(codec: Codec, latents: torch.Tensor, batch: int, modality: str | None = None) -> np.ndarray:
-    """Latents (the codec's; the network's of ``modality`` when given) -> uint8 RGB images
-    ``(N, 256, 256, 3)``."""
-    def one(x: torch.Tensor) -> torch.Tensor:
-        return codec.decode(x) if modality is None else codec.decode_network(x, modality)
-
-    return np.concatenate([from_unit_range(one(latents[i:i + batch]).numpy()) for i in range(0, len(latents), batch)])
-
-
 class _Cache:
     """npz files keyed by content digests under one folder; writes are atomic."""
 
@@ -217,9 +211,22 @@ class _Cache:
             return None
 
     def put(self, key: str, arrays: dict[str, np.ndarray]) -> None:
-        tmp = self.folder / f".{key}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.folder / f"{key}.npz")
+        with atomic_path(self.folder / f"{key}.npz") as tmp:
+            np.savez(tmp, **arrays)
+
+
+@dataclass
+class EvalFragments:
+    """The fragments evaluated: ``cells[i]``, ``frags[i]``, their stored moments ``(N, 8, 32,
+    32)`` per modality, the cells left out, and the split they come from."""
+
+    cells: list[str]
+    frags: list[int]
+    moments: dict[str, torch.Tensor]
+    left_out: set[str]
+    training_cells_known: bool
+    test_fraction: float
+    split_seed: int
 
 
 def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike,
@@ -230,20 +237,46 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
     opts = options or EvalOptions()
     inputs = (model_dir, store_dir, opts.cache_dir, *local_paths(opts.codec_source, opts.real_source))
     check_output(out, overwrite=opts.overwrite, inputs=inputs)
-    model_dir, store_dir = open_model_for_store(model_dir, store_dir), Path(store_dir)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
-    store = LatentStore.open(store_dir)
-    modalities = [m for m in model_modalities if m in store.modalities]
+    bound = ModelOnStore.open(model_dir, store_dir, device=str(device), codec_source=opts.codec_source)
+    modalities = [m for m in bound.modalities if m in bound.store.modalities]
+    targets = _check_request(bound, modalities, opts)
+    chosen = _evaluation_fragments(bound, modalities, opts)
+    codec = _open_codec(bound, opts)
+    extractors = {"fid": load_extractor("inception", opts.fid_extractor, device),
+                  "pr": load_extractor("dinov2", opts.pr_extractor, device)}
+    cache = _Cache(Path(opts.cache_dir) if opts.cache_dir else bound.store_dir / "cache" / "eval")
+    base_key = (codec.info()["config_hash"], codec.source, bound.store.manifest["shards"], str(device), chosen.cells,
+                chosen.frags, {m: n.as_dict() for m, n in bound.norms.items()},
+                extractors["fid"].fingerprint, extractors["pr"].fingerprint, opts.real_source or "codec reconstruction")
+    real = _real_set(bound, chosen, targets, extractors, cache, base_key, opts)
+    rows = _score_conditions(bound, chosen, targets, extractors, real, cache, base_key, opts, progress)
+    settings = {**asdict(opts), "conditions": [condition_name(c) for c in opts.conditions], "model": str(bound.model_dir),
+                "store": str(bound.store_dir), "codec": codec.info()["name"], "fragments": len(chosen.cells),
+                "cells": sorted(set(chosen.cells)), "test_fraction": chosen.test_fraction, "split_seed": chosen.split_seed,
+                "device": str(device),
+                "extractors": {k: {"kind": e.kind, "source": e.source, "fingerprint": e.fingerprint} for k, e in extractors.items()},
+                "real_images": (f"thumbnail fragments read from the shards under {opts.real_source}" if opts.real_source
+                                else "codec reconstruction of each fragment's stored latent mean"),
+                "training_cells": "recorded with the model" if chosen.training_cells_known else "unknown",
+                "excluded_cells": sorted(chosen.left_out)}
+    with staged_folder(out, overwrite=opts.overwrite, inputs=inputs, kind="evaluate") as tmp:
+        files = write_outputs(tmp, rows, settings)
+    out = Path(out)
+    return EvalResult(out, rows, len(chosen.cells), [out / f.relative_to(tmp) for f in files])
+
+
+def _check_request(bound: ModelOnStore, modalities: list[str], opts: EvalOptions) -> list[str]:
+    """Refuse conditions and modalities the model or the store lacks; returns the modalities to score."""
     unknown = [m for m in opts.generate or () if m not in modalities]
     if unknown:
-        raise MajorTomGenError(f"--generate {','.join(unknown)}: not a modality of both the model ({model_modalities}) "
-                               f"and the store ({sorted(store.modalities)})")
+        raise MajorTomGenError(f"--generate {','.join(unknown)}: not a modality of both the model ({bound.modalities}) "
+                               f"and the store ({sorted(bound.store.modalities)})")
     targets = [m for m in modalities if opts.generate is None or m in opts.generate]
     for cond in opts.conditions:
-        unknown = [m for m in cond if m not in model_modalities]
+        unknown = [m for m in cond if m not in bound.modalities]
         if unknown:
-            raise MajorTomGenError(f"condition {condition_name(cond)}: the model does not know {unknown}; it models {model_modalities}")
+            raise MajorTomGenError(f"condition {condition_name(cond)}: the model does not know {unknown}; it models {bound.modalities}")
         absent = [m for m in cond if m not in modalities]
         if absent:
             raise MajorTomGenError(f"condition {condition_name(cond)}: the store has no {absent}")
@@ -251,120 +284,112 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
             raise MajorTomGenError(f"condition {condition_name(cond)} leaves nothing to generate (of {targets})")
     if opts.split not in ("test", "train", "all"):
         raise MajorTomGenError(f"split must be test, train or all; got {opts.split!r}")
-    record = model_record(model_dir)  # the test fraction and split seed it was trained with: its held-out cells
+    return targets
+
+
+def _evaluation_fragments(bound: ModelOnStore, modalities: list[str], opts: EvalOptions) -> EvalFragments:
+    """The fragments of the split having every modality, less the model's training cells
+    (for the test split) and ``exclude_cells``; warns when the training cells are unknown."""
+    record = model_record(bound.model_dir)  # the test fraction and split seed it was trained with: its held-out cells
     test_fraction, split_seed = float(record.get("test_fraction", 0.05)), int(record.get("split_seed", 0))
     train_cells = record.get("train_cells")
     known = train_cells is not None and record.get("train_cells_complete", not record.get("init_from"))
     if opts.split == "train" and "split_seed" not in record:
-        raise MajorTomGenError(f"--split train: the model {model_dir} was not trained here, its training split of this "
-                               "store is unknown; use --split test (every cell, with --exclude-cells) or all")
+        raise MajorTomGenError(f"--split train: the model {bound.model_dir} was not trained here, its training split of "
+                               "this store is unknown; use --split test (every cell, with --exclude-cells) or all")
     if "split_seed" in record or opts.split != "test":  # trained here: its held-out cells
-        arrays = load_aligned(store, modalities, split=None if opts.split == "all" else opts.split,
+        arrays = load_aligned(bound.store, modalities, split=None if opts.split == "all" else opts.split,
                               test_fraction=test_fraction, seed=split_seed)
     else:  # converted weights: no split of this store means anything, use every cell
-        arrays = load_aligned(store, modalities)
+        arrays = load_aligned(bound.store, modalities)
     if not known:
-        warnings.warn(UNKNOWN_TRAINING_CELLS.format(model=model_dir), TrainingCellsWarning, stacklevel=2)
+        warnings.warn(UNKNOWN_TRAINING_CELLS.format(model=bound.model_dir), TrainingCellsWarning, stacklevel=3)
     leave_out = set(opts.exclude_cells) | (set(train_cells or ()) if opts.split == "test" else set())
     leave_out &= set(arrays.grid_cell.tolist())  # (recorded: the ones this store has)
-    if leave_out:
-        keep = ~np.isin(arrays.grid_cell, sorted(leave_out))
-        arrays = AlignedArrays({m: a[keep] for m, a in arrays.moments.items()}, arrays.grid_cell[keep],
-                               arrays.fragment_index[keep])
-    n = len(arrays) if opts.max_fragments is None else min(len(arrays), opts.max_fragments)
+    keep = ~np.isin(arrays.grid_cell, sorted(leave_out))
+    n = int(keep.sum()) if opts.max_fragments is None else min(int(keep.sum()), opts.max_fragments)
     if n <= opts.k:
-        raise MajorTomGenError(f"{store_dir}: the {opts.split} split has {len(arrays)} fragment(s) with all of {modalities}; "
-                               f"precision/recall with k={opts.k} needs more than {opts.k}")
-    cells = [str(c) for c in arrays.grid_cell[:n]]
-    frags = [int(f) for f in arrays.fragment_index[:n]]
-    moments = {m: torch.from_numpy(np.asarray(arrays.moments[m][:n], np.float32)) for m in modalities}
-    norms = latent_norms(store.codec, modalities)
-    codec = _open_codec(store, store_dir, opts, device)
-    extractors = {"fid": load_extractor("inception", opts.fid_extractor, device),
-                  "pr": load_extractor("dinov2", opts.pr_extractor, device)}
-    cache = _Cache(Path(opts.cache_dir) if opts.cache_dir else store_dir / "cache" / "eval")
-    base_key = (codec.info()["config_hash"], codec.source, store.manifest["shards"], str(device), cells, frags,
-                {m: n.as_dict() for m, n in norms.items()},
-                extractors["fid"].fingerprint, extractors["pr"].fingerprint, opts.real_source or "codec reconstruction")
+        raise MajorTomGenError(f"{bound.store_dir}: the {opts.split} split has {int(keep.sum())} fragment(s) with all of "
+                               f"{modalities}; precision/recall with k={opts.k} needs more than {opts.k}")
+    rows = np.flatnonzero(keep)[:n]
+    return EvalFragments([str(c) for c in arrays.grid_cell[rows]], [int(f) for f in arrays.fragment_index[rows]],
+                         {m: torch.from_numpy(np.asarray(arrays.moments[m][rows], np.float32)) for m in modalities},
+                         leave_out, known, test_fraction, split_seed)
 
-    # real images: the codec's reconstruction of each stored latent mean, or the shards' thumbnails
-    real_key = _digest("real", store.manifest["shards"], targets, *base_key)
-    real = cache.get(real_key)
-    if real is None:
-        real = {}
-        from_source = _source_images(opts.real_source, store, cells, frags, targets) if opts.real_source else {}
-        for m in targets:
-            images = from_source[m] if opts.real_source else _decode(codec, moments[m][:, :4], opts.batch_size)
-            real[f"images_{m}"] = images
-            real[f"fid_{m}"] = extractors["fid"](images, opts.batch_size)
-            real[f"pr_{m}"] = extractors["pr"](images, opts.batch_size)
-        cache.put(real_key, real)
 
-    model_digest = _folder_digest(model_dir)
-    total = n * len(opts.conditions)
-    done = 0
-    rows = []
+def _real_set(bound: ModelOnStore, chosen: EvalFragments, targets: list[str], extractors, cache: "_Cache", base_key,
+              opts: EvalOptions) -> dict[str, np.ndarray]:
+    """The real images of every target (the codec's reconstruction of each stored latent mean,
+    or the shards' thumbnails) and their features, cached."""
+    key = _digest("real", bound.store.manifest["shards"], targets, *base_key)
+    real = cache.get(key)
+    if real is not None:
+        return real
+    real = {}
+    source = (_source_images(opts.real_source, bound.store, chosen.cells, chosen.frags, targets)
+              if opts.real_source else {})
+    for m in targets:
+        images = source[m] if opts.real_source else bound.pictures(moment_means(chosen.moments[m]))
+        real[f"images_{m}"] = images
+        real[f"fid_{m}"] = extractors["fid"](images, opts.batch_size)
+        real[f"pr_{m}"] = extractors["pr"](images, opts.batch_size)
+    cache.put(key, real)
+    return real
+
+
+def _score_conditions(bound: ModelOnStore, chosen: EvalFragments, targets: list[str], extractors, real, cache: "_Cache",
+                      base_key, opts: EvalOptions, progress) -> list[dict]:
+    """One metrics row per condition set and generated modality (generated sets cached)."""
+    model_digest = _folder_digest(bound.model_dir)
+    n, total, done, rows = len(chosen.cells), len(chosen.cells) * len(opts.conditions), 0, []
     for cond in opts.conditions:
         generated = [m for m in targets if m not in cond]
         key = _digest("generated", "per-sample condition draws", model_digest, condition_name(cond), generated, opts.seed,
                       opts.steps, opts.n_samples, opts.deterministic_conditions, *base_key)
         result = cache.get(key)
         if result is None:
-            result = _generate_set(model_dir, device, codec, extractors, moments, real, cells, frags, cond, generated, norms, opts,
-                                   lambda k: progress(done + k, total, condition_name(cond)) if progress else None)
+            tick = (lambda k, done=done, cond=cond: progress(done + k, total, condition_name(cond))) if progress else None
+            result = _generate_set(bound, extractors, chosen, real, cond, generated, opts, tick)
             cache.put(key, result)
         done += n
         if progress:
             progress(done, total, condition_name(cond))
-        for m in generated:
-            rows.append(_metrics_row(cond, m, real, result, opts.k, opts.n_samples))
+        rows += [_metrics_row(cond, m, real, result, opts.k, opts.n_samples) for m in generated]
     add_conditioning_gains(rows)
-
-    settings = {**asdict(opts), "conditions": [condition_name(c) for c in opts.conditions], "model": str(model_dir),
-                "store": str(store_dir), "codec": codec.info()["name"], "fragments": n, "cells": sorted(set(cells)),
-                "test_fraction": test_fraction, "split_seed": split_seed, "device": str(device),
-                "extractors": {k: {"kind": e.kind, "source": e.source, "fingerprint": e.fingerprint} for k, e in extractors.items()},
-                "real_images": (f"thumbnail fragments read from the shards under {opts.real_source}" if opts.real_source
-                                else "codec reconstruction of each fragment's stored latent mean"),
-                "training_cells": "recorded with the model" if known else "unknown", "excluded_cells": sorted(leave_out)}
-    with staged_folder(out, overwrite=opts.overwrite, inputs=inputs, kind="evaluate") as tmp:
-        files = write_outputs(tmp, rows, settings)
-    out = Path(out)
-    return EvalResult(out, rows, n, [out / f.relative_to(tmp) for f in files])
+    return rows
 
 
-def _generate_set(model_dir: Path, device: torch.device, codec, extractors: dict[str, FeatureExtractor], moments, real,
-                  cells, frags, cond, generated, norms, opts: EvalOptions, tick) -> dict[str, np.ndarray]:
+def _generate_set(bound: ModelOnStore, extractors: dict[str, FeatureExtractor], chosen: EvalFragments, real,
+                  cond, generated, opts: EvalOptions, tick) -> dict[str, np.ndarray]:
     """Generate ``generated`` given ``cond`` for every fragment (in batches, with the same
     per-fragment-sample draws as ``majortom-gen sample``: each sample its own condition draw);
     returns per modality the features of the first samples and the per-fragment paired metrics."""
     parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(cells), opts.batch_size):
-        idx = range(start, min(start + opts.batch_size, len(cells)))
-        condition = condition_latents({m: moments[m][start:idx.stop] for m in cond}, norms, cells[start:idx.stop],
-                                      frags[start:idx.stop], opts.seed, opts.deterministic_conditions, opts.n_samples)
-        out = sample_chunk(str(model_dir), str(device), cells[start:idx.stop], frags[start:idx.stop], condition,
-                           generated, opts.n_samples, opts.steps, opts.seed, opts.batch_size * opts.n_samples)
+    sampling = opts.sampling(bound.device)
+    for start in range(0, len(chosen.cells), opts.batch_size):
+        idx = range(start, min(start + opts.batch_size, len(chosen.cells)))
+        cells, frags = chosen.cells[start:idx.stop], chosen.frags[start:idx.stop]
+        condition = condition_latents({m: chosen.moments[m][start:idx.stop] for m in cond}, bound.norms, cells, frags,
+                                      opts.seed, opts.deterministic_conditions, opts.n_samples)
+        out = sample_chunk(bound.model_dir, FragmentBatch(cells, frags, condition), generated, sampling)
         for m in generated:
-            images = _decode(codec, torch.from_numpy(out[m]).float(), opts.batch_size, m)  # (b * n_samples, 256, 256, 3)
-            images = images.reshape(len(idx), opts.n_samples, *images.shape[1:])
-            first = images[:, 0]
-            reference = real[f"images_{m}"][start:idx.stop]
-            psnrs = np.stack([metrics.psnr(images[:, s], reference) for s in range(opts.n_samples)], axis=1)
-            values = {
-                f"fid_{m}": extractors["fid"](first, opts.batch_size),
-                f"pr_{m}": extractors["pr"](first, opts.batch_size),
-                f"psnr_{m}": psnrs[:, 0],
-                f"ssim_{m}": metrics.ssim(first, reference),
-                f"mae_{m}": metrics.mae(first, reference),
-                f"psnr_best_{m}": psnrs.max(axis=1),
-                f"spread_{m}": images.astype(np.float32).std(axis=1).mean(axis=(1, 2, 3)),
-            }
-            for k, v in values.items():
+            images = bound.pictures(out[m], m)  # (b * n_samples, 256, 256, 3)
+            for k, v in _paired_values(m, images.reshape(len(idx), opts.n_samples, *images.shape[1:]),
+                                       real[f"images_{m}"][start:idx.stop], extractors, opts.batch_size).items():
                 parts.setdefault(k, []).append(v)
         if tick:
             tick(idx.stop)
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _paired_values(m: str, images: np.ndarray, reference: np.ndarray, extractors, batch: int) -> dict[str, np.ndarray]:
+    """Features of the first samples and the paired metrics of ``images`` ``(b, n_samples,
+    256, 256, 3)`` against ``reference`` ``(b, 256, 256, 3)``, per fragment."""
+    first = images[:, 0]
+    psnrs = np.stack([metrics.psnr(images[:, s], reference) for s in range(images.shape[1])], axis=1)
+    return {f"fid_{m}": extractors["fid"](first, batch), f"pr_{m}": extractors["pr"](first, batch),
+            f"psnr_{m}": psnrs[:, 0], f"ssim_{m}": metrics.ssim(first, reference), f"mae_{m}": metrics.mae(first, reference),
+            f"psnr_best_{m}": psnrs.max(axis=1), f"spread_{m}": images.astype(np.float32).std(axis=1).mean(axis=(1, 2, 3))}
 
 
 def _finite_mean(values: np.ndarray) -> float:

@@ -111,7 +111,7 @@ def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike,
     meta = json.loads((samples_dir / "samples.json").read_text())
     z = np.load(samples_dir / "samples.npz")
     store = LatentStore.open(store_dir)
-    from pipelines.sample import open_store_codec
+    from pipelines.codec import open_store_codec
 
     codec = open_store_codec(store_dir, codec_source)
     if codec is None:

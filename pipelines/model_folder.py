@@ -16,18 +16,27 @@ in ``RUN/model``, ``convert-weights --out DIR`` in ``DIR``. Beside the weights,
 Every command that runs a model on a store (sample, chain, generate, evaluate, fine-tuning)
 goes through :func:`open_model_for_store`, which refuses a store whose latents come from
 another codec (the network would turn them into garbage without a word) and says which
-codec to ingest with.
+codec to ingest with. :class:`ModelOnStore` is what they hold afterwards: the model folder,
+the store, the per-modality latent normalisation, the device and (opened on first use) the
+codec that decodes the latents into pictures.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from majortom_gen.errors import MajorTomGenError
-from model.codecs import SD_SCALE_FACTOR, latent_norms
+from majortom_gen.store import LatentStore
+from model.codecs import SD_SCALE_FACTOR, Codec, LatentNorm, latent_norms, moment_means
 
 RECORD = "training_data.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -145,7 +154,6 @@ def _ingest_hint(model_dir: str | os.PathLike, expected: dict) -> str:
 def open_model_for_store(model: str | os.PathLike, store_dir: str | os.PathLike, option: str = "--model") -> Path:
     """Resolve ``model`` (:func:`resolve_model_dir`) and check it against the store's codec
     (:func:`check_model_codec`); returns the model folder."""
-    from majortom_gen.store import LatentStore
     from model.uvit import MultiModalUViT
 
     model_dir = resolve_model_dir(model, option)
@@ -153,3 +161,66 @@ def open_model_for_store(model: str | os.PathLike, store_dir: str | os.PathLike,
     modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
     check_model_codec(model_dir, store.codec, store_dir, modalities)
     return model_dir
+
+
+@dataclass
+class ModelOnStore:
+    """A model folder opened on a latent store, checked to fit it (:func:`open_model_for_store`).
+
+    ``modalities``: the network's, in its order; ``norms``: per modality, the map between the
+    codec's latents ``z`` and the network's ``x`` (from the store's codec record); ``device``:
+    where the network runs (None: CUDA when available); ``codec_source``: the VAE for an sd-vae
+    store (None: the codec kept with the store)."""
+
+    model_dir: Path
+    store_dir: Path
+    store: LatentStore
+    modalities: list[str]
+    norms: dict[str, LatentNorm]
+    device: str | None = None
+    codec_source: str | None = None
+
+    @classmethod
+    def open(cls, model: str | os.PathLike, store_dir: str | os.PathLike, *, device: str | None = None,
+             codec_source: str | None = None, option: str = "--model") -> "ModelOnStore":
+        from model.uvit import MultiModalUViT
+
+        model_dir = open_model_for_store(model, store_dir, option)
+        modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
+        store = LatentStore.open(store_dir)
+        return cls(model_dir, Path(store_dir), store, modalities, latent_norms(store.codec, modalities), device,
+                   codec_source)
+
+    def check(self, modalities: Sequence[str], *, in_store: Sequence[str] = ()) -> None:
+        """Refuse modalities the network does not model, or (``in_store``) the store lacks."""
+        unknown = [m for m in modalities if m not in self.modalities]
+        if unknown:
+            raise MajorTomGenError(f"the model does not know modality {unknown}; it models {self.modalities}")
+        absent = [m for m in in_store if m not in self.store.modalities]
+        if absent:
+            raise MajorTomGenError(f"the store has no {absent}")
+
+    def network_means(self, moments: torch.Tensor | np.ndarray, modality: str) -> torch.Tensor:
+        """Stored moments ``(N, 8, 32, 32)`` -> the network's latents of their means ``(N, 4, 32, 32)``."""
+        return self.norms[modality].to_network(moment_means(torch.as_tensor(moments).float()))
+
+    @functools.cached_property
+    def codec(self) -> Codec | None:
+        """The codec that made the store's latents, on ``device`` (CPU by default); None for an
+        sd-vae store without ``codec_source``."""
+        from pipelines.codec import open_store_codec
+
+        return open_store_codec(self.store_dir, self.codec_source, device=self.device or "cpu")
+
+    def require_codec(self) -> Codec:
+        if self.codec is None:
+            raise MajorTomGenError(f"{self.store_dir}: the store's latents were made by {self.store.codec['name']}; "
+                                   "pass --codec-source (the same VAE: hub id, folder or .pth) to decode them")
+        return self.codec
+
+    def pictures(self, latents: torch.Tensor | np.ndarray, modality: str | None = None) -> np.ndarray:
+        """The network's latents of ``modality`` (the codec's own when None) -> uint8
+        ``(N, 256, 256, 3)`` (:func:`pipelines.codec.decode_images`)."""
+        from pipelines.codec import decode_images
+
+        return decode_images(self.require_codec(), latents, modality)

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,24 @@ from majortom_gen.staging import check_output, local_paths, staged_folder
 from majortom_gen.store import LatentStore
 from pipelines.export import export_samples
 from pipelines.model_folder import open_model_for_store
-from pipelines.sample import sample_store
+from pipelines.sample import SamplingOptions, sample_store
+
+
+@dataclass(frozen=True)
+class RegionRequest:
+    """What to fill: ``generate`` these modalities for the cells covering ``region``
+    (EPSG:4326) and/or the ``cells`` given; ``condition``: 'auto' (each cell on every modality
+    it has, except those generated) or the modalities to condition on; ``source``: a Major TOM
+    source to ingest cells the store lacks from; the mosaics in ``dst_crs``; ``reflectance``:
+    also approximate S2 reflectance COGs."""
+
+    generate: tuple[str, ...]
+    region: BaseGeometry | None = None
+    cells: tuple[str, ...] = ()
+    condition: str | tuple[str, ...] = "auto"
+    source: str | None = None
+    dst_crs: str = "EPSG:4326"
+    reflectance: bool = False
 
 
 @dataclass
@@ -39,60 +56,73 @@ class RegionResult:
     files: list[Path] = field(default_factory=list)
 
 
-def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike, *,
-                    generate: Sequence[str], region: BaseGeometry | None = None, cells: Sequence[str] | None = None,
-                    condition: str | Sequence[str] = "auto", source: str | None = None, n_samples: int = 1,
-                    steps: int = 50, seed: int = 0, dst_crs: str = "EPSG:4326", device: str | None = None,
-                    reflectance: bool = False, workers: int | None = None,
-                    progress: Callable[[int, int], None] | None = None, codec_source: str | None = None,
-                    overwrite: bool = False) -> RegionResult:
-    grid = default_grid()
-    check_output(out, overwrite=overwrite, inputs=(model_dir, store_dir, *local_paths(codec_source, source)))
+def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike,
+                    request: RegionRequest, options: SamplingOptions = SamplingOptions(), *,
+                    progress: Callable[[int, int], None] | None = None, overwrite: bool = False) -> RegionResult:
+    """Fill a region (see the module docstring): sample each group of cells with the same
+    conditions, then export the merged samples as COGs and mosaics into ``out``."""
+    inputs = (model_dir, store_dir, *local_paths(options.codec_source, request.source))
+    check_output(out, overwrite=overwrite, inputs=inputs)
     model_dir = open_model_for_store(model_dir, store_dir)
-    wanted = list(cells or []) + (grid.cells_in(region) if region is not None else [])
-    wanted = list(dict.fromkeys(wanted))
+    wanted = _wanted_cells(request)
+    store = _store_with(store_dir, wanted, request.source)
+    groups, skipped = _condition_groups(store, wanted, request)
+    with staged_folder(out, overwrite=overwrite, inputs=inputs, kind="generate") as tmp:
+        runs = [sample_store(model_dir, store_dir, group_cells, cond, list(request.generate),
+                             tmp / "samples" / ("+".join(cond) or "unconditional"), options, progress=progress).out
+                for cond, group_cells in groups.items()]
+        merged = _merge_samples(runs, tmp / "samples" / "all")
+        result = export_samples(merged, store_dir, tmp / "geotiff", dst_crs=request.dst_crs, region=request.region,
+                                reflectance=request.reflectance, codec_source=options.codec_source)
+        summary = {"cells": wanted, "groups": {"+".join(k) or "unconditional": v for k, v in groups.items()},
+                   "skipped": skipped, "generate": list(request.generate), "n_samples": options.n_samples,
+                   "seed": options.seed}
+        (tmp / "region.json").write_text(json.dumps(summary, indent=1))
+    final = Path(out)
+    return RegionResult(final, wanted, summary["groups"], skipped, [final / f.relative_to(tmp) for f in result.files])
+
+
+def _wanted_cells(request: RegionRequest) -> list[str]:
+    """The cells given, then those covering the region, once each."""
+    region_cells = default_grid().cells_in(request.region) if request.region is not None else []
+    wanted = list(dict.fromkeys(list(request.cells) + region_cells))
     if not wanted:
         raise MajorTomGenError("no cells: give a region or cell ids")
+    return wanted
+
+
+def _store_with(store_dir: str | os.PathLike, wanted: list[str], source: str | None) -> LatentStore:
+    """The store, after ingesting the wanted cells it lacks from ``source`` (when given)."""
     store = LatentStore.open(store_dir)
-    stored = store.stored_cells()
-    missing = [c for c in wanted if c not in stored]
+    missing = [c for c in wanted if c not in store.stored_cells()]
     if missing and source is not None:
         from pipelines.ingest import IngestOptions, ingest
 
         ingest(source, missing, store_dir, IngestOptions(codec=store.codec["name"]), modalities=tuple(store.modalities))
         store = LatentStore.open(store_dir)
+    return store
+
+
+def _condition_groups(store: LatentStore, wanted: list[str],
+                      request: RegionRequest) -> tuple[dict[tuple[str, ...], list[str]], dict[str, str]]:
+    """``({conditions: cells}, {skipped cell: why})``; an error when no cell can be generated."""
     have = store.lookup(cells=wanted)
     skipped = {c: "not in the store (ingest it, or pass --source)" for c in wanted if c not in set(have["grid_cell"])}
     groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for cell, rows in have.groupby("grid_cell", sort=False):
         available = [m for m in store.modalities if rows[f"has_{m}"].all()]
-        if condition == "auto":
-            cond = tuple(m for m in available if m not in generate)
+        if request.condition == "auto":
+            groups[tuple(m for m in available if m not in request.generate)].append(cell)
+            continue
+        lacking = [m for m in request.condition if m not in available]
+        if lacking:
+            skipped[cell] = f"lacks the condition(s) {lacking}"
         else:
-            cond = tuple(condition)
-            lacking = [m for m in cond if m not in available]
-            if lacking:
-                skipped[cell] = f"lacks the condition(s) {lacking}"
-                continue
-        groups[cond].append(cell)
+            groups[tuple(request.condition)].append(cell)
     if not groups:
         listing = Path(tempfile.gettempdir()) / f"majortom-gen-skipped-{os.getpid()}.tsv"
         raise MajorTomGenError("no cell of the region can be generated: " + summarise_cells(skipped, full_list=listing))
-    final = Path(out)
-    with staged_folder(final, overwrite=overwrite, inputs=(model_dir, store_dir, *local_paths(codec_source, source)), kind="generate") as out:
-        runs = []
-        for cond, group_cells in groups.items():
-            name = "+".join(cond) or "unconditional"
-            runs.append(sample_store(model_dir, store_dir, group_cells, cond, list(generate), out / "samples" / name,
-                                     n_samples=n_samples, steps=steps, seed=seed, device=device,
-                                         workers=workers, progress=progress, codec_source=codec_source).out)
-        merged = _merge_samples(runs, out / "samples" / "all")
-        result = export_samples(merged, store_dir, out / "geotiff", dst_crs=dst_crs, region=region, reflectance=reflectance,
-                                codec_source=codec_source)
-        summary = {"cells": wanted, "groups": {"+".join(k) or "unconditional": v for k, v in groups.items()},
-                   "skipped": skipped, "generate": list(generate), "n_samples": n_samples, "seed": seed}
-        (out / "region.json").write_text(json.dumps(summary, indent=1))
-    return RegionResult(final, wanted, summary["groups"], skipped, [final / f.relative_to(out) for f in result.files])
+    return dict(groups), skipped
 
 
 def _merge_samples(runs: list[Path], target: Path) -> Path:

@@ -14,11 +14,12 @@ the store's codec can be loaded offline (small-vae, patch-pca), one quick-look P
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +28,12 @@ import torch
 from PIL import Image
 
 from majortom_gen.errors import MajorTomGenError
-from majortom_gen.fragments import from_unit_range
 from majortom_gen.staging import check_output, local_paths, staged_folder
 from majortom_gen.store import MOMENT_SHAPE, LatentStore, complete_rows, moment_array
-from model.codecs import CODEC_RECORD, LatentNorm, latent_norms, load_codec, sample_latents
-from model.sample import generate
+from model.codecs import LatentNorm, moment_means, sample_latents
+from model.sample import chain, generate
 from model.uvit import MultiModalUViT
-from pipelines.model_folder import open_model_for_store
+from pipelines.model_folder import ModelOnStore
 
 
 @dataclass
@@ -43,23 +43,41 @@ class SampleResult:
     files: list[Path]
 
 
-def open_store_codec(store_dir: str | os.PathLike, source: str | None = None, device: str = "cpu"):
-    """The codec that made a store's latents: the copy kept with the store (``STORE/codec``:
-    small-vae, patch-pca), or the sd-vae at ``source`` (hub id, folder or state-dict file),
-    checked against the store's record. None when it cannot be had offline (sd-vae without
-    ``source``)."""
-    store = LatentStore.open(store_dir)
-    name = store.codec["name"]
-    folder = Path(store_dir) / "codec"
-    if source is None and (folder / CODEC_RECORD).exists():
-        source = str(folder)
-    if source is None:
-        return None
-    codec = load_codec(name, source, device=device)
-    if codec.info()["config_hash"] != store.codec["config_hash"]:
-        raise MajorTomGenError(f"codec {source} ({codec.info()['config_hash'][:12]}) is not the one that made the store's "
-                               f"latents ({store.codec['config_hash'][:12]})")
-    return codec
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample, for every command that samples (sample, chain, generate, evaluate).
+
+    ``n_samples`` per fragment; ``steps`` of DPM-Solver++; ``seed``: every draw of a fragment
+    sample derives from (seed, cell, fragment, sample, modality); ``deterministic_conditions``:
+    condition on the stored latent means instead of a posterior draw per sample;
+    ``batch_size``: fragments per network batch; ``device``: cpu, cuda, cuda:N (None: CUDA
+    when available); ``workers``: local Dask workers (None: one per GPU when there are
+    several); ``codec_source``: the VAE of an sd-vae store (None: the store's own codec)."""
+
+    n_samples: int = 1
+    steps: int = 50
+    seed: int = 0
+    deterministic_conditions: bool = False
+    batch_size: int = 64
+    device: str | None = None
+    workers: int | None = None
+    codec_source: str | None = None
+
+
+@dataclass
+class FragmentBatch:
+    """Fragments to sample: ``cells[i]``, ``frags[i]``, and ``cond``: the condition latents in
+    the network's space, one row per fragment sample (``(len(cells) * n_samples, C, H, W)``
+    per condition, the samples of a fragment consecutive; see :func:`condition_latents`)."""
+
+    cells: list[str]
+    frags: list[int]
+    cond: dict[str, torch.Tensor]
+
+    def part(self, first: int, stop: int, n_samples: int) -> "FragmentBatch":
+        """Fragments ``first:stop`` with their condition rows."""
+        rows = slice(first * n_samples, stop * n_samples)
+        return FragmentBatch(self.cells[first:stop], self.frags[first:stop], {m: v[rows] for m, v in self.cond.items()})
 
 
 def fragment_georef(store: LatentStore, cells: Sequence[str], frags: Sequence[int]) -> dict[str, np.ndarray]:
@@ -100,14 +118,14 @@ def condition_latents(moments: dict[str, torch.Tensor], norms: dict[str, LatentN
     from (seed, cell, fragment, s, "condition:" + modality), so it does not depend on the other
     fragments of the batch; with ``deterministic`` every sample gets the mean."""
     if deterministic:
-        return {m: norms[m].to_network(mom[:, :4]).repeat_interleave(n_samples, dim=0)
+        return {m: norms[m].to_network(moment_means(mom)).repeat_interleave(n_samples, dim=0)
                 for m, mom in moments.items()}
     out = {}
     for m, mom in moments.items():
         tag = "condition:" + m
         draws = [sample_latents(mom[i:i + 1], 1.0, torch.Generator().manual_seed(fragment_seed(seed, c, f, s, tag)))
                  for i, (c, f) in enumerate(zip(cells, frags)) for s in range(n_samples)]
-        out[m] = norms[m].to_network(torch.cat(draws) if draws else mom[:0, :4])
+        out[m] = norms[m].to_network(torch.cat(draws) if draws else moment_means(mom[:0]))
     return out
 
 
@@ -115,7 +133,7 @@ _NETS: dict[tuple[str, str], MultiModalUViT] = {}
 
 
 def _network(model_dir: str, device: str) -> MultiModalUViT:
-    """The model, loaded once per process and device (Dask workers keep it between tasks)."""
+    """The network, loaded once per process and device (Dask workers keep it between tasks)."""
     key = (str(model_dir), device)
     if key not in _NETS:
         _NETS[key] = MultiModalUViT.from_pretrained(model_dir).eval().to(device)
@@ -150,144 +168,142 @@ def _worker_device(device: str | None) -> str:
     return f"cuda:{index % torch.cuda.device_count()}"
 
 
-def sample_chunk(model_dir: str, device: str | None, cells: Sequence[str], frags: Sequence[int],
-                 cond: dict[str, torch.Tensor], generate_modalities: Sequence[str], n_samples: int, steps: int, seed: int,
-                 batch_size: int) -> dict[str, np.ndarray]:
-    """Generate ``n_samples`` samples of each fragment of one chunk (a Dask task or an in-process
-    call). ``cond`` holds one row per fragment sample, ``(len(cells) * n_samples, C, H, W)`` per
-    condition (see :func:`condition_latents`); returns float16 latents of the same rows for the
-    generated modalities and the conditions (as given)."""
-    rows = len(cells) * n_samples
-    wrong = {m: tuple(v.shape) for m, v in cond.items() if v.shape[0] != rows}
+def sample_chunk(model_dir: str | os.PathLike, batch: FragmentBatch, generate_modalities: Sequence[str],
+                 options: SamplingOptions) -> dict[str, np.ndarray]:
+    """Generate ``options.n_samples`` samples of each fragment of ``batch`` (a Dask task or an
+    in-process call); returns float16 latents ``(len(batch.cells) * n_samples, C, H, W)`` for
+    the generated modalities and the conditions (as given)."""
+    n_samples = options.n_samples
+    rows = len(batch.cells) * n_samples
+    wrong = {m: tuple(v.shape) for m, v in batch.cond.items() if v.shape[0] != rows}
     if wrong:
-        raise ValueError(f"conditions need one row per fragment sample ({len(cells)} x {n_samples} = {rows}); got {wrong}")
-    dev = _worker_device(device)
-    net = _network(model_dir, dev)
+        raise ValueError(f"conditions need one row per fragment sample ({len(batch.cells)} x {n_samples} = {rows}); got {wrong}")
+    net = _network(str(model_dir), _worker_device(options.device))
     shape = (net.config.in_chans, net.config.img_size, net.config.img_size)
-    free = [m for m in net.modalities if m not in cond and m not in generate_modalities]
-    result = generate(net, cond, list(generate_modalities), n_samples=1, steps=steps, seed=seed,  # a row per sample
-                      initial_noise=fragment_noise(cells, frags, n_samples, generate_modalities, seed, shape),
-                      marginal_noise=fragment_noise(cells, frags, n_samples, free, seed, shape, tag="marginal:"),
-                      batch_size=batch_size)
+    free = [m for m in net.modalities if m not in batch.cond and m not in generate_modalities]
+    noise = functools.partial(fragment_noise, batch.cells, batch.frags, n_samples, seed=options.seed, shape=shape)
+    result = generate(net, batch.cond, list(generate_modalities), n_samples=1, steps=options.steps, seed=options.seed,
+                      initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"),
+                      batch_size=options.batch_size * n_samples)  # a row per fragment sample
     return {m: v.cpu().numpy().astype(np.float16) for m, v in result.items()}
 
 
-def sample_fragments(model_dir: str, cells: Sequence[str], frags: Sequence[int], cond: dict[str, torch.Tensor],
-                     generate_modalities: Sequence[str], *, n_samples: int = 1, steps: int = 50, seed: int = 0,
-                     batch_size: int = 64, device: str | None = None, workers: int | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
-    """Sample every fragment in chunks of ``batch_size`` fragments: in this process, or with
-    ``workers`` > 1 on a local Dask cluster (default: one worker per GPU when there are several;
-    each worker holds the model once and uses its own GPU). ``cond`` holds one row per fragment
-    sample, ``(len(cells) * n_samples, C, H, W)`` per condition (:func:`condition_latents`);
-    returns ``(len(cells) * n_samples, C, H, W)`` float16 latents per generated modality and
-    condition, the samples of a fragment consecutive. The result does not depend on the
-    chunking or the number of workers (per-fragment noise)."""
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() and device in (None, "cuda") else 0
-    workers = workers if workers is not None else (n_gpus if n_gpus > 1 else 1)
-    chunks = [slice(i, min(i + batch_size, len(cells))) for i in range(0, len(cells), batch_size)]
-    rows = [slice(c.start * n_samples, c.stop * n_samples) for c in chunks]  # the chunks' fragment samples
-    args = [(str(model_dir), device, cells[c], frags[c], {m: v[r] for m, v in cond.items()}, list(generate_modalities),
-             n_samples, steps, seed, batch_size * n_samples) for c, r in zip(chunks, rows)]
+def sample_fragments(model_dir: str | os.PathLike, batch: FragmentBatch, generate_modalities: Sequence[str],
+                     options: SamplingOptions, progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """Sample every fragment of ``batch`` in chunks of ``options.batch_size`` fragments: in
+    this process, or with ``workers`` > 1 on a local Dask cluster (default: one worker per GPU
+    when there are several; each worker holds the network once and uses its own GPU). Returns
+    ``(len(batch.cells) * n_samples, C, H, W)`` float16 latents per generated modality and
+    condition. The result does not depend on the chunking or the number of workers."""
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() and options.device in (None, "cuda") else 0
+    workers = options.workers if options.workers is not None else (n_gpus if n_gpus > 1 else 1)
+    total, size = len(batch.cells), options.batch_size
+    chunks = [batch.part(i, min(i + size, total), options.n_samples) for i in range(0, total, size)]
     parts: list[dict[str, np.ndarray] | None] = [None] * len(chunks)
     done = 0
-    if workers <= 1:
-        for i, a in enumerate(args):
-            parts[i] = sample_chunk(*a)
-            done += chunks[i].stop - chunks[i].start
-            if progress:
-                progress(done, len(cells))
-    else:
-        from distributed import Client, LocalCluster, as_completed
-
-        threads = max((os.cpu_count() or 1) // workers, 1)
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                          env={"OMP_NUM_THREADS": str(threads)}) as cluster, Client(cluster) as client:
-            futures = {client.submit(sample_chunk, *a, pure=False): i for i, a in enumerate(args)}
-            for fut in as_completed(futures):
-                i = futures[fut]
-                parts[i] = fut.result()
-                done += chunks[i].stop - chunks[i].start
-                if progress:
-                    progress(done, len(cells))
+    for i, part in _run_chunks(model_dir, chunks, generate_modalities, options, workers):
+        parts[i] = part
+        done += len(chunks[i].cells)
+        if progress:
+            progress(done, total)
     return {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}
 
 
+def _run_chunks(model_dir, chunks: list[FragmentBatch], generate_modalities, options: SamplingOptions, workers: int):
+    """Yield ``(chunk index, result)`` as the chunks finish, in process or on local Dask workers."""
+    if workers <= 1:
+        for i, chunk in enumerate(chunks):
+            yield i, sample_chunk(model_dir, chunk, generate_modalities, options)
+        return
+    from distributed import Client, LocalCluster, as_completed
+
+    threads = max((os.cpu_count() or 1) // workers, 1)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      env={"OMP_NUM_THREADS": str(threads)}) as cluster, Client(cluster) as client:
+        futures = {client.submit(sample_chunk, str(model_dir), c, list(generate_modalities), options, pure=False): i
+                   for i, c in enumerate(chunks)}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+
+
+def _fragment_table(store: LatentStore, cells: Sequence[str], complete: Sequence[str], other: Sequence[str] = ()) -> pa.Table:
+    """The stored fragments of ``cells`` having all of ``complete`` (an error naming the
+    selection when none has), with those latent columns and ``other``."""
+    columns = list(dict.fromkeys(list(complete) + list(other)))
+    table = store.table(["grid_cell", "fragment_index"] + columns, cells=cells)
+    return complete_rows(table, complete, f"the {len(cells)} selected cells")
+
+
+def _stored_moments(table: pa.Table, modality: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(valid (N,) bool, moments (N, 8, 32, 32) float32)`` of a column that may have gaps (zeros there)."""
+    valid = table.column(modality).is_valid().to_numpy(zero_copy_only=False)
+    moms = np.zeros((table.num_rows,) + MOMENT_SHAPE, np.float32)
+    if valid.any():
+        moms[valid] = moment_array(table.filter(pa.array(valid)), modality, np.float32)
+    return valid, moms
+
+
 def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cells: Sequence[str], condition: Sequence[str],
-                 generate_modalities: Sequence[str], out: str | os.PathLike, *, n_samples: int = 1, steps: int = 50,
-                 seed: int = 0, deterministic_conditions: bool = False, batch_size: int = 64,
-                 device: str | None = None, workers: int | None = None,
-                 progress: Callable[[int, int], None] | None = None, codec_source: str | None = None,
-                 overwrite: bool = False) -> SampleResult:
+                 generate_modalities: Sequence[str], out: str | os.PathLike, options: SamplingOptions = SamplingOptions(), *,
+                 progress: Callable[[int, int], None] | None = None, overwrite: bool = False) -> SampleResult:
     """Sample ``generate_modalities`` given ``condition`` for the stored fragments of ``cells``
     and write ``out`` (see the module docstring). ``model_dir`` may be a ``train`` run folder;
-    it must fit the store's codec (:func:`pipelines.model_folder.open_model_for_store`)."""
-    check_output(out, overwrite=overwrite, inputs=(model_dir, store_dir, *local_paths(codec_source)))
-    model_dir = open_model_for_store(model_dir, store_dir)
-    modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
-    store = LatentStore.open(store_dir)
-    norms = latent_norms(store.codec, modalities)
-    for m in list(condition) + list(generate_modalities):
-        if m not in modalities:
-            raise MajorTomGenError(f"the model does not know modality {m!r}; it models {modalities}")
-    missing_in_store = [m for m in condition if m not in store.modalities]
-    if missing_in_store:
-        raise MajorTomGenError(f"the store has no {missing_in_store} to condition on")
-    real_cols = [m for m in generate_modalities if m in store.modalities]
-    table = store.table(["grid_cell", "fragment_index"] + list(dict.fromkeys(list(condition) + real_cols)), cells=cells)
-    table = complete_rows(table, condition, f"the {len(cells)} selected cells")
-    cell_ids = table.column("grid_cell").to_pylist()
-    frag_ids = table.column("fragment_index").to_pylist()
+    it must fit the store's codec (:class:`pipelines.model_folder.ModelOnStore`)."""
+    inputs = (model_dir, store_dir, *local_paths(options.codec_source))
+    check_output(out, overwrite=overwrite, inputs=inputs)
+    bound = ModelOnStore.open(model_dir, store_dir, device=options.device, codec_source=options.codec_source)
+    bound.check(list(condition) + list(generate_modalities), in_store=condition)
+    real_cols = [m for m in generate_modalities if m in bound.store.modalities]
+    table = _fragment_table(bound.store, cells, condition, real_cols)
+    batch = FragmentBatch(table.column("grid_cell").to_pylist(), table.column("fragment_index").to_pylist(), {})
     moments = {m: torch.from_numpy(moment_array(table, m, np.float32)) for m in condition}
-    cond = condition_latents(moments, norms, cell_ids, frag_ids, seed, deterministic_conditions, n_samples)
-    arrays = sample_fragments(str(model_dir), cell_ids, frag_ids, cond, generate_modalities, n_samples=n_samples,
-                              steps=steps, seed=seed, batch_size=batch_size, device=device, workers=workers,
-                              progress=progress)
-    result = {m: torch.from_numpy(a) for m, a in arrays.items()}
-    final = Path(out)
-    with staged_folder(final, overwrite=overwrite, inputs=(model_dir, store_dir, *local_paths(codec_source)), kind="sample") as out:
-        arrays = {f"latent_{m}": a for m, a in arrays.items()}
-        np.savez_compressed(out / "samples.npz", grid_cell=np.repeat(np.asarray(cell_ids), n_samples),
-                            fragment_index=np.repeat(np.asarray(frag_ids), n_samples),
-                            sample=np.tile(np.arange(n_samples), len(cell_ids)),
-                            **{k: np.repeat(v, n_samples, axis=0) for k, v in fragment_georef(store, cell_ids, frag_ids).items()},
-                            **arrays)
-        (out / "samples.json").write_text(json.dumps({
-            "model": str(model_dir), "store": str(store_dir), "condition": list(condition), "generate": list(generate_modalities),
-            "n_samples": n_samples, "steps": steps, "seed": seed, "deterministic_conditions": deterministic_conditions,
-            "codec": store.codec["name"], "latent_norm": {m: norms[m].as_dict() for m in result},
-            "latents": "the network's latents x; the codec's latents are z = x / scale + shift"}, indent=1))
-        files = [out / "samples.npz", out / "samples.json"]
-        codec = open_store_codec(store_dir, codec_source)
-        if codec is not None:
-            real = {}
-            for m in real_cols:  # the store's own latents of the generated modalities, where it has them
-                valid = table.column(m).is_valid().to_numpy(zero_copy_only=False)
-                moms = np.zeros((table.num_rows,) + MOMENT_SHAPE, np.float32)
-                if valid.any():
-                    moms[valid] = moment_array(table.filter(pa.array(valid)), m, np.float32)
-                real[m] = (valid, moms)
-            files += _png_grids(codec, result, cell_ids, frag_ids, n_samples,
-                                list(condition), list(generate_modalities), out, real)
-    return SampleResult(final, len(cell_ids), [final / f.relative_to(out) for f in files])
+    batch.cond = condition_latents(moments, bound.norms, batch.cells, batch.frags, options.seed,
+                                   options.deterministic_conditions, options.n_samples)
+    arrays = sample_fragments(bound.model_dir, batch, generate_modalities, options, progress)
+    with staged_folder(out, overwrite=overwrite, inputs=inputs, kind="sample") as tmp:
+        files = _write_samples(tmp, bound, batch, arrays, condition, generate_modalities, options)
+        if bound.codec is not None:
+            real = {m: _stored_moments(table, m) for m in real_cols}  # the store's own, where it has them
+            files += _png_grids(bound, arrays, batch, options.n_samples, list(condition), list(generate_modalities),
+                                tmp, real)
+    return SampleResult(Path(out), len(batch.cells), [Path(out) / f.relative_to(tmp) for f in files])
 
 
-def _png_grids(codec, result, cell_ids, frag_ids, n_samples, condition, generated, out: Path,
+def _write_samples(folder: Path, bound: ModelOnStore, batch: FragmentBatch, arrays: dict[str, np.ndarray],
+                   condition: Sequence[str], generate_modalities: Sequence[str], options: SamplingOptions) -> list[Path]:
+    """``samples.npz``: per fragment sample its cell, fragment, sample number, georeferencing
+    (:func:`fragment_georef`) and float16 latents ``latent_<M>``; ``samples.json``: the settings."""
+    n = options.n_samples
+    georef = fragment_georef(bound.store, batch.cells, batch.frags)
+    np.savez_compressed(folder / "samples.npz", grid_cell=np.repeat(np.asarray(batch.cells), n),
+                        fragment_index=np.repeat(np.asarray(batch.frags), n), sample=np.tile(np.arange(n), len(batch.cells)),
+                        **{k: np.repeat(v, n, axis=0) for k, v in georef.items()},
+                        **{f"latent_{m}": a for m, a in arrays.items()})
+    (folder / "samples.json").write_text(json.dumps({
+        "model": str(bound.model_dir), "store": str(bound.store_dir), "condition": list(condition),
+        "generate": list(generate_modalities), "n_samples": n, "steps": options.steps, "seed": options.seed,
+        "deterministic_conditions": options.deterministic_conditions, "codec": bound.store.codec["name"],
+        "latent_norm": {m: bound.norms[m].as_dict() for m in arrays},
+        "latents": "the network's latents x; the codec's latents are z = x / scale + shift"}, indent=1))
+    return [folder / "samples.npz", folder / "samples.json"]
+
+
+def _png_grids(bound: ModelOnStore, arrays: dict[str, np.ndarray], batch: FragmentBatch, n_samples: int,
+               condition: list[str], generated: list[str], out: Path,
                real: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[Path]:
     """One quick-look PNG per cell (:mod:`pipelines.quicklook`): the cell's fragments in place;
     the conditions (the first sample's draw), then per generated modality the real one (where
     the store has it), the samples, and with several samples their mean and std."""
     from pipelines.quicklook import cell_rows, write_quicklook
 
-    images = {m: from_unit_range(codec.decode_network(result[m].float(), m).numpy()) for m in result}  # (B*n, 256, 256, 3)
-    real_images = {m: (valid, from_unit_range(codec.decode(torch.from_numpy(moms[:, :4])).numpy()))
-                   for m, (valid, moms) in real.items()}
-    cells = np.asarray(cell_ids)
+    images = {m: bound.pictures(a, m) for m, a in arrays.items()}  # (B * n, 256, 256, 3)
+    real_images = {m: (valid, bound.pictures(moment_means(torch.from_numpy(moms)))) for m, (valid, moms) in real.items()}
+    cells = np.asarray(batch.cells)
     files = []
-    for cell in dict.fromkeys(cell_ids):
+    for cell in dict.fromkeys(batch.cells):
         rows = np.flatnonzero(cells == cell)
         sample_rows = (rows[:, None] * n_samples + np.arange(n_samples)).ravel()
-        panels = cell_rows([frag_ids[i] for i in rows],
+        panels = cell_rows([batch.frags[i] for i in rows],
                            {m: images[m][rows * n_samples] for m in condition},
                            {m: images[m][sample_rows] for m in generated},
                            {m: (valid[rows], imgs[rows]) for m, (valid, imgs) in real_images.items()}, n_samples)
@@ -297,65 +313,53 @@ def _png_grids(codec, result, cell_ids, frag_ids, n_samples, condition, generate
 
 
 def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cells: Sequence[str], a: Sequence[str],
-                b: Sequence[str], n: int, out: str | os.PathLike, *, steps: int = 50, seed: int = 0,
-                batch_size: int = 64, device: str | None = None, codec_source: str | None = None,
+                b: Sequence[str], n: int, out: str | os.PathLike, options: SamplingOptions = SamplingOptions(), *,
                 overwrite: bool = False) -> SampleResult:
-    """The paper's looping experiment on stored fragments: generate ``b`` from the real ``a``,
-    then ``a`` from the generated ``b``, ``n`` times (iteration i uses seed + i). Writes
-    ``chain.npz`` (``latent_<M>_<i>`` for every iteration's output, float16), ``chain.json``
-    and, with an offline codec, one PNG per cell: rows = fragments, columns = real a, real b,
-    then each iteration's output."""
+    """The paper's looping experiment on stored fragments (:func:`model.sample.chain`): generate
+    ``b`` from the real ``a`` (their latent means), then ``a`` from the generated ``b``, ``n``
+    times (iteration i uses seed + i, one sample per fragment). Writes ``chain.npz``
+    (``real_<M>`` and ``latent_<M>_<i>`` for every iteration's output, float16),
+    ``chain.json`` and, with an offline codec, one PNG per cell: rows = fragments, columns =
+    real a, real b, then each iteration's output."""
     if n < 1:
         raise MajorTomGenError(f"--n must be >= 1, got {n}")
-    overlap = set(a) & set(b)
-    if overlap or not a or not b:
+    if set(a) & set(b) or not a or not b:
         raise MajorTomGenError(f"the two sides of a chain must be non-empty and disjoint; got {list(a)} and {list(b)}")
-    check_output(out, overwrite=overwrite, inputs=(model_dir, store_dir, *local_paths(codec_source)))
-    model_dir = open_model_for_store(model_dir, store_dir)
-    modalities = list(MultiModalUViT.load_config(model_dir)["modalities"])
-    unknown = [m for m in list(a) + list(b) if m not in modalities]
-    if unknown:
-        raise MajorTomGenError(f"the model does not know modality {unknown}; it models {modalities}")
-    store = LatentStore.open(store_dir)
-    norms = latent_norms(store.codec, modalities)
-    absent = [m for m in list(a) + list(b) if m not in store.modalities]
-    if absent:
-        raise MajorTomGenError(f"the store has no {absent}")
-    table = store.table(["grid_cell", "fragment_index"] + list(a) + list(b), cells=cells)
-    table = complete_rows(table, list(a) + list(b), f"the {len(cells)} selected cells")
-    cell_ids = table.column("grid_cell").to_pylist()
-    frag_ids = table.column("fragment_index").to_pylist()
-    real = {m: norms[m].to_network(torch.from_numpy(moment_array(table, m, np.float32))[:, :4]) for m in list(a) + list(b)}
-    current = {m: real[m] for m in a}
-    src, dst = list(a), list(b)
-    outputs: dict[str, np.ndarray] = {}
-    order = []
-    for i in range(n):
-        parts = [sample_chunk(str(model_dir), device, cell_ids[c], frag_ids[c], {m: current[m][c] for m in src}, dst, 1,
-                              steps, seed + i, batch_size) for c in
-                 (slice(j, min(j + batch_size, len(cell_ids))) for j in range(0, len(cell_ids), batch_size))]
-        generated = {m: np.concatenate([p[m] for p in parts]) for m in dst}
-        for m, v in generated.items():
-            outputs[f"latent_{m}_{i + 1}"] = v
-            order.append((m, i + 1))
-        current = {m: torch.from_numpy(v).float() for m, v in generated.items()}
-        src, dst = dst, src
-    final = Path(out)
-    with staged_folder(final, overwrite=overwrite, inputs=(model_dir, store_dir, *local_paths(codec_source)), kind="chain") as tmp:
+    inputs = (model_dir, store_dir, *local_paths(options.codec_source))
+    check_output(out, overwrite=overwrite, inputs=inputs)
+    bound = ModelOnStore.open(model_dir, store_dir, device=options.device, codec_source=options.codec_source)
+    bound.check(list(a) + list(b), in_store=list(a) + list(b))
+    table = _fragment_table(bound.store, cells, list(a) + list(b))
+    cell_ids, frag_ids = table.column("grid_cell").to_pylist(), table.column("fragment_index").to_pylist()
+    real = {m: bound.network_means(moment_array(table, m, np.float32), m) for m in list(a) + list(b)}
+    once = replace(options, n_samples=1)
+
+    def step(condition: dict[str, torch.Tensor], generate_modalities: list[str], iteration: int) -> dict[str, torch.Tensor]:
+        arrays = sample_fragments(bound.model_dir, FragmentBatch(cell_ids, frag_ids, condition), generate_modalities,
+                                  replace(once, seed=options.seed + iteration))
+        return {m: torch.from_numpy(arrays[m]).float() for m in generate_modalities}
+
+    outputs = {f"latent_{m}_{i + 1}": v for i, generated in enumerate(chain(step, {m: real[m] for m in a}, a, b, n))
+               for m, v in generated.items()}
+    with staged_folder(out, overwrite=overwrite, inputs=inputs, kind="chain") as tmp:
         np.savez_compressed(tmp / "chain.npz", grid_cell=np.asarray(cell_ids), fragment_index=np.asarray(frag_ids),
-                            **{f"real_{m}": v.numpy().astype(np.float16) for m, v in real.items()}, **outputs)
-        (tmp / "chain.json").write_text(json.dumps({"model": str(model_dir), "store": str(store_dir), "a": list(a),
-                                                    "b": list(b), "n": n, "steps": steps, "seed": seed,
-                                                    "outputs": [f"latent_{m}_{i}" for m, i in order]}, indent=1))
+                            **{f"{k}": v.numpy().astype(np.float16) for k, v in
+                               {**{f"real_{m}": x for m, x in real.items()}, **outputs}.items()})
+        (tmp / "chain.json").write_text(json.dumps({"model": str(bound.model_dir), "store": str(store_dir), "a": list(a),
+                                                    "b": list(b), "n": n, "steps": options.steps, "seed": options.seed,
+                                                    "outputs": list(outputs)}, indent=1))
         files = [tmp / "chain.npz", tmp / "chain.json"]
-        codec = open_store_codec(store_dir, codec_source)
-        if codec is not None:
-            columns = [(real[m], m) for m in list(a) + list(b)] + [(torch.from_numpy(outputs[f"latent_{m}_{i}"]).float(), m)
-                                                                   for m, i in order]
-            images = [from_unit_range(codec.decode_network(c, m).numpy()) for c, m in columns]
-            for cell in dict.fromkeys(cell_ids):
-                rows = [np.concatenate([im[j][::2, ::2] for im in images], axis=1)
-                        for j, c in enumerate(cell_ids) if c == cell]
-                Image.fromarray(np.concatenate(rows, axis=0)).save(tmp / f"{cell}.png")
-                files.append(tmp / f"{cell}.png")
-    return SampleResult(final, len(cell_ids), [final / f.relative_to(tmp) for f in files])
+        if bound.codec is not None:
+            columns = [(real[m], m) for m in list(a) + list(b)] + [(v, key.split("_")[1]) for key, v in outputs.items()]
+            files += _chain_pngs(tmp, [bound.pictures(x, m) for x, m in columns], cell_ids)
+    return SampleResult(Path(out), len(cell_ids), [Path(out) / f.relative_to(tmp) for f in files])
+
+
+def _chain_pngs(folder: Path, images: list[np.ndarray], cell_ids: list[str]) -> list[Path]:
+    """One PNG per cell: a row per fragment, a column per image set (at half resolution)."""
+    files = []
+    for cell in dict.fromkeys(cell_ids):
+        rows = [np.concatenate([im[j][::2, ::2] for im in images], axis=1) for j, c in enumerate(cell_ids) if c == cell]
+        Image.fromarray(np.concatenate(rows, axis=0)).save(folder / f"{cell}.png")
+        files.append(folder / f"{cell}.png")
+    return files

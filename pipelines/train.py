@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from majortom_gen.errors import MajorTomGenError
+from majortom_gen.staging import write_text_atomic
 from majortom_gen.store import LatentStore, load_aligned
 from model.codecs import latent_norms
 from model.config import load_config
@@ -25,68 +28,87 @@ from model.train import (  # noqa: F401 (the demo's model and the warning class,
 )
 
 
-def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike, *,
-                   max_steps: int | None = None, resume: bool = False, test_fraction: float = 0.05, split_seed: int = 0,
-                   progress: Callable[[int, int, float], None] | None = None, device: str | None = None,
-                   init_from: str | os.PathLike | None = None, command: str = "",
-                   keep_checkpoints: int | None = None) -> TrainResult:
-    """Train on the store's training split (cells held out for testing by ``split_seed``);
-    ``init_from`` starts from a model's weights (fine-tuning); ``keep_checkpoints`` overrides
-    the config's number of checkpoints kept. The model folder records the store, codec, split,
-    ``command``, the hardware, the step a resume started from and the config changes of the
-    run's resumes in ``training_data.json``.
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to train on a store: ``max_steps`` (None: the config's); ``resume`` from the last
+    complete checkpoint in ``out``; the split (``test_fraction`` of the cells held out, by
+    ``split_seed``); ``device`` (None: CUDA when available); ``init_from``: a model folder to
+    start from (fine-tuning); ``keep_checkpoints`` (None: the config's); ``command``: the
+    command line, recorded with the model."""
+
+    max_steps: int | None = None
+    resume: bool = False
+    test_fraction: float = 0.05
+    split_seed: int = 0
+    device: str | None = None
+    init_from: str | os.PathLike | None = None
+    keep_checkpoints: int | None = None
+    command: str = ""
+
+
+def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out: str | os.PathLike,
+                   options: TrainOptions = TrainOptions(),
+                   progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
+    """Train on the store's training split (:class:`TrainOptions`). The model folder records the
+    store, codec, split, command, the hardware, the step a resume started from and the config
+    changes of the run's resumes in ``training_data.json``.
 
     Every checkpoint records the store's codec (``data.codec`` in its ``state.json``): a
     resume on a store of another codec is refused."""
-    import time
-
     start = time.perf_counter()
-    if max_steps is not None:
-        check_max_steps(max_steps)
-    check_device(device)
+    if options.max_steps is not None:
+        check_max_steps(options.max_steps)
+    check_device(options.device)
     cfg = load_config(config)
-    if keep_checkpoints is not None:
-        cfg = cfg.with_train(keep_checkpoints=keep_checkpoints)
-    check_run_folder(out, inputs=(store_dir, init_from))
+    if options.keep_checkpoints is not None:
+        cfg = cfg.with_train(keep_checkpoints=options.keep_checkpoints)
+    check_run_folder(out, inputs=(store_dir, options.init_from))
     store = LatentStore.open(store_dir)
-    if resume:
+    if options.resume:
         check_resume_codec(out, store.codec, store_dir)
-    inherited: list[str] | None = []  # cells earlier weights saw: a resumed run's, a fine-tuned model's (None: unknown)
-    earlier = Path(out) / "model" / "training_data.json"
-    if resume and earlier.is_file():  # a resume on a changed store or split: the cells of every invocation count
-        before = json.loads(earlier.read_text())
-        known_before = before.get("train_cells") is not None and before.get("train_cells_complete", not before.get("init_from"))
-        inherited = list(before["train_cells"]) if known_before else None
-    if init_from is not None:
-        init_from = open_model_for_store(init_from, store_dir, option="--init-from")
-        start_record = model_record(init_from)
-        start_cells = start_record.get("train_cells")
-        if start_cells is None or not start_record.get("train_cells_complete", not start_record.get("init_from")):
-            inherited = None
-        elif inherited is not None:
-            inherited = inherited + list(start_cells)
+    init_from = (open_model_for_store(options.init_from, store_dir, option="--init-from")
+                 if options.init_from is not None else None)
+    inherited = _inherited_cells(Path(out), options.resume, init_from)
     modalities = list(cfg.nnet.get("modalities", store.modalities))
-    arrays = load_aligned(store, modalities, split="train", test_fraction=test_fraction, seed=split_seed, cache=True)
+    arrays = load_aligned(store, modalities, split="train", test_fraction=options.test_fraction, seed=options.split_seed,
+                          cache=True)
     if len(arrays) == 0:
         raise MajorTomGenError(f"{store_dir}: no training fragment has all of {modalities}")
-    grid = _sample_grid_callback(store, Path(store_dir), Path(out) / "samples", cfg.sample.steps)
 
     def record(folder: Path, result: TrainResult) -> None:
-        meta = {"store": str(Path(store_dir).resolve()), "codec": store.codec, "test_fraction": test_fraction,
-                "split_seed": split_seed, "train_fragments": len(arrays),
+        meta = {"store": str(Path(store_dir).resolve()), "codec": store.codec, "test_fraction": options.test_fraction,
+                "split_seed": options.split_seed, "train_fragments": len(arrays),
                 "train_cells": sorted(set(arrays.grid_cell.tolist()) | set(inherited or [])),
                 "train_cells_complete": inherited is not None, "config": str(config), "steps": result.steps,
                 "resumed_from": result.resumed_from, "config_changes": result.config_changes,
                 "seconds": round(time.perf_counter() - start, 1),
-                "init_from": str(init_from) if init_from is not None else None, "command": command,
+                "init_from": str(init_from) if init_from is not None else None, "command": options.command,
                 "hardware": hardware()}
-        (folder / "training_data.json").write_text(json.dumps(meta, indent=1))
+        write_text_atomic(folder / "training_data.json", json.dumps(meta, indent=1))
 
-    result = train(cfg, arrays.moments, out, norms=latent_norms(store.codec, modalities), max_steps=max_steps,
-                   resume=resume, progress=progress, on_checkpoint=grid, device=device, init_from=init_from,
+    result = train(cfg, arrays.moments, out, norms=latent_norms(store.codec, modalities), max_steps=options.max_steps,
+                   resume=options.resume, progress=progress, device=options.device, init_from=init_from,
+                   on_checkpoint=_sample_grid_callback(store, Path(store_dir), Path(out) / "samples", cfg.sample.steps),
                    data={"codec": _codec_id(store.codec)}, finish_model=record)
     plot_losses(Path(out) / "log.jsonl", Path(out) / "loss.png")
     return result
+
+
+def _inherited_cells(out: Path, resume: bool, init_from: Path | None) -> list[str] | None:
+    """The cells earlier weights saw: a resumed run's (the cells of every invocation count) and
+    a fine-tuned model's; None when some are unknown."""
+    def known_cells(record: dict) -> list[str] | None:
+        complete = record.get("train_cells_complete", not record.get("init_from"))
+        return list(record["train_cells"]) if record.get("train_cells") is not None and complete else None
+
+    inherited: list[str] | None = []
+    earlier = out / "model" / "training_data.json"
+    if resume and earlier.is_file():
+        inherited = known_cells(json.loads(earlier.read_text()))
+    if init_from is not None:
+        start_cells = known_cells(model_record(init_from))
+        inherited = None if start_cells is None or inherited is None else inherited + start_cells
+    return inherited
 
 
 def check_run_folder(out: str | os.PathLike, inputs=()) -> None:
@@ -147,7 +169,7 @@ def _sample_grid_callback(store: LatentStore, store_dir: Path, folder: Path, ste
     """At each checkpoint: 4 joint samples of every modality, decoded with the store's
     codec, as ``samples/step-NNNNNN.png`` (rows: samples; columns: modalities). Only when
     the codec can be loaded offline (stored with the store)."""
-    from pipelines.sample import open_store_codec
+    from pipelines.codec import decode_images, open_store_codec
 
     codec = open_store_codec(store_dir)
     if codec is None:
@@ -155,12 +177,11 @@ def _sample_grid_callback(store: LatentStore, store_dir: Path, folder: Path, ste
     import numpy as np
     from PIL import Image
 
-    from majortom_gen.fragments import from_unit_range
     from model.sample import generate
 
     def draw(step: int, net) -> None:
         out = generate(net, {}, net.modalities, n_samples=4, steps=min(steps, 25), seed=0)
-        tiles = [from_unit_range(codec.decode_network(out[m].float().cpu(), m).numpy()) for m in net.modalities]
+        tiles = [decode_images(codec, out[m].float().cpu(), m) for m in net.modalities]
         rows = [np.concatenate([t[i][::2, ::2] for t in tiles], axis=1) for i in range(4)]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.concatenate(rows, axis=0)).save(folder / f"step-{step:06d}.png")

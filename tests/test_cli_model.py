@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import yaml
@@ -154,16 +156,18 @@ def test_sampling_is_per_fragment_whatever_the_batch_and_workers(store, tmp_path
     """Condition draws, starting noise and the noise of marginalised modalities are per
     fragment: a cell sampled alone, in a bigger selection, in other chunks or on two Dask
     workers gives the same latents."""
-    from pipelines.sample import sample_store
+    from pipelines.sample import SamplingOptions, sample_store
 
     run = tmp_path / "run"
     r = runner.invoke(app, ["train", "--store", str(store), "--out", str(run), "--max-steps", "2"])
     assert r.exit_code == 0, r.output
-    kwargs = dict(condition=("S2L1C",), generate_modalities=("DEM",), steps=2, n_samples=2, seed=5)  # S1RTC, S2L2A free
-    alone = sample_store(run / "model", store, [WORLD_CELLS[0]], out=tmp_path / "alone", **kwargs)
-    both = sample_store(run / "model", store, list(WORLD_CELLS[:2]), out=tmp_path / "both", batch_size=5, **kwargs)
-    dask = sample_store(run / "model", store, list(WORLD_CELLS[:2]), out=tmp_path / "dask", batch_size=8, workers=2,
-                        **kwargs)
+    kwargs = dict(condition=("S2L1C",), generate_modalities=("DEM",))  # S1RTC, S2L2A free
+    options = SamplingOptions(steps=2, n_samples=2, seed=5)
+    alone = sample_store(run / "model", store, [WORLD_CELLS[0]], out=tmp_path / "alone", options=options, **kwargs)
+    both = sample_store(run / "model", store, list(WORLD_CELLS[:2]), out=tmp_path / "both",
+                        options=replace(options, batch_size=5), **kwargs)
+    dask = sample_store(run / "model", store, list(WORLD_CELLS[:2]), out=tmp_path / "dask",
+                        options=replace(options, batch_size=8, workers=2), **kwargs)
     a, b, d = (np.load(x.out / "samples.npz") for x in (alone, both, dask))
     first = b["grid_cell"] == WORLD_CELLS[0]
     assert first.sum() == 32 and np.array_equal(b["latent_DEM"][first], a["latent_DEM"])

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from majortom_gen.fragments import from_unit_range
 from majortom_gen.store import LatentStore, load_aligned
 from majortom_gen.synth import SynthOptions, write_world
 from model.codecs import latent_norms
@@ -27,7 +26,7 @@ from model.sample import generate
 from model.train import SHIPPED_DEMO_MODEL
 from model.uvit import MultiModalUViT
 from pipelines.ingest import IngestOptions, ingest
-from pipelines.sample import open_store_codec
+from pipelines.codec import decode_images, open_store_codec
 
 SEA = "502U_58R"  # open sea: the DEM is 0 m everywhere, S1 is calm water
 LAND = "501U_60R"  # hills, fields, forest
@@ -78,7 +77,7 @@ def x0_errors(net, x, target: str, condition: str, k: int, seed: int = 0) -> tup
 
 
 def decode(codec, latents: torch.Tensor, modality: str) -> np.ndarray:
-    return from_unit_range(codec.decode_network(latents, modality).numpy())
+    return decode_images(codec, latents, modality)
 
 
 @pytest.fixture(scope="module")

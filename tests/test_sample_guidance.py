@@ -3,6 +3,8 @@ and each generated sample gets its own posterior draw of its conditions."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,8 @@ from model.codecs import LatentNorm
 from model.diffusion import NOISE_TIMESTEP, sampling_scheduler
 from model.sample import generate
 from model.uvit import MultiModalUViT
-from pipelines.sample import condition_latents, fragment_noise, sample_chunk, sample_fragments, sample_store
+from pipelines.sample import (FragmentBatch, SamplingOptions, condition_latents, fragment_noise, sample_chunk,
+                              sample_fragments, sample_store)
 
 from conftest import WORLD_CELLS
 
@@ -129,8 +132,8 @@ def test_sample_fragments__samples_use_their_own_condition_draws(tmp_path):
     cells, frags, n = ["c1", "c1", "c2", "c2"], [0, 1, 0, 1], 3
     mom = {"A": _moments(4)}
     cond = condition_latents(mom, IDENTITY, cells, frags, seed=7, deterministic=False, n_samples=n)
-    out = sample_fragments(str(tmp_path / "model"), cells, frags, cond, ["B"], n_samples=n, steps=2, seed=7,
-                           batch_size=3, device="cpu")
+    options = SamplingOptions(n_samples=n, steps=2, seed=7, batch_size=3, device="cpu")
+    out = sample_fragments(tmp_path / "model", FragmentBatch(cells, frags, cond), ["B"], options)
     assert out["A"].shape == (12, *SHAPE) and out["B"].shape == (12, *SHAPE)
     assert np.array_equal(out["A"], cond["A"].numpy().astype(np.float16))  # the per-sample draws are returned
     # ... and are what the network was given: the same as generate() fed those rows directly
@@ -141,11 +144,11 @@ def test_sample_fragments__samples_use_their_own_condition_draws(tmp_path):
     # one fragment alone gets the same draws and samples as inside the bigger, differently chunked batch
     one = condition_latents({"A": mom["A"][3:]}, IDENTITY, cells[3:], frags[3:], seed=7, deterministic=False,
                             n_samples=n)
-    alone = sample_fragments(str(tmp_path / "model"), cells[3:], frags[3:], one, ["B"], n_samples=n, steps=2, seed=7,
-                             batch_size=1, device="cpu")
+    alone = sample_fragments(tmp_path / "model", FragmentBatch(cells[3:], frags[3:], one), ["B"],
+                             replace(options, batch_size=1))
     assert np.array_equal(alone["A"], out["A"][9:]) and np.array_equal(alone["B"], out["B"][9:])
     with pytest.raises(ValueError, match="one row per fragment sample"):  # a row per fragment is not enough
-        sample_chunk(str(tmp_path / "model"), "cpu", cells, frags, {"A": mom["A"][:, :4]}, ["B"], n, 2, 7, 12)
+        sample_chunk(tmp_path / "model", FragmentBatch(cells, frags, {"A": mom["A"][:, :4]}), ["B"], options)
 
 
 def test_sample_store__each_sample_has_its_own_condition_draw(store, tmp_path):
@@ -154,11 +157,12 @@ def test_sample_store__each_sample_has_its_own_condition_draw(store, tmp_path):
     torch.manual_seed(0)
     MultiModalUViT(modalities=("DEM", "S1RTC", "S2L1C", "S2L2A"), **{**SMALL, "img_size": 32, "patch_size": 8}
                    ).eval().save_pretrained(tmp_path / "model")
-    kwargs = dict(condition=("S2L1C",), generate_modalities=("DEM",), steps=2, n_samples=3, seed=5, device="cpu")
-    alone = np.load(sample_store(tmp_path / "model", store, [WORLD_CELLS[0]], out=tmp_path / "alone", **kwargs).out
-                    / "samples.npz")
-    both = np.load(sample_store(tmp_path / "model", store, list(WORLD_CELLS[:2]), out=tmp_path / "both", batch_size=5,
-                                **kwargs).out / "samples.npz")
+    kwargs = dict(condition=("S2L1C",), generate_modalities=("DEM",))
+    options = SamplingOptions(steps=2, n_samples=3, seed=5, device="cpu")
+    alone = np.load(sample_store(tmp_path / "model", store, [WORLD_CELLS[0]], out=tmp_path / "alone", options=options,
+                                 **kwargs).out / "samples.npz")
+    both = np.load(sample_store(tmp_path / "model", store, list(WORLD_CELLS[:2]), out=tmp_path / "both",
+                                options=replace(options, batch_size=5), **kwargs).out / "samples.npz")
     cond = alone["latent_S2L1C"].reshape(-1, 3, 4, 32, 32)
     for f in range(cond.shape[0]):
         assert not np.array_equal(cond[f, 0], cond[f, 1]) and not np.array_equal(cond[f, 1], cond[f, 2])

@@ -48,15 +48,16 @@ def sample(
 ) -> None:
     """Generate any subset of modalities from any other subset, for fragments of a store."""
     from majortom_gen.modalities import parse_modalities
-    from pipelines.sample import sample_store
+    from pipelines.sample import SamplingOptions, sample_store
 
     ids = cells_from_options((cells or []) + list(ctx.args), region)
     cond = () if condition.strip().lower() in ("", "none") else parse_modalities(condition)
+    options = SamplingOptions(n_samples=n_samples, steps=steps, seed=seed, deterministic_conditions=deterministic_conditions,
+                              device=device, workers=workers, codec_source=codec_source)
     try:
         with progress_bar("sampling", "fragments") as update:
-            result = sample_store(model, store, ids, cond, parse_modalities(generate), out, n_samples=n_samples,
-                                  steps=steps, seed=seed, deterministic_conditions=deterministic_conditions, device=device,
-                                  workers=workers, progress=update, codec_source=codec_source, overwrite=overwrite)
+            result = sample_store(model, store, ids, cond, parse_modalities(generate), out, options, progress=update,
+                                  overwrite=overwrite)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     console.print(f"[green]sampled[/] {result.fragments} fragments x {n_samples} -> {result.out} "
@@ -84,12 +85,12 @@ def chain(
     """The paper's looping experiment: generate B from the real A, then A from the generated B,
     n times, to see what survives repeated translation."""
     from majortom_gen.modalities import parse_modalities
-    from pipelines.sample import chain_store
+    from pipelines.sample import SamplingOptions, chain_store
 
     ids = cells_from_options((cells or []) + list(ctx.args), region)
+    options = SamplingOptions(steps=steps, seed=seed, device=device, codec_source=codec_source)
     try:
-        result = chain_store(model, store, ids, parse_modalities(a), parse_modalities(b), n, out, steps=steps, seed=seed,
-                             device=device, codec_source=codec_source, overwrite=overwrite)
+        result = chain_store(model, store, ids, parse_modalities(a), parse_modalities(b), n, out, options, overwrite=overwrite)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     console.print(f"[green]chained[/] {result.fragments} fragments x {n} generations -> {result.out}", highlight=False)
@@ -147,20 +148,21 @@ def generate_region_cmd(
     from majortom_gen.modalities import parse_modalities
     from majortom_gen.regions import read_region
     from majortom_gen.selection import parse_cell_list
-    from pipelines.region import generate_region
+    from pipelines.region import RegionRequest, generate_region
+    from pipelines.sample import SamplingOptions
 
     geom = read_region(region) if region else None
     ids = parse_cell_list((cells or []) + list(ctx.args))
     if geom is None and not ids:
         raise MajorTomGenError("give --region FILE|WKT|bbox or --cells IDS")
-    cond = "auto" if condition.strip().lower() == "auto" else parse_modalities(condition)
+    request = RegionRequest(generate=parse_modalities(generate), region=geom, cells=tuple(ids),
+                            condition="auto" if condition.strip().lower() == "auto" else parse_modalities(condition),
+                            source=source, dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance)
+    options = SamplingOptions(n_samples=n_samples, steps=steps, seed=seed, device=device, workers=workers,
+                              codec_source=codec_source)
     try:
         with progress_bar("sampling", "fragments") as update:
-            result = generate_region(model, store, out, generate=parse_modalities(generate), region=geom, cells=ids,
-                                     condition=cond, source=source, n_samples=n_samples, steps=steps, seed=seed,
-                                     dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance, device=device,
-                                     workers=workers, progress=update, codec_source=codec_source,
-                                     overwrite=overwrite)
+            result = generate_region(model, store, out, request, options, progress=update, overwrite=overwrite)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     for name, group in result.groups.items():

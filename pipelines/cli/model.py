@@ -21,11 +21,10 @@ from pipelines.cli.common import (
 )
 
 
-def run_train(config: str, store: Path, out: Path, *, max_steps: int | None, resume: bool, test_fraction: float = 0.05,
-              device: str | None = None, init_from: Path | None = None, command: str = "",
-              keep_checkpoints: int | None = None):
-    """Train with a progress bar; training warnings (a damaged checkpoint skipped, a config
-    changed on resume) are printed as one yellow line each."""
+def run_train(config: str, store: Path, out: Path, options):
+    """Train (``options``: :class:`pipelines.train.TrainOptions`) with a progress bar; training
+    warnings (a damaged checkpoint skipped, a config changed on resume) are printed as one
+    yellow line each."""
     import warnings
 
     from pipelines.train import TrainingWarning, train_on_store
@@ -46,9 +45,7 @@ def run_train(config: str, store: Path, out: Path, *, max_steps: int | None, res
             update(step, total, note=f"loss {loss:.4f}, ")
 
         try:
-            result = train_on_store(config, store, out, max_steps=max_steps, resume=resume, progress=tick,
-                                    test_fraction=test_fraction, device=device, init_from=init_from, command=command,
-                                    keep_checkpoints=keep_checkpoints)
+            result = train_on_store(config, store, out, options, progress=tick)
         except ValueError as exc:
             raise MajorTomGenError(str(exc)) from None
     last = f"last loss {result.last_loss:.4f}" if result.losses else "no step left to run"
@@ -75,11 +72,14 @@ def train(
         min=1, help="Keep the newest N checkpoints, deleting older ones (default: the config's, 3).")] = None,
 ) -> None:
     """Train the multimodal U-ViT on a latent store (accelerate; GPU when present)."""
+    from pipelines.train import TrainOptions
+
     command = command_line("train", config=config, store=store, out=out, max_steps=max_steps, resume=resume,
-                            test_fraction=test_fraction, init_from=init_from, device=device,
-                            keep_checkpoints=keep_checkpoints)
-    run_train(config, store, out, max_steps=max_steps, resume=resume, test_fraction=test_fraction, device=device,
-              init_from=init_from, command=command, keep_checkpoints=keep_checkpoints)
+                           test_fraction=test_fraction, init_from=init_from, device=device,
+                           keep_checkpoints=keep_checkpoints)
+    run_train(config, store, out, TrainOptions(max_steps=max_steps, resume=resume, test_fraction=test_fraction,
+                                               device=device, init_from=init_from, command=command,
+                                               keep_checkpoints=keep_checkpoints))
 
 
 @app.command("convert-weights")
