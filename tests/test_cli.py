@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 from typer.testing import CliRunner
 
@@ -63,46 +62,3 @@ def test_synth__space_separated_cells_and_unwritable_out(tmp_path):
     assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
 
 
-def test_demo_small(tmp_path):
-    """A reduced demo (4 cells, 3 steps): every stage's outputs exist, the GeoTIFFs sit on their
-    fragments' grid, the evaluation table is written, nothing is left half-written."""
-    import csv
-
-    import rasterio
-    from affine import Affine
-
-    from majortom_gen.store import LatentStore
-
-    r = runner.invoke(app, ["demo", "--out", str(tmp_path), "--cells", "4", "--steps", "3", "--workers", "1"])
-    assert r.exit_code == 0, r.output
-    assert (tmp_path / "world-preview.png").exists()
-    assert sorted(p.name for p in (tmp_path / "world").iterdir()) == ["Core-DEM", "Core-S1RTC", "Core-S2L1C", "Core-S2L2A"]
-    store = LatentStore.open(tmp_path / "store")
-    info = store.info()
-    assert info["cells"] == 4 and info["aligned_fragments"] == 64
-    assert (tmp_path / "train" / "loss.png").exists() and (tmp_path / "train" / "model" / "config.json").exists()
-    region = tmp_path / "region"
-    held_out = json.loads((region / "region.json").read_text())["cells"]
-    assert len(held_out) == 1
-    assert [p.name for p in (region / "samples" / "all").glob("*.png")] == [f"{held_out[0]}.png"]
-    tifs = [p for p in (region / "geotiff").rglob("*.tif") if p.parent.name != "mosaic"]
-    assert len(tifs) == 16 * 2 * 2  # fragments x samples x (DEM, S1RTC)
-    geo = store.lookup(cells=held_out).set_index("fragment_index")
-    for tif in tifs[:8]:
-        with rasterio.open(tif) as ds:
-            row = geo.loc[int(tif.stem[1:3])]
-            assert ds.crs.to_epsg() == 32632 and ds.crs == rasterio.crs.CRS.from_user_input(row["utm_crs"])
-            assert ds.transform.almost_equals(Affine(*row["utm_transform"]), precision=1.0)
-    mosaic = region / "geotiff" / "mosaic"
-    assert (mosaic / "DEM_mean_EPSG4326.tif").exists() and (mosaic / "S1RTC_std_EPSG4326.tif").exists()
-    with rasterio.open(next(mosaic.glob("DEM_s0_*.vrt"))) as ds:  # relative paths resolve
-        assert ds.read(1).max() > 0
-    rows = list(csv.DictReader(open(tmp_path / "evaluation" / "metrics.csv")))
-    assert {row["condition"] for row in rows} == {"none", "S2L2A", "S2L1C+S2L2A"} and len(rows) == 6
-    assert {row["modality"] for row in rows} == {"DEM", "S1RTC"}
-    assert all(row["mae_change"] != "" for row in rows if row["condition"] != "none")
-    assert "| S2L1C+S2L2A |" in (tmp_path / "evaluation" / "table1.md").read_text()
-    listed = (tmp_path / "FILES.md").read_text()
-    assert "evaluation/table1.md" in listed and "region/geotiff/index.md" in listed
-    assert not [p for p in tmp_path.rglob("*") if ".partial-" in p.name or p.name.endswith(".tmp")]
-    assert "QGIS" in r.output and "randomly initialised" in r.output and "shipped" in r.output
