@@ -71,6 +71,7 @@ def test_demo_small(tmp_path):
     import rasterio
     from affine import Affine
 
+    from majortom_gen.staging import is_temporary
     from majortom_gen.store import LatentStore
 
     r = runner.invoke(app, ["demo", "--out", str(tmp_path), "--cells", "4", "--steps", "3", "--workers", "1"])
@@ -104,5 +105,5 @@ def test_demo_small(tmp_path):
     assert "| S2L1C+S2L2A |" in (tmp_path / "evaluation" / "table1.md").read_text()
     listed = (tmp_path / "FILES.md").read_text()
     assert "evaluation/table1.md" in listed and "region/geotiff/index.md" in listed
-    assert not [p for p in tmp_path.rglob("*") if ".partial-" in p.name or p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.rglob("*") if ".partial-" in p.name or is_temporary(p.name)]
     assert "QGIS" in r.output and "randomly initialised" in r.output and "shipped" in r.output
