@@ -25,12 +25,10 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
-from affine import Affine
 
 from majortom_gen.georef import default_grid
-from majortom_gen.store import LatentStore
 from majortom_gen.synth import SynthOptions, write_world
-from pipelines.export import _mosaics, write_fragment_cog
+from pipelines.export import sample_rows, write_fragments, write_mosaics
 from pipelines.ingest import IngestOptions, ingest
 from pipelines.codec import decode_images, open_store_codec
 from pipelines.sample import SamplingOptions, sample_store
@@ -54,7 +52,6 @@ def main() -> None:
         write_world(cells, root / "world", SynthOptions(seed=0, workers=1))
         ingest(root / "world", cells, root / "store", options)
         train_on_store("tiny", root / "store", root / "run", TrainOptions(max_steps=train_steps, test_fraction=0.0))
-        store = LatentStore.open(root / "store")
         t0 = time.perf_counter()
         result = sample_store(root / "run" / "model", root / "store", cells, ("S2L1C", "S2L2A"), ("DEM", "S1RTC"),
                               root / "samples", SamplingOptions(steps=args.steps, seed=0))
@@ -64,25 +61,22 @@ def main() -> None:
         t0 = time.perf_counter()
         pixels = {m: decode_images(codec, z[f"latent_{m}"], m) for m in ("DEM", "S1RTC")}  # the network's latents
         t_decode = time.perf_counter() - t0
-        geo = store.lookup(cells=cells).set_index(["grid_cell", "fragment_index"])
-        rows = [geo.loc[(c, int(f))] for c, f in zip(z["grid_cell"], z["fragment_index"])]
-        files = []
+        rows = sample_rows(z, root / "samples")  # each fragment's UTM CRS and transform, as the run recorded them
+        fragments = {}
         t0 = time.perf_counter()
         for m, px in pixels.items():
-            for i, row in enumerate(rows):
-                files.append(write_fragment_cog(root / "tifs" / row.name[0] / m / f"f{row.name[1]:02d}_s0.tif", px[i], m,
-                                                row["utm_crs"], Affine(*row["utm_transform"]), {}))
+            _, fragments[m] = write_fragments(root / "tifs", m, px, rows, {})
         t_write = time.perf_counter() - t0
         t0 = time.perf_counter()
         for m, px in pixels.items():
             for i, row in enumerate(rows):
                 with rasterio.open(root / "plain.tif", "w", driver="GTiff", width=256, height=256, count=3,
-                                   dtype="uint8", crs=row["utm_crs"], transform=Affine(*row["utm_transform"])) as ds:
+                                   dtype="uint8", crs=row.crs, transform=row.transform) as ds:
                     ds.write(np.moveaxis(px[i], -1, 0))
         t_plain = time.perf_counter() - t0
-        meta = {"generate": ["DEM", "S1RTC"], "n_samples": 1}
         t0 = time.perf_counter()
-        _mosaics(files, root / "tifs" / "mosaic", meta, "EPSG:4326", None)
+        for m, by_sample in fragments.items():
+            write_mosaics(m, by_sample, root / "tifs" / "mosaic", 1, {}, "EPSG:4326", None)
         t_mosaic = time.perf_counter() - t0
     n = result.fragments
     total = t_sample + t_decode + t_write + t_mosaic

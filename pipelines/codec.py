@@ -56,6 +56,20 @@ def open_store_codec(store_dir: str | os.PathLike, source: str | None = None, de
     return codec
 
 
+def missing_codec(store_dir: str | os.PathLike, name: str) -> MajorTomGenError:
+    """The error of a store whose codec cannot be had offline (sd-vae without a source)."""
+    return MajorTomGenError(f"{store_dir}: the store's latents were made by {name}; pass --codec-source (the same "
+                            "VAE: hub id, folder or .pth) to decode them")
+
+
+def require_store_codec(store_dir: str | os.PathLike, source: str | None = None, device: str = "cpu") -> Codec:
+    """:func:`open_store_codec`, or the :func:`missing_codec` error."""
+    codec = open_store_codec(store_dir, source, device)
+    if codec is None:
+        raise missing_codec(store_dir, LatentStore.open(store_dir).codec["name"])
+    return codec
+
+
 def decode_images(codec: Codec, latents: torch.Tensor | np.ndarray, modality: str | None = None,
                   batch: int = DECODE_BATCH) -> np.ndarray:
     """Latents ``(N, 4, 32, 32)`` -> uint8 RGB pictures ``(N, 256, 256, 3)``, decoded in

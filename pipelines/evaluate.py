@@ -145,9 +145,7 @@ def _open_codec(bound: ModelOnStore, options: EvalOptions) -> Codec:
     """The codec that made the store's latents (:func:`pipelines.codec.open_store_codec`)."""
     if options.codec and options.codec != bound.store.codec["name"]:
         raise MajorTomGenError(f"the store's latents were made by {bound.store.codec['name']}, not {options.codec}")
-    if bound.codec is None:
-        raise MajorTomGenError(f"codec {bound.store.codec['name']!r} needs --codec-source (a hub id, folder or state-dict file)")
-    return bound.codec
+    return bound.require_codec()
 
 
 UNKNOWN_TRAINING_CELLS = ("the training cells of {model} are unknown (e.g. the published weights), so every store cell not "

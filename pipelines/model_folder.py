@@ -213,9 +213,10 @@ class ModelOnStore:
         return open_store_codec(self.store_dir, self.codec_source, device=self.device or "cpu")
 
     def require_codec(self) -> Codec:
+        from pipelines.codec import missing_codec
+
         if self.codec is None:
-            raise MajorTomGenError(f"{self.store_dir}: the store's latents were made by {self.store.codec['name']}; "
-                                   "pass --codec-source (the same VAE: hub id, folder or .pth) to decode them")
+            raise missing_codec(self.store_dir, self.store.codec["name"])
         return self.codec
 
     def pictures(self, latents: torch.Tensor | np.ndarray, modality: str | None = None) -> np.ndarray:

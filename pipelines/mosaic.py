@@ -2,6 +2,11 @@
 COG reprojected to a chosen CRS, optionally clipped to a region, with overlapping fragments
 blended (per-pixel mean), not overwritten. Also per-pixel mean and standard deviation
 across samples (an uncertainty map).
+
+Everything works from in-memory :class:`~majortom_gen.rasters.GeoRaster` s (the fragments
+export has just written, the mosaics made here); only the VRTs need the fragments' file
+paths, given as (path, raster) pairs. Every COG is written by
+:func:`majortom_gen.rasters.write_cog`.
 """
 
 from __future__ import annotations
@@ -15,68 +20,72 @@ from xml.sax.saxutils import escape
 import numpy as np
 import rasterio
 import shapely
+from affine import Affine
 from pyproj import Transformer
 from rasterio.features import geometry_mask
 from rasterio.warp import Resampling, calculate_default_transform, reproject, transform_bounds
 from shapely.geometry.base import BaseGeometry
 
 from majortom_gen.errors import MajorTomGenError
+from majortom_gen.rasters import GeoRaster, write_cog
+from majortom_gen.staging import write_text_atomic
+
+_VRT_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "float32": "Float32", "float64": "Float64"}
 
 
-def vrts_per_zone(tifs: Sequence[Path], out_dir: Path, stem: str) -> list[Path]:
-    """One GDAL VRT per CRS (UTM zone) listing the fragments as simple sources."""
-    by_crs: dict[str, list[tuple[Path, rasterio.Affine, int, int, int, list[str]]]] = defaultdict(list)
-    for t in tifs:
-        with rasterio.open(t) as ds:
-            by_crs[ds.crs.to_string()].append((Path(t), ds.transform, ds.width, ds.height, ds.count, list(ds.descriptions)))
+def vrts_per_zone(fragments: Sequence[tuple[Path, GeoRaster]], out_dir: Path, stem: str) -> list[Path]:
+    """One GDAL VRT per CRS (UTM zone) listing the fragment files (``path``, whose pixels and
+    georeferencing are ``raster``) as simple sources, with paths relative to the VRT:
+    ``out_dir/<stem>_<EPSGnnnnn>.vrt``. All fragments share band count, dtype and resolution."""
+    by_crs: dict[str, list[tuple[Path, GeoRaster]]] = defaultdict(list)
+    for path, raster in fragments:
+        by_crs[raster.crs].append((Path(path), raster))
     out = []
     for crs, items in sorted(by_crs.items()):
-        res = items[0][1].a
-        west = min(tr.c for _, tr, *_ in items)
-        north = max(tr.f for _, tr, *_ in items)
-        east = max(tr.c + w * tr.a for _, tr, w, *_ in items)
-        south = min(tr.f + h * tr.e for _, tr, _, h, *_ in items)
-        width, height = int(round((east - west) / res)), int(round((north - south) / res))
-        count, descriptions = items[0][4], items[0][5]
-        wkt = rasterio.crs.CRS.from_string(crs).to_wkt()
-        # paths relative to the VRT, so the output folder can be moved or copied whole
-        rel = {p: Path(os.path.relpath(p.resolve(), out_dir.resolve())).as_posix() for p, *_ in items}
-        lines = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
-                 f"  <SRS>{escape(wkt)}</SRS>",
-                 f"  <GeoTransform>{west!r}, {res!r}, 0.0, {north!r}, 0.0, {-res!r}</GeoTransform>"]
-        for b in range(1, count + 1):
-            lines.append(f'  <VRTRasterBand dataType="Byte" band="{b}">')
-            if descriptions[b - 1]:
-                lines.append(f"    <Description>{escape(descriptions[b - 1])}</Description>")
-            for path, tr, w, h, *_ in items:
-                xoff, yoff = (tr.c - west) / res, (north - tr.f) / res
-                lines += ["    <SimpleSource>",
-                          f'      <SourceFilename relativeToVRT="1">{escape(rel[path])}</SourceFilename>',
-                          f"      <SourceBand>{b}</SourceBand>",
-                          f'      <SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>',
-                          f'      <DstRect xOff="{xoff:.6f}" yOff="{yoff:.6f}" xSize="{w}" ySize="{h}"/>',
-                          "    </SimpleSource>"]
-            lines.append("  </VRTRasterBand>")
-        lines.append("</VRTDataset>")
         path = out_dir / f"{stem}_{crs.replace(':', '')}.vrt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(lines) + "\n")
+        write_text_atomic(path, _vrt_xml(crs, items, out_dir))
         out.append(path)
     return out
 
 
-def _target_grid(tifs: Sequence[Path], dst_crs: str, region: BaseGeometry | None):
-    """Transform and shape of the output grid: covers the fragments (clipped to the region's
-    bounds), at the native 10 m resolution expressed in ``dst_crs``."""
-    bounds = []
-    res = None
-    for t in tifs:
-        with rasterio.open(t) as ds:
-            bounds.append(transform_bounds(ds.crs, dst_crs, *ds.bounds, densify_pts=21))
-            if res is None:
-                tr, _, _ = calculate_default_transform(ds.crs, dst_crs, ds.width, ds.height, *ds.bounds)
-                res = abs(tr.a)
-    b = np.asarray(bounds)
+def _vrt_xml(crs: str, items: Sequence[tuple[Path, GeoRaster]], out_dir: Path) -> str:
+    """The VRT of fragments in one CRS: the union of their extents at the first one's resolution."""
+    first = items[0][1]
+    res = first.transform.a
+    bounds = np.asarray([r.bounds for _, r in items])  # (west, south, east, north) per fragment
+    (west, south), (east, north) = bounds[:, :2].min(axis=0).tolist(), bounds[:, 2:].max(axis=0).tolist()
+    width, height = int(round((east - west) / res)), int(round((north - south) / res))
+    wkt = rasterio.crs.CRS.from_string(crs).to_wkt()
+    lines = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
+             f"  <SRS>{escape(wkt)}</SRS>",
+             f"  <GeoTransform>{west!r}, {res!r}, 0.0, {north!r}, 0.0, {-res!r}</GeoTransform>"]
+    for b in range(1, first.count + 1):
+        lines.append(f'  <VRTRasterBand dataType="{_VRT_TYPES[first.data.dtype.name]}" band="{b}">')
+        if first.descriptions and first.descriptions[b - 1]:
+            lines.append(f"    <Description>{escape(first.descriptions[b - 1])}</Description>")
+        for path, r in items:
+            # paths relative to the VRT, so the output folder can be moved or copied whole
+            rel = Path(os.path.relpath(path.resolve(), out_dir.resolve())).as_posix()
+            xoff, yoff = (r.transform.c - west) / res, (north - r.transform.f) / res
+            lines += ["    <SimpleSource>",
+                      f'      <SourceFilename relativeToVRT="1">{escape(rel)}</SourceFilename>',
+                      f"      <SourceBand>{b}</SourceBand>",
+                      f'      <SrcRect xOff="0" yOff="0" xSize="{r.width}" ySize="{r.height}"/>',
+                      f'      <DstRect xOff="{xoff:.6f}" yOff="{yoff:.6f}" xSize="{r.width}" ySize="{r.height}"/>',
+                      "    </SimpleSource>"]
+        lines.append("  </VRTRasterBand>")
+    lines.append("</VRTDataset>")
+    return "\n".join(lines) + "\n"
+
+
+def _target_grid(rasters: Sequence[GeoRaster], dst_crs: str, region: BaseGeometry | None) -> tuple[Affine, int, int]:
+    """Transform, width and height of the output grid: covers the fragments (clipped to the
+    region's bounds; ``region`` in EPSG:4326), at the first fragment's native 10 m resolution
+    expressed in ``dst_crs``."""
+    b = np.asarray([transform_bounds(r.crs, dst_crs, *r.bounds, densify_pts=21) for r in rasters])
+    first = rasters[0]
+    tr, _, _ = calculate_default_transform(first.crs, dst_crs, first.width, first.height, *first.bounds)
+    res = abs(tr.a)
     west, south, east, north = b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()
     if region is not None:
         rw, rs, re_, rn = transform_bounds("EPSG:4326", dst_crs, *region.bounds, densify_pts=21)
@@ -84,33 +93,40 @@ def _target_grid(tifs: Sequence[Path], dst_crs: str, region: BaseGeometry | None
         if west >= east or south >= north:
             raise MajorTomGenError("the region does not overlap the exported fragments")
     width, height = int(np.ceil((east - west) / res)), int(np.ceil((north - south) / res))
-    return rasterio.Affine(res, 0, west, 0, -res, north), width, height
+    return Affine(res, 0, west, 0, -res, north), width, height
 
 
-def blend(tifs: Sequence[Path], dst_crs: str, transform, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reproject every fragment onto the grid (bilinear) and average overlaps.
-    Returns (bands, H, W) float32 mean and the (H, W) count of contributing fragments."""
-    with rasterio.open(tifs[0]) as ds:
-        count = ds.count
+def _window(raster: GeoRaster, dst_crs: str, transform: Affine, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """``(row0, row1, col0, col1)`` of the part of the output grid ``raster`` covers (plus a
+    pixel on each side), or None when it lies outside the grid."""
+    inverse = ~transform
+    west, south, east, north = transform_bounds(raster.crs, dst_crs, *raster.bounds, densify_pts=21)
+    c0, r0 = inverse @ (west, north)
+    c1, r1 = inverse @ (east, south)
+    c0, r0 = max(int(np.floor(c0)) - 1, 0), max(int(np.floor(r0)) - 1, 0)
+    c1, r1 = min(int(np.ceil(c1)) + 1, width), min(int(np.ceil(r1)) + 1, height)
+    return None if c0 >= c1 or r0 >= r1 else (r0, r1, c0, c1)
+
+
+def blend(rasters: Sequence[GeoRaster], dst_crs: str, transform: Affine, width: int, height: int
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Reproject every fragment onto the grid (``transform`` in ``dst_crs``, ``height`` x
+    ``width`` pixels; bilinear) and average overlaps. Returns the ``(bands, H, W)`` float32
+    mean (0 where nothing contributes) and the ``(H, W)`` count of contributing fragments."""
+    count = rasters[0].count
     total = np.zeros((count, height, width), np.float64)
     weight = np.zeros((height, width), np.float64)
-    inverse = ~transform
-    for t in tifs:
-        with rasterio.open(t) as ds:
-            # reproject into the fragment's own window of the grid (plus a pixel), not the whole
-            # grid: the cost grows with the number of fragments, not fragments x mosaic size
-            west, south, east, north = transform_bounds(ds.crs, dst_crs, *ds.bounds, densify_pts=21)
-            c0, r0 = inverse @ (west, north)
-            c1, r1 = inverse @ (east, south)
-            c0, r0 = max(int(np.floor(c0)) - 1, 0), max(int(np.floor(r0)) - 1, 0)
-            c1, r1 = min(int(np.ceil(c1)) + 1, width), min(int(np.ceil(r1)) + 1, height)
-            if c0 >= c1 or r0 >= r1:
-                continue  # outside the (clipped) grid
-            window_transform = transform @ rasterio.Affine.translation(c0, r0)
-            src = ds.read().astype(np.float32)
-            dst = np.full((count, r1 - r0, c1 - c0), np.nan, np.float32)
-            reproject(src, dst, src_transform=ds.transform, src_crs=ds.crs, dst_transform=window_transform,
-                      dst_crs=dst_crs, resampling=Resampling.bilinear, src_nodata=None, dst_nodata=np.nan)
+    for raster in rasters:
+        # reproject into the fragment's own window of the grid, not the whole grid: the cost
+        # grows with the number of fragments, not fragments x mosaic size
+        window = _window(raster, dst_crs, transform, width, height)
+        if window is None:
+            continue  # outside the (clipped) grid
+        r0, r1, c0, c1 = window
+        dst = np.full((count, r1 - r0, c1 - c0), np.nan, np.float32)
+        reproject(raster.data.astype(np.float32), dst, src_transform=raster.transform, src_crs=raster.crs,
+                  dst_transform=transform @ Affine.translation(c0, r0), dst_crs=dst_crs,
+                  resampling=Resampling.bilinear, src_nodata=None, dst_nodata=np.nan)
         valid = ~np.isnan(dst[0])
         sub_total, sub_weight = total[:, r0:r1, c0:c1], weight[r0:r1, c0:c1]
         sub_total[:, valid] += dst[:, valid]
@@ -119,54 +135,43 @@ def blend(tifs: Sequence[Path], dst_crs: str, transform, width: int, height: int
     return mean, weight
 
 
-def write_mosaic(tifs: Sequence[Path], out: Path, *, dst_crs: str = "EPSG:4326", region: BaseGeometry | None = None,
-                 tags: dict | None = None) -> Path:
-    """A blended mosaic COG of fragments (one modality, one sample), reprojected to
-    ``dst_crs`` and clipped to ``region`` (EPSG:4326). Pixels no fragment covers, or outside
-    the region, are nodata (0)."""
-    if not tifs:
+def _region_mask(region: BaseGeometry, dst_crs: str, transform: Affine, width: int, height: int) -> np.ndarray:
+    """``(H, W)`` bool: the grid's pixels inside ``region`` (EPSG:4326)."""
+    to_dst = Transformer.from_crs("EPSG:4326", dst_crs, always_xy=True)
+    projected = shapely.transform(region, lambda xy: np.column_stack(to_dst.transform(xy[:, 0], xy[:, 1])))
+    return geometry_mask([projected], out_shape=(height, width), transform=transform, invert=True)
+
+
+def write_mosaic(rasters: Sequence[GeoRaster], out: Path, *, dst_crs: str = "EPSG:4326",
+                 region: BaseGeometry | None = None, tags: dict | None = None) -> GeoRaster:
+    """A blended mosaic COG at ``out`` of uint8 fragment rasters (one modality, one sample),
+    reprojected to ``dst_crs`` and clipped to ``region`` (EPSG:4326). Pixels no fragment
+    covers, or outside the region, are nodata (0); covered pixels are at least 1. The band
+    descriptions are the first fragment's; tags are FRAGMENTS, BLEND and ``tags``. Returns the
+    mosaic raster (``(bands, H, W)`` uint8 in ``dst_crs``)."""
+    if not rasters:
         raise MajorTomGenError("no GeoTIFFs to mosaic")
-    transform, width, height = _target_grid(tifs, dst_crs, region)
-    mean, weight = blend(tifs, dst_crs, transform, width, height)
+    transform, width, height = _target_grid(rasters, dst_crs, region)
+    mean, weight = blend(rasters, dst_crs, transform, width, height)
     keep = weight > 0
     if region is not None:
-        to_dst = Transformer.from_crs("EPSG:4326", dst_crs, always_xy=True)
-        projected = shapely.transform(region, lambda xy: np.column_stack(to_dst.transform(xy[:, 0], xy[:, 1])))
-        keep &= geometry_mask([projected], out_shape=(height, width), transform=transform, invert=True)
+        keep &= _region_mask(region, dst_crs, transform, width, height)
     data = np.where(keep[None], np.clip(np.rint(mean), 1, 255), 0).astype(np.uint8)
-    with rasterio.open(tifs[0]) as ds:
-        descriptions, src_tags = ds.descriptions, ds.tags()
-    _write_cog(out, data, dst_crs, transform, descriptions,
-               {**{k: v for k, v in src_tags.items() if k in ("CONTENT", "MODEL", "CODEC", "CONDITION", "SEED", "STEPS")},
-                "FRAGMENTS": str(len(tifs)), "BLEND": "per-pixel mean of overlapping fragments", **(tags or {})})
-    return out
+    mosaic = GeoRaster(data, dst_crs, transform, rasters[0].descriptions, nodata=0)
+    write_cog(out, mosaic, {"FRAGMENTS": len(rasters), "BLEND": "per-pixel mean of overlapping fragments", **(tags or {})})
+    return mosaic
 
 
-def write_uncertainty(mosaics: Sequence[Path], out_mean: Path, out_std: Path) -> tuple[Path, Path]:
-    """Per-pixel mean and standard deviation (float32) across sample mosaics on one grid."""
-    stack = []
-    for p in mosaics:
-        with rasterio.open(p) as ds:
-            stack.append(ds.read().astype(np.float32))
-            profile, descriptions = ds.profile, ds.descriptions
-    arr = np.stack(stack)
+def write_uncertainty(mosaics: Sequence[GeoRaster], out_mean: Path, out_std: Path) -> tuple[Path, Path]:
+    """Per-pixel mean and standard deviation (float32, 8-bit visualisation units) across sample
+    mosaics (uint8, nodata 0) on one grid, as COGs; NaN where any sample is nodata."""
+    first = mosaics[0]
+    if not all(first.same_grid(m) and m.count == first.count for m in mosaics):
+        raise MajorTomGenError("the sample mosaics are not on one grid; cannot compute per-pixel mean and std")
+    arr = np.stack([m.data.astype(np.float32) for m in mosaics])
     valid = (arr > 0).all(axis=(0, 1))
     for path, data, what in ((out_mean, arr.mean(0), "mean"), (out_std, arr.std(0), "standard deviation")):
         data = np.where(valid[None], data, np.nan).astype(np.float32)
-        _write_cog(path, data, profile["crs"], profile["transform"], descriptions,
-                   {"CONTENT": f"per-pixel {what} over {len(mosaics)} generated samples (8-bit visualisation units)"},
-                   nodata=np.nan)
+        write_cog(path, GeoRaster(data, first.crs, first.transform, first.descriptions, nodata=np.nan),
+                  {"CONTENT": f"per-pixel {what} over {len(mosaics)} generated samples (8-bit visualisation units)"})
     return out_mean, out_std
-
-
-def _write_cog(path: Path, data: np.ndarray, crs, transform, descriptions, tags: dict, nodata=0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with rasterio.open(tmp, "w", driver="COG", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-                       dtype=data.dtype.name, crs=crs, transform=transform, nodata=nodata, compress="deflate") as ds:
-        ds.write(data)
-        for i, d in enumerate(descriptions, start=1):
-            if d:
-                ds.set_band_description(i, d)
-        ds.update_tags(**tags)
-    os.replace(tmp, path)

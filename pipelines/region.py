@@ -126,22 +126,43 @@ def _condition_groups(store: LatentStore, wanted: list[str],
 
 
 def _merge_samples(runs: list[Path], target: Path) -> Path:
-    """Concatenate sample runs (same generated modalities) into one for export."""
-    arrays: dict[str, list[np.ndarray]] = defaultdict(list)
-    metas = []
+    """Concatenate sample runs (same generated modalities) into one for export: every per-row
+    array of their ``samples.npz`` (ids, georeferencing, latents; see :func:`_concat_rows`),
+    the quick-looks, and ``samples.json`` with the union of the conditions."""
+    tables, metas = [], []
     for run in runs:
-        z = np.load(run / "samples.npz")
-        meta = json.loads((run / "samples.json").read_text())
-        metas.append(meta)
-        for key in ("grid_cell", "fragment_index", "sample") + tuple(f"latent_{m}" for m in meta["generate"]):
-            arrays[key].append(z[key])
+        with np.load(run / "samples.npz") as z:
+            tables.append({k: z[k] for k in z.files})
+        metas.append(json.loads((run / "samples.json").read_text()))
     target.mkdir(parents=True, exist_ok=True)
     for run in runs:  # the quick-looks (one PNG per cell) travel with the merged run
         for png in run.glob("*.png"):
             shutil.copy2(png, target / png.name)
-    np.savez_compressed(target / "samples.npz", **{k: np.concatenate(v) for k, v in arrays.items()})
+    np.savez_compressed(target / "samples.npz", **_concat_rows(tables, runs))
     conditions = sorted({c for m in metas for c in m["condition"]})
     (target / "samples.json").write_text(json.dumps({**metas[0], "condition": conditions,
                                                      "condition_per_group": {str(r.name): m["condition"] for r, m in zip(runs, metas)}},
                                                     indent=1))
     return target
+
+
+def _concat_rows(tables: list[dict[str, np.ndarray]], runs: list[Path]) -> dict[str, np.ndarray]:
+    """Concatenate per-row arrays (first axis: one row per fragment sample, as many as
+    ``grid_cell``) of several runs, key by key. A float array that some runs lack (e.g. the
+    latents of a modality one group conditions on and another generates) is NaN on their
+    rows; any other missing key, or an array that is not per row, is an error."""
+    merged = {}
+    for key in dict.fromkeys(k for t in tables for k in t):
+        like = next(t[key] for t in tables if key in t)
+        parts = []
+        for table, run in zip(tables, runs):
+            n = len(table["grid_cell"])
+            part = table.get(key)
+            if part is None and np.issubdtype(like.dtype, np.floating):
+                part = np.full((n, *like.shape[1:]), np.nan, like.dtype)
+            if part is None or part.shape[:1] != (n,):
+                raise MajorTomGenError(f"{run}/samples.npz: {key!r} is {'missing' if part is None else 'not one row per sample'}; "
+                                       "the sample runs cannot be merged (re-run them with this version)")
+            parts.append(part)
+        merged[key] = np.concatenate(parts)
+    return merged

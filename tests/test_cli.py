@@ -60,5 +60,3 @@ def test_synth__space_separated_cells_and_unwritable_out(tmp_path):
     (tmp_path / "file").write_text("x")
     r = runner.invoke(app, ["synth", "--cells", "501U_60R", "--out", str(tmp_path / "file" / "w"), "--modalities", "DEM"])
     assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
-
-

@@ -47,6 +47,7 @@ def test_train_resume_and_sample(store, world, tmp_path):
                             "--out", str(tmp_path / "again")])
     assert np.array_equal(np.load(tmp_path / "again" / "samples.npz")["latent_DEM"], z["latent_DEM"])
     _check_export(store, world, out, tmp_path / "tifs")
+    _check_export_uses_the_runs_georef(store, out, tmp_path)
     _check_generate_region(store, run / "model", tmp_path / "region")
     _check_ingest_on_the_fly(world, store, run / "model", tmp_path)
     r = runner.invoke(app, ["sample", "--model", str(run / "model"), "--store", str(store), "--cells", WORLD_CELLS[0],
@@ -84,6 +85,42 @@ def _check_export(store, world, samples, tifs):
         assert ds.profile["blockxsize"] == 256
     with rasterio.open(tifs / WORLD_CELLS[0] / "S1RTC" / "f00_s0.tif") as ds:
         assert ds.count == 3 and all("not backscatter" in d for d in ds.descriptions)
+
+
+def _check_export_uses_the_runs_georef(store, samples, tmp_path):
+    """Export places each fragment by the sample run's own georeferencing, not the store's:
+    a row's transform shifted in samples.npz moves its COG; a run without georeferencing (an
+    older version's) is refused with a message saying to re-run sample."""
+    import shutil
+
+    import pytest
+    import rasterio
+    from affine import Affine
+
+    from majortom_gen.errors import MajorTomGenError
+    from majortom_gen.store import LatentStore
+    from pipelines.export import export_samples
+
+    edited = tmp_path / "samples-edited"
+    shutil.copytree(samples, edited)
+    with np.load(samples / "samples.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    row = 5
+    cell, frag, s = arrays["grid_cell"][row], int(arrays["fragment_index"][row]), int(arrays["sample"][row])
+    original = Affine(*arrays["utm_transform"][row])
+    arrays["utm_transform"][row, 2] += 2560.0  # one fragment width east
+    np.savez_compressed(edited / "samples.npz", **arrays)
+    result = export_samples(edited, store, tmp_path / "tifs-edited", mosaic=False)
+    assert len(result.files) == 16 * 2 * 2 + 1
+    with rasterio.open(tmp_path / "tifs-edited" / cell / "DEM" / f"f{frag:02d}_s{s}.tif") as ds:
+        assert ds.transform == original @ Affine.translation(256, 0)
+        assert ds.crs.to_string() == arrays["utm_crs"][row]
+        assert json.loads(ds.tags()["SOURCE_PRODUCT_IDS"]) == json.loads(arrays["source_product_ids"][row])
+    stored = LatentStore.open(store).lookup(cells=[cell]).set_index("fragment_index").loc[frag, "utm_transform"]
+    assert Affine(*list(stored)[:6]) == original  # the store is unchanged
+    np.savez_compressed(edited / "samples.npz", **{k: v for k, v in arrays.items() if not k.startswith(("utm_", "source_"))})
+    with pytest.raises(MajorTomGenError, match="older version.*re-run `majortom-gen sample`"):
+        export_samples(edited, store, tmp_path / "tifs-old", mosaic=False)
 
 
 def _check_generate_region(store, model, out):
