@@ -13,6 +13,12 @@
   keeps 4 components, whitened, giving 4 x 32 x 32 latents; its log-variance is a fixed small
   constant. Any latent error decodes as an 8 px block, so it is kept for comparison only.
 
+Both kinds of autoencoder have one interface, diffusers' ``AutoencoderKL`` one:
+``model.encode(x).latent_dist.parameters`` gives the moments, ``model.decode(z).sample`` the
+images. What differs between codecs (default scale, what the identity hash covers, whether
+they may run in half precision) is data: one :class:`CodecKind` per name in
+:data:`CODEC_KINDS`.
+
 A codec folder holds the model's own files and ``codec.json``: the codec's name, one
 :class:`LatentNorm` per modality (the network's latents are zero-mean, unit-variance per
 modality) and how the codec was made. Every codec reports ``info()`` = name, config
@@ -34,9 +40,10 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 
-CODEC_NAMES = ("small-vae", "patch-pca", "sd-vae")
 DEFAULT_CODEC = "small-vae"
 CODEC_RECORD = "codec.json"  # name, per-modality normalisation and provenance, beside the model files
 SHIPPED_CODEC = Path(__file__).resolve().parent / "weights" / "small-vae"  # the trained small-vae
@@ -65,7 +72,8 @@ def _hash(config: dict, module: torch.nn.Module, prefixes: tuple[str, ...] | Non
 
 
 def moment_means(moments: torch.Tensor) -> torch.Tensor:
-    """The latent means of moments: ``(B, 2C, H, W)`` -> ``(B, C, H, W)`` (the first half)."""
+    """The mean latents of moments: ``(B, 2C, H, W)`` (means, then log-variances) ->
+    ``(B, C, H, W)``, the first half of the channels (a view, dtype kept)."""
     return moments[:, :moments.shape[1] // 2]
 
 
@@ -127,35 +135,42 @@ class PatchPCAAutoencoder(ModelMixin, ConfigMixin):
         # keeps every latent channel on the scale diffusion models expect
         self.component_std.copy_((centred @ comps).std(0).clamp(min=1e-6).float())
         self.register_to_config(scaling_factor=1.0)
-        psnr = float(reconstruction_psnr(self, images))
+        psnr = float(reconstruction_psnr(Codec("patch-pca", self), images))
         self.register_to_config(fit_psnr_db=round(psnr, 3))
         return psnr
 
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` in [-1, 1] -> ``(B, 8, H/8, W/8)`` moments (mean, constant logvar)."""
+        """``(B, 3, H, W)`` in [-1, 1] -> float32 ``(B, 8, H/8, W/8)`` moments (mean, constant logvar)."""
         b, _, h, w = images.shape
         p = self.config.patch_size
         coeff = (self._blocks(images.float()) - self.mean) @ self.components / self.component_std  # (B, L, 4)
         mean = coeff.permute(0, 2, 1).reshape(b, self.config.latent_channels, h // p, w // p)
         return torch.cat([mean, torch.full_like(mean, self.config.logvar)], dim=1)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents ``(B, 4, h, w)`` -> images ``(B, 3, 8h, 8w)`` in [-1, 1] (clamped)."""
-        b, c, h, w = latents.shape
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
+        """As ``AutoencoderKL.encode``: images ``(B, 3, H, W)`` in [-1, 1] -> the latent
+        distribution, whose ``parameters`` are the moments ``(B, 8, H/8, W/8)``."""
+        dist = DiagonalGaussianDistribution(self.encode_moments(x))
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
+        """As ``AutoencoderKL.decode``: scaled latents ``(B, 4, h, w)`` -> ``sample``, images
+        ``(B, 3, 8h, 8w)`` float32 in [-1, 1] (clamped)."""
+        b, c, h, w = z.shape
         p = self.config.patch_size
-        coeff = (latents.float() / self.config.scaling_factor).reshape(b, c, h * w).permute(0, 2, 1)
+        coeff = (z.float() / self.config.scaling_factor).reshape(b, c, h * w).permute(0, 2, 1)
         blocks = (coeff * self.component_std) @ self.components.T + self.mean
-        return self._unblocks(blocks, h * p, w * p).clamp(-1, 1)
+        images = self._unblocks(blocks, h * p, w * p).clamp(-1, 1)
+        return DecoderOutput(sample=images) if return_dict else (images,)
 
 
-def reconstruction_psnr(codec, images: torch.Tensor) -> float:
-    """PSNR (dB, [0, 255] scale) of decode(mean latent) against ``images`` in [-1, 1],
-    computed in chunks (``codec``: anything with ``encode_moments`` and ``decode``)."""
+def reconstruction_psnr(codec: "Codec", images: torch.Tensor) -> float:
+    """PSNR (dB, [0, 255] scale) of decode(mean latent) against ``images`` in [-1, 1]
+    ``(N, 3, H, W)``, computed in chunks."""
     sq_err, count = 0.0, 0
     with torch.no_grad():
         for chunk in images.split(FIT_CHUNK):
-            moments = codec.encode_moments(chunk)
-            rec = codec.decode(moments[:, :moments.shape[1] // 2])
+            rec = codec.decode(moment_means(codec.encode_moments(chunk)))
             sq_err += float(((rec.float() - chunk.float()) ** 2).sum())
             count += chunk.numel()
     mse = sq_err / max(count, 1) * (255.0 / 2) ** 2
@@ -167,7 +182,7 @@ def fit_latent_norms(codec: "Codec", images: Mapping[str, torch.Tensor]) -> dict
     latents, encoded in chunks)."""
     out = {}
     for m, x in images.items():
-        means = torch.cat([codec.encode_moments(chunk)[:, :4] for chunk in x.split(FIT_CHUNK)])
+        means = torch.cat([moment_means(codec.encode_moments(chunk)) for chunk in x.split(FIT_CHUNK)])
         out[m] = LatentNorm.fit(means)
     return out
 
@@ -210,10 +225,45 @@ class LatentNorm:
         return cls(tuple(float(f"{v:.6g}") for v in shift.tolist()), float(f"{1.0 / max(std, 1e-6):.6g}"))
 
 
+@dataclass(frozen=True)
+class CodecKind:
+    """What differs between codecs, as data. ``model_cls``: the autoencoder class (both have
+    diffusers' ``AutoencoderKL`` interface); ``default_scale``: the :class:`LatentNorm` scale
+    of a modality without a fitted one; ``hash_weights``: the prefixes of the weights the
+    identity hash covers (None: all); ``hash_ignores``: config keys left out of the hash;
+    ``half_precision``: whether it may run in fp16/bf16 (else always float32)."""
+
+    model_cls: type[torch.nn.Module]
+    default_scale: float = 1.0
+    hash_weights: tuple[str, ...] | None = None
+    hash_ignores: tuple[str, ...] = ()
+    half_precision: bool = True
+
+
+CODEC_KINDS: dict[str, CodecKind] = {
+    "small-vae": CodecKind(AutoencoderKL),
+    "patch-pca": CodecKind(PatchPCAAutoencoder, half_precision=False),  # tiny: stays float32
+    # the latents depend on the encoder side only; the public kl-f8 VAEs share it (their
+    # fine-tuning changed the decoder), so a store encoded with one decodes with another.
+    # 0.18215 is what the published COP-GEN-Beta weights expect.
+    "sd-vae": CodecKind(AutoencoderKL, default_scale=SD_SCALE_FACTOR, hash_weights=("encoder.", "quant_conv."),
+                        hash_ignores=("scaling_factor", "force_upcast")),
+}
+CODEC_NAMES = tuple(CODEC_KINDS)
+
+
+def codec_kind(name: str) -> CodecKind:
+    """The :class:`CodecKind` of a codec name; a ValueError names the valid ones."""
+    if name not in CODEC_KINDS:
+        raise ValueError(f"unknown codec {name!r}; valid codecs: {', '.join(CODEC_NAMES)}")
+    return CODEC_KINDS[name]
+
+
 def default_norm(name: str, channels: int = 4) -> LatentNorm:
-    """The normalisation of a codec that records none: Stable Diffusion's 0.18215 for
-    sd-vae (what the published COP-GEN-Beta weights expect), identity otherwise."""
-    return LatentNorm((0.0,) * channels, SD_SCALE_FACTOR if name == "sd-vae" else 1.0)
+    """The normalisation of a codec that records none: its kind's default scale (0.18215 for
+    sd-vae), no shift; identity for a name that is no codec kind."""
+    kind = CODEC_KINDS.get(name)
+    return LatentNorm((0.0,) * channels, kind.default_scale if kind is not None else 1.0)
 
 
 def latent_norms(codec_info: dict, modalities: Sequence[str]) -> dict[str, LatentNorm]:
@@ -228,18 +278,19 @@ class Codec:
     network's space (per-modality :class:`LatentNorm`), save and load as one folder.
 
     ``model`` is an ``AutoencoderKL`` (``small-vae``: the project's learned codec;
-    ``sd-vae``: Stable Diffusion's kl-f8) or a :class:`PatchPCAAutoencoder` (``patch-pca``).
-    Latents ``z`` are the autoencoder's own (unscaled) latents."""
+    ``sd-vae``: Stable Diffusion's kl-f8) or a :class:`PatchPCAAutoencoder` (``patch-pca``),
+    both used through the ``AutoencoderKL`` interface; the name's :class:`CodecKind` says the
+    rest. Latents ``z`` are the autoencoder's own (unscaled) latents."""
 
     def __init__(self, name: str, model: torch.nn.Module, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  source: str | None = None, norms: Mapping[str, LatentNorm] | None = None,
                  provenance: dict | None = None) -> None:
-        if name not in CODEC_NAMES:
-            raise ValueError(f"unknown codec {name!r}; valid codecs: {', '.join(CODEC_NAMES)}")
+        self.kind = codec_kind(name)
+        if not isinstance(model, self.kind.model_cls):
+            raise TypeError(f"a {name} codec needs a {self.kind.model_cls.__name__}, got {type(model).__name__}")
         self.name, self.source = name, source
         self.device = torch.device(device)
-        # patch-pca stays float32 (it is tiny); a VAE may run in fp16/bf16 on a GPU
-        self.dtype = dtype if isinstance(model, AutoencoderKL) else torch.float32
+        self.dtype = dtype if self.kind.half_precision else torch.float32
         self.model = (model.to(self.device) if self.dtype == torch.float32 else model.to(self.device, self.dtype)).eval()
         self.norms: dict[str, LatentNorm] = dict(norms or {})
         self.provenance = dict(provenance or {})
@@ -256,16 +307,12 @@ class Codec:
         return config
 
     def info(self) -> dict:
-        """Name, config and ``config_hash``: what a store records. For sd-vae the hash covers
-        the encoder side only (``encoder.*``, ``quant_conv.*``) and the architecture: the
-        latents depend on nothing else, and the public kl-f8 VAEs share the encoder (their
-        fine-tuning changed the decoder), so a store encoded with one decodes with another."""
+        """Name, config and ``config_hash``: what a store records. The hash covers the config
+        and the weights, less what the codec's kind leaves out (sd-vae: the encoder side only,
+        ``encoder.*`` and ``quant_conv.*``, and the architecture; see :data:`CODEC_KINDS`)."""
         if self._hash is None:
-            if self.name == "sd-vae":
-                arch = {k: v for k, v in self.config().items() if k not in ("scaling_factor", "force_upcast")}
-                self._hash = _hash(arch, self.model, prefixes=("encoder.", "quant_conv."))
-            else:
-                self._hash = _hash(self.config(), self.model)
+            hashed = {k: v for k, v in self.config().items() if k not in self.kind.hash_ignores}
+            self._hash = _hash(hashed, self.model, prefixes=self.kind.hash_weights)
         return {"name": self.name, "config_hash": self._hash, "config": self.config()}
 
     @torch.no_grad()
@@ -273,17 +320,13 @@ class Codec:
         """``(B, 3, 256, 256)`` in [-1, 1] -> float32 ``(B, 8, 32, 32)`` moments (mean and
         log-variance of the latents) on the CPU."""
         x = images.to(self.device, self.dtype)
-        if isinstance(self.model, AutoencoderKL):
-            moments = self.model.encode(x).latent_dist.parameters
-        else:
-            moments = self.model.encode_moments(x)
-        return moments.float().cpu()
+        return self.model.encode(x).latent_dist.parameters.float().cpu()
 
     def to_network(self, moments: torch.Tensor, modality: str, generator: torch.Generator | None = None, *,
                    sample: bool = True) -> torch.Tensor:
         """Moments ``(B, 8, H, W)`` -> the network's latents ``(B, 4, H, W)`` of ``modality``:
         a draw from the posterior (``sample=True``) or its mean, normalised."""
-        z = sample_latents(moments, 1.0, generator) if sample else moments[:, :moments.shape[1] // 2].float()
+        z = sample_latents(moments, 1.0, generator) if sample else moment_means(moments).float()
         return self.norm(modality).to_network(z)
 
     @torch.no_grad()
@@ -291,8 +334,7 @@ class Codec:
         """Latents ``z`` ``(B, 4, 32, 32)`` -> images ``(B, 3, 256, 256)`` in [-1, 1], CPU float32."""
         z = latents.to(self.device, self.dtype)
         model = self.decoder if self.decoder is not None else self.model
-        out = model.decode(z).sample if isinstance(model, AutoencoderKL) else model.decode(z)
-        return out.float().clamp(-1, 1).cpu()
+        return model.decode(z).sample.float().clamp(-1, 1).cpu()
 
     def decode_network(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         """The network's latents of ``modality`` -> images in [-1, 1]."""
@@ -348,8 +390,8 @@ def load_codec(name: str | None = None, source: str | os.PathLike | None = None,
     pipeline encodes with ``autoencoder_kl.pth`` and decodes with ``autoencoder_kl_ema.pth``
     (``--codec-source autoencoder_kl.pth,autoencoder_kl_ema.pth``). The codec's identity (its
     hash, what a store records) is that of the encoding weights: they make the latents."""
-    if name is not None and name not in CODEC_NAMES:
-        raise ValueError(f"unknown codec {name!r}; valid codecs: {', '.join(CODEC_NAMES)}")
+    if name is not None:
+        codec_kind(name)  # refuses an unknown name
     if name == "sd-vae" and isinstance(source, str) and "," in source:
         parts = [part.strip() for part in source.split(",")]
         if len(parts) != 2 or not all(parts):
@@ -374,14 +416,14 @@ def load_codec(name: str | None = None, source: str | os.PathLike | None = None,
         record = json.loads(record_file.read_text())
         if name is not None and record["name"] != name:
             raise ValueError(f"{source} holds a {record['name']} codec, not {name}")
-        model_cls = PatchPCAAutoencoder if record["name"] == "patch-pca" else AutoencoderKL
+        model_cls = codec_kind(record["name"]).model_cls
         norms = {m: LatentNorm.from_dict(d) for m, d in record.get("latent_norm", {}).items()}
         return Codec(record["name"], model_cls.from_pretrained(source), device=device, dtype=dtype, source=str(source),
                      norms=norms, provenance=record.get("provenance"))
     if name == "sd-vae":
         return load_sd_vae(str(source), device=device, dtype=dtype)
     config_file = Path(source) / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "PatchPCAAutoencoder":
+    if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == PatchPCAAutoencoder.__name__:
         # a patch-pca folder of a store made before codec.json existed: identity normalisation
         return Codec("patch-pca", PatchPCAAutoencoder.from_pretrained(source), source=str(source))
     raise ValueError(f"{source}: not a codec folder (no {CODEC_RECORD}); sd-vae sources need --codec sd-vae")

@@ -15,15 +15,24 @@ final timestep),
 Every condition's term comes from the same ``e_c``: no cross terms, and the order in which
 the conditions are given does not matter. For one condition this is the usual
 ``eps = e_unc + s * (e_c - e_unc)`` with ``s = 1 + w``.
+
+:func:`chain` is the looping experiment (b from a, a from the generated b, ...), whatever
+makes one generation: :func:`network_step` on a network, or a caller's own step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from model.diffusion import NOISE_TIMESTEP, predict_eps, sampling_scheduler
+
+# One generation of the looping experiment (see :func:`chain`): ``step(condition, generate,
+# iteration)`` -> {modality: latents} holding at least the modalities ``generate``.
+Step = Callable[[dict[str, torch.Tensor], list[str], int], Mapping[str, torch.Tensor]]
 
 
 def _expand(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -58,9 +67,31 @@ def generate(
     ``seed``. ``spacing`` places the solver steps (see
     :func:`model.diffusion.sampling_scheduler`)."""
     names = list(net.config.modalities)
+    guidance = _check_request(names, condition, generate, guidance)
+    device = next(net.parameters()).device
+    b, shape = _batch_shape(net, condition, initial_noise, n_samples, latent_shape)
+    full_shape = (b * n_samples, *shape)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed if seed is not None else torch.seed())
+    free = [m for m in names if m not in condition and m not in generate]
+    guided = [m for m in names if m in guidance]  # network order: nothing depends on the order of ``guidance``
+    # the draw order (marginal noise, then starting noise) is part of what a seed means
+    fixed_noise = _noise(marginal_noise, free + guided, "marginal noise", full_shape, gen, device)
+    start = _noise(initial_noise, generate, "initial noise", full_shape, gen, device)
+    call = _NetworkCall(net, names, list(generate), {m: _expand(x.to(device, torch.float32), n_samples)
+                                                     for m, x in condition.items()}, fixed_noise, batch_size)
+    result = {m: _expand(condition[m], n_samples) for m in condition}  # the inputs, untouched
+    result.update(_solve(call, start, guided, guidance, sampling_scheduler(steps, spacing)))
+    return result
+
+
+def _check_request(names: Sequence[str], condition: Mapping[str, torch.Tensor], generate: Sequence[str],
+                   guidance: Mapping[str, float] | None) -> dict[str, float]:
+    """Refuse modalities the network does not model, a modality both given and generated,
+    nothing to generate, or guidance on what is not a condition; returns the guidance dict."""
     unknown = [m for m in list(condition) + list(generate) if m not in names]
     if unknown:
-        raise ValueError(f"unknown modalities {unknown}; the network models {names}")
+        raise ValueError(f"unknown modalities {unknown}; the network models {list(names)}")
     overlap = set(condition) & set(generate)
     if overlap:
         raise ValueError(f"{sorted(overlap)} are both conditions and generated")
@@ -70,66 +101,91 @@ def generate(
     bad = [m for m in guidance if m not in condition]
     if bad:
         raise ValueError(f"guidance given for {bad}, which are not conditions")
-    device = next(net.parameters()).device
-    dtype = next(net.parameters()).dtype
+    return guidance
+
+
+def _batch_shape(net, condition: Mapping[str, torch.Tensor], initial_noise: Mapping[str, torch.Tensor] | None,
+                 n_samples: int, latent_shape: tuple[int, int, int] | None) -> tuple[int, tuple[int, ...]]:
+    """The number of inputs B and the latent shape (C, H, W): from the conditions, else from
+    the starting noise given (unconditional), else one input of ``latent_shape`` (default:
+    the network's)."""
     if condition:
-        b = next(iter(condition.values())).shape[0]
-        shape = tuple(next(iter(condition.values())).shape[1:])
-    elif initial_noise:  # unconditional: the batch is the starting noise given
+        first = next(iter(condition.values()))
+        return first.shape[0], tuple(first.shape[1:])
+    if initial_noise:
         first = next(iter(initial_noise.values()))
-        b, shape = max(first.shape[0] // n_samples, 1), tuple(first.shape[1:])
-    else:
-        b = 1
-        shape = latent_shape or (net.config.in_chans, net.config.img_size, net.config.img_size)
-    total = b * n_samples
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed if seed is not None else torch.seed())
-    cond = {m: _expand(x.to(device, torch.float32), n_samples) for m, x in condition.items()}
-    free = [m for m in names if m not in condition and m not in generate]
-    guided = [m for m in names if m in guidance]  # network order: nothing depends on the order of ``guidance``
-    fixed_noise = {}
-    for m in free + guided:
-        given = marginal_noise.get(m) if marginal_noise is not None else None
-        fixed_noise[m] = (given.to(device, torch.float32) if given is not None
-                          else torch.randn((total, *shape), generator=gen).to(device))
-        if tuple(fixed_noise[m].shape) != (total, *shape):
-            raise ValueError(f"marginal noise of {m} has shape {tuple(fixed_noise[m].shape)}; expected {(total, *shape)}")
-    x = {}
-    for m in generate:
-        if initial_noise is not None and m in initial_noise:
-            x[m] = initial_noise[m].to(device, torch.float32)
-            if tuple(x[m].shape) != (total, *shape):
-                raise ValueError(f"initial noise of {m} has shape {tuple(x[m].shape)}; expected {(total, *shape)}")
-        else:
-            x[m] = torch.randn((total, *shape), generator=gen).to(device)
-    sched = sampling_scheduler(steps, spacing)
-    x_flat = torch.cat([x[m] for m in generate], dim=1)  # solve the generated modalities jointly
-    split = [x[m].shape[1] for m in generate]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" and dtype == torch.float32 else _null()
+        return max(first.shape[0] // n_samples, 1), tuple(first.shape[1:])
+    return 1, tuple(latent_shape or (net.config.in_chans, net.config.img_size, net.config.img_size))
 
-    def eps_of(xg: dict[str, torch.Tensor], k: int, drop: str | None) -> dict[str, torch.Tensor]:
+
+def _noise(given: Mapping[str, torch.Tensor] | None, modalities: Sequence[str], what: str, shape: tuple[int, ...],
+           gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """Float32 noise ``shape`` = (B * n_samples, C, H, W) on ``device`` for each of
+    ``modalities``, in their order: the one ``given``, else a draw from ``gen``; a given one of
+    another shape is refused (``what`` names it)."""
+    out = {}
+    for m in modalities:
+        fixed = given.get(m) if given is not None else None
+        out[m] = fixed.to(device, torch.float32) if fixed is not None else torch.randn(shape, generator=gen).to(device)
+        if tuple(out[m].shape) != tuple(shape):
+            raise ValueError(f"{what} of {m} has shape {tuple(out[m].shape)}; expected {tuple(shape)}")
+    return out
+
+
+@dataclass
+class _NetworkCall:
+    """What every network call of one :func:`generate` shares: conditions fed clean at
+    timestep 0, the fixed noise of the other modalities (and of a dropped condition) at the
+    final timestep; each ``(B * n_samples, C, H, W)`` on the network's device."""
+
+    net: torch.nn.Module
+    names: list[str]
+    generate: list[str]
+    cond: dict[str, torch.Tensor]
+    fixed_noise: dict[str, torch.Tensor]
+    batch_size: int | None
+
+    def eps(self, xg: Mapping[str, torch.Tensor], k: int, drop: str | None) -> dict[str, torch.Tensor]:
+        """Float32 noise predictions of the generated modalities ``xg`` at diffusers step ``k``,
+        with the condition ``drop`` (if any) replaced by its fixed noise."""
+        x = next(iter(xg.values()))
+        total, device = x.shape[0], x.device
         lat, ts = {}, {}
-        for m in names:
-            if m in generate:
+        for m in self.names:
+            if m in self.generate:
                 lat[m], ts[m] = xg[m], torch.full((total,), float(k + 1), device=device)
-            elif m in cond and m != drop:
-                lat[m], ts[m] = cond[m], torch.zeros(total, device=device)
+            elif m in self.cond and m != drop:
+                lat[m], ts[m] = self.cond[m], torch.zeros(total, device=device)
             else:
-                lat[m], ts[m] = fixed_noise[m], torch.full((total,), NOISE_TIMESTEP, device=device)
-        with autocast:
-            out = _batched(net, lat, ts, batch_size)
-        return {m: out[m].float() for m in generate}
+                lat[m], ts[m] = self.fixed_noise[m], torch.full((total,), NOISE_TIMESTEP, device=device)
+        with _autocast(self.net):
+            out = _batched(self.net, lat, ts, self.batch_size)
+        return {m: out[m].float() for m in self.generate}
 
+
+def _autocast(net) -> contextlib.AbstractContextManager:
+    """bf16 autocast for a float32 network on a GPU; nothing otherwise."""
+    param = next(net.parameters())
+    if param.device.type == "cuda" and param.dtype == torch.float32:
+        return torch.autocast(param.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _solve(call: _NetworkCall, start: Mapping[str, torch.Tensor], guided: Sequence[str], guidance: Mapping[str, float],
+           sched) -> dict[str, torch.Tensor]:
+    """Run the solver ``sched`` from the starting noise of the generated modalities, solved
+    jointly (concatenated along channels), with guidance on the conditions ``guided``;
+    returns {generated modality: (B * n_samples, C, H, W)}."""
+    generate = call.generate
+    x_flat = torch.cat([start[m] for m in generate], dim=1)
+    split = [start[m].shape[1] for m in generate]
     for k in sched.timesteps:
         k = int(k)
         xg = dict(zip(generate, x_flat.split(split, dim=1)))
-        full = eps_of(xg, k, None)
-        eps = _guided(full, {m: eps_of(xg, k, m) for m in guided}, guidance)
-        eps_flat = torch.cat([eps[m] for m in generate], dim=1)
-        x_flat = sched.step(eps_flat, k, x_flat).prev_sample
-    result = {m: _expand(condition[m], n_samples) for m in condition}  # the inputs, untouched
-    result.update(zip(generate, x_flat.split(split, dim=1)))
-    return result
+        full = call.eps(xg, k, None)
+        eps = _guided(full, {m: call.eps(xg, k, m) for m in guided}, guidance)
+        x_flat = sched.step(torch.cat([eps[m] for m in generate], dim=1), k, x_flat).prev_sample
+    return dict(zip(generate, x_flat.split(split, dim=1)))
 
 
 def _guided(full: dict[str, torch.Tensor], dropped: Mapping[str, dict[str, torch.Tensor]],
@@ -153,23 +209,35 @@ def _batched(net, lat, ts, batch_size):
     return {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def chain(net, start: Mapping[str, torch.Tensor], a: Sequence[str], b: Sequence[str], n: int, **kwargs) -> list[dict[str, torch.Tensor]]:
-    """The looping experiment: generate ``b`` from ``a``, then ``a`` from the generated ``b``,
-    ``n`` times. Returns every intermediate result."""
-    current = dict(start)
+def chain(step: Step, start: Mapping[str, torch.Tensor], a: Sequence[str], b: Sequence[str],
+          n: int) -> list[dict[str, torch.Tensor]]:
+    """The looping experiment: generate ``b`` from ``a`` (taken from ``start``), then ``a`` from
+    the generated ``b``, and so on, ``n`` generations. ``step(condition, generate, iteration)``
+    makes one generation (``iteration`` counts from 0: e.g. seed + iteration); it gets the
+    latents of the other side, {modality: (B, C, H, W)}. Returns one dict per iteration
+    holding the modalities generated in it."""
+    a, b = list(a), list(b)
+    if not a or not b or set(a) & set(b):
+        raise ValueError(f"the two sides of a chain must be non-empty and disjoint; got {a} and {b}")
+    missing = [m for m in a if m not in start]
+    if missing:
+        raise ValueError(f"the chain starts from {a}; start lacks {missing}")
+    current, src, dst = dict(start), a, b
     out = []
-    src, dst = list(a), list(b)
-    for _ in range(n):
-        res = generate(net, {m: current[m] for m in src}, dst, **kwargs)
-        out.append(res)
-        current = res
+    for iteration in range(n):
+        made = step({m: current[m] for m in src}, list(dst), iteration)
+        if any(m not in made for m in dst):
+            raise ValueError(f"iteration {iteration}: the step returned {sorted(made)}, not all of {dst}")
+        current = {m: made[m] for m in dst}
+        out.append(current)
         src, dst = dst, src
     return out
+
+
+def network_step(net, seed: int = 0, **kwargs) -> Step:
+    """A :func:`chain` step that samples with :func:`generate` on ``net``, seed ``seed +
+    iteration``; ``kwargs`` go to :func:`generate` (steps, n_samples=1, guidance, ...)."""
+    def step(condition: dict[str, torch.Tensor], modalities: list[str], iteration: int) -> dict[str, torch.Tensor]:
+        return generate(net, condition, modalities, seed=seed + iteration, **kwargs)
+
+    return step

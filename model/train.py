@@ -46,6 +46,7 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from majortom_gen.staging import swap_in, write_text_atomic
 from model.codecs import LatentNorm, sample_latents
 from model.config import RunConfig
 from model.diffusion import diffusion_loss, draw_timesteps
@@ -164,24 +165,61 @@ def train(
 ) -> TrainResult:
     """Train (or resume) and write checkpoints, a log and the final EMA model under ``out``.
 
-    ``max_steps`` (default: the config's) must be at least 1. ``on_checkpoint(step,
-    ema_network)`` runs after each checkpoint (e.g. to draw a sample grid). ``device='cpu'``
-    forces the CPU, ``'cuda'`` asks for the GPU (an error without one); by default accelerate
-    picks the GPU(s) when present. ``init_from``: a model folder (same network config) whose
-    weights start a new run (fine-tuning); ignored when resuming from a checkpoint. ``data``:
-    JSON facts about the training data (e.g. the latents' codec), kept in every checkpoint.
-    ``finish_model(folder, result)`` may add files to the final model folder before it
-    replaces ``out/model``.
+    ``moments``: {modality: (N, 8, H, W) moments}, aligned rows; ``norms``: each modality's
+    :class:`LatentNorm`. ``max_steps`` (default: the config's) must be at least 1.
+    ``progress(step, total, loss)`` runs after each step, ``on_checkpoint(step, ema_network)``
+    after each checkpoint (e.g. to draw a sample grid). ``device='cpu'`` forces the CPU,
+    ``'cuda'`` asks for the GPU (an error without one); by default accelerate picks the GPU(s)
+    when present. ``init_from``: a model folder (same network config) whose weights start a new
+    run (fine-tuning); ignored when resuming from a checkpoint. ``data``: JSON facts about the
+    training data (e.g. the latents' codec), kept in every checkpoint. ``finish_model(folder,
+    result)`` may add files to the final model folder before it replaces ``out/model``.
 
     A resume refuses a changed network and warns (:class:`TrainingWarning`) about any other
     changed config value (outside :data:`BOOKKEEPING`); the changes are kept in the
     checkpoints and returned in ``TrainResult.config_changes``."""
     out = Path(out)
-    cfg, tcfg = config, config.train
-    total = max_steps if max_steps is not None else tcfg.max_steps
+    total = max_steps if max_steps is not None else config.train.max_steps
     check_max_steps(total)
     check_device(device)
-    names = list(cfg.nnet.get("modalities", list(moments)))
+    names, n = _training_data(config, moments, norms)
+    resumed = _start_point(out, resume)
+    history = _config_history(*resumed, config) if resumed is not None else []
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
+                              cpu=device == "cpu" or not torch.cuda.is_available())
+    run = _setup(config, accelerator, resumed[1] if resumed is not None else None, init_from)
+    out.mkdir(parents=True, exist_ok=True)
+    _truncate_log(out / "log.jsonl", run.step)
+    losses = _run_steps(run, out, {m: moments[m] for m in names}, norms, n, total, data=data, history=history,
+                        progress=progress, on_checkpoint=on_checkpoint)
+    result = TrainResult(run.step, losses[-1] if losses else float("nan"), losses, out / "model", run.resumed_from,
+                         history)
+    record = {**config.as_dict(), "latent_norm": {m: norms[m].as_dict() for m in names},
+              "init_from": str(init_from) if init_from is not None else None}
+    _write_folder(out / "model", lambda folder: _write_model(folder, run, record, result, finish_model))
+    return result
+
+
+@dataclass
+class _Run:
+    """One training run's moving parts (network, optimizer, LR scheduler and EMA, prepared by
+    accelerate) and its step count."""
+
+    config: RunConfig
+    accelerator: Accelerator
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    lr_sched: Any
+    ema: EMAModel
+    step: int = 0
+    resumed_from: int | None = None  # the step of the checkpoint the run resumed from
+
+
+def _training_data(config: RunConfig, moments: Mapping[str, np.ndarray],
+                   norms: Mapping[str, LatentNorm]) -> tuple[list[str], int]:
+    """The network's modalities and the number of training tuples; refuses data lacking a
+    modality, a modality without a normalisation, or no tuples."""
+    names = list(config.nnet.get("modalities", list(moments)))
     missing = [m for m in names if m not in moments]
     if missing:
         raise ValueError(f"the data lack modalities {missing} that the network models ({names})")
@@ -190,90 +228,134 @@ def train(
     n = len(next(iter(moments.values())))
     if n == 0:
         raise ValueError("no training tuples: the store has no fragment with all the network's modalities")
+    return names, n
+
+
+def _start_point(out: Path, resume: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from and its contents (see :func:`_resume_point`), or None for
+    a new run; refuses a new run over an earlier one's checkpoints, and a resume without any."""
     earlier_run = (out / "checkpoints").exists()
     if earlier_run and not resume:
         raise ValueError(f"{out}: holds checkpoints of an earlier run; pass --resume or use another --out")
     resumed = _resume_point(out) if resume else None
     if resume and resumed is None and earlier_run:
         raise ValueError(f"{out}: --resume but no checkpoint to resume from")
-    history = _config_history(*resumed, config) if resumed is not None else []
-    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=device == "cpu" or not torch.cuda.is_available())
+    return resumed
+
+
+def _setup(config: RunConfig, accelerator: Accelerator, parts: Mapping[str, Any] | None,
+           init_from: str | os.PathLike | None) -> _Run:
+    """The network (seeded; from ``init_from``'s weights for a new run that names one),
+    optimizer, LR scheduler and EMA, loaded from a checkpoint's ``parts`` when resuming."""
+    tcfg = config.train
     torch.manual_seed(tcfg.seed)
-    net = MultiModalUViT(**cfg.nnet)
-    if init_from is not None and resumed is None:
-        start = MultiModalUViT.from_pretrained(init_from)
-        differ = {k: (v, net.config.get(k)) for k, v in start.config.items()
-                  if not k.startswith("_") and json.dumps(net.config.get(k)) != json.dumps(v)}
-        if differ:
-            raise ValueError(f"{init_from}: its network differs from the config's ({differ}); fine-tune with its own config")
-        net.load_state_dict(start.state_dict())
+    net = MultiModalUViT(**config.nnet)
+    if init_from is not None and parts is None:
+        _load_init(net, init_from)
     if tcfg.gradient_checkpointing:
         net.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
-                            betas=cfg.optimizer.betas)
-    lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.optimizer.warmup_steps)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.optimizer.lr, weight_decay=config.optimizer.weight_decay,
+                            betas=config.optimizer.betas)
+    lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=config.optimizer.warmup_steps)
     ema = EMAModel(net.parameters(), decay=tcfg.ema_decay, model_cls=MultiModalUViT, model_config=net.config)
-    step, resumed_from = 0, None
-    if resumed is not None:
-        parts = resumed[1]
+    resumed_from = None
+    if parts is not None:
         net.load_state_dict(parts["model"])
         ema.load_state_dict(parts["ema.pt"])
         opt.load_state_dict(parts["optimizer.pt"])
         lr_sched.load_state_dict(parts["scheduler.pt"])
-        step = resumed_from = parts["state.json"]["step"]
+        resumed_from = parts["state.json"]["step"]
     net, opt, lr_sched = accelerator.prepare(net, opt, lr_sched)
     ema.to(accelerator.device)
-    out.mkdir(parents=True, exist_ok=True)
+    return _Run(config, accelerator, net, opt, lr_sched, ema, resumed_from or 0, resumed_from)
+
+
+def _load_init(net: MultiModalUViT, init_from: str | os.PathLike) -> None:
+    """Load the weights of the model folder ``init_from`` into ``net``; refuses another network."""
+    start = MultiModalUViT.from_pretrained(init_from)
+    differ = {k: (v, net.config.get(k)) for k, v in start.config.items()
+              if not k.startswith("_") and json.dumps(net.config.get(k)) != json.dumps(v)}
+    if differ:
+        raise ValueError(f"{init_from}: its network differs from the config's ({differ}); fine-tune with its own config")
+    net.load_state_dict(start.state_dict())
+
+
+def _run_steps(run: _Run, out: Path, arrays: Mapping[str, np.ndarray], norms: Mapping[str, LatentNorm], n: int,
+               total: int, *, data: Mapping[str, Any] | None, history: list[dict],
+               progress: Callable[[int, int, float], None] | None,
+               on_checkpoint: Callable[[int, MultiModalUViT], None] | None) -> list[float]:
+    """Train from ``run.step`` to ``total`` on the ``n`` aligned rows of ``arrays`` (in the
+    network's modality order), logging and checkpointing as the config says; returns each
+    step's loss."""
+    tcfg = run.config.train
     losses: list[float] = []
-    arrays = {m: moments[m] for m in names}
-    loss_value = float("nan")
-    _truncate_log(out / "log.jsonl", step)
     with open(out / "log.jsonl", "a") as log:
-        while step < total:
-            gen = _step_generator(tcfg.seed, step)
-            idx = np.sort(batch_indices(step, n, tcfg.batch_size, tcfg.seed))
-            x0 = {m: norms[m].to_network(sample_latents(torch.from_numpy(np.asarray(a[idx], dtype=np.float32)), 1.0, gen))
-                  for m, a in arrays.items()}
-            if tcfg.hflip:
-                flip = torch.rand(len(idx), generator=gen) < 0.5
-                x0 = {m: torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x) for m, x in x0.items()}
-            x0 = {m: x.to(accelerator.device) for m, x in x0.items()}
-            steps = draw_timesteps(len(idx), names, p_clean=tcfg.p_clean, p_drop=tcfg.p_drop, generator=gen)
-            net.train()
-            with accelerator.autocast():
-                loss, terms = diffusion_loss(net, x0, steps, generator=gen, weighting=tcfg.loss_weighting,
-                                             gamma=tcfg.loss_gamma)
-            accelerator.backward(loss)
-            opt.step()
-            lr_sched.step()
-            opt.zero_grad(set_to_none=True)
-            ema.step(accelerator.unwrap_model(net).parameters())
-            step += 1
-            loss_value = float(loss.detach())
-            losses.append(loss_value)
-            if step % tcfg.log_every == 0 or step == total:
-                log.write(json.dumps({"step": step, "loss": loss_value, **{f"loss_{m}": v for m, v in terms.items()},
-                                      "lr": lr_sched.get_last_lr()[0]}) + "\n")
+        while run.step < total:
+            gen = _step_generator(tcfg.seed, run.step)
+            idx = np.sort(batch_indices(run.step, n, tcfg.batch_size, tcfg.seed))
+            x0 = _batch(arrays, norms, idx, tcfg.hflip, gen, run.accelerator.device)
+            loss, terms = _optimise(run, x0, gen)
+            losses.append(loss)
+            if run.step % tcfg.log_every == 0 or run.step == total:
+                log.write(json.dumps({"step": run.step, "loss": loss, **{f"loss_{m}": v for m, v in terms.items()},
+                                      "lr": run.lr_sched.get_last_lr()[0]}) + "\n")
                 log.flush()
-            if step % tcfg.checkpoint_every == 0 or step == total:
-                _save_checkpoint(out, step, accelerator.unwrap_model(net), ema, opt, lr_sched, config, data, history)
-                _prune_checkpoints(out, tcfg.keep_checkpoints, step)
-                if on_checkpoint is not None:
-                    on_checkpoint(step, _ema_network(ema, cfg.nnet, accelerator.device))
+            if run.step % tcfg.checkpoint_every == 0 or run.step == total:
+                _checkpoint(run, out, data, history, on_checkpoint)
             if progress:
-                progress(step, total, loss_value)
-    result = TrainResult(step, loss_value, losses, out / "model", resumed_from, history)
-    record = {**config.as_dict(), "latent_norm": {m: norms[m].as_dict() for m in names},
-              "init_from": str(init_from) if init_from is not None else None}
+                progress(run.step, total, loss)
+    return losses
 
-    def write_model(folder: Path) -> None:
-        _ema_network(ema, cfg.nnet, "cpu").save_pretrained(folder)
-        (folder / "run_config.json").write_text(json.dumps(record, indent=1))
-        if finish_model is not None:
-            finish_model(folder, result)
 
-    _write_folder(out / "model", write_model)
-    return result
+def _batch(arrays: Mapping[str, np.ndarray], norms: Mapping[str, LatentNorm], idx: np.ndarray, hflip: bool,
+           gen: torch.Generator, device) -> dict[str, torch.Tensor]:
+    """The clean latents of rows ``idx``: {modality: (B, 4, H, W)} drawn from the moments and
+    normalised, each tuple mirrored left-right with probability 1/2 (``hflip``), on ``device``."""
+    x0 = {m: norms[m].to_network(sample_latents(torch.from_numpy(np.asarray(a[idx], dtype=np.float32)), 1.0, gen))
+          for m, a in arrays.items()}
+    if hflip:
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        x0 = {m: torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x) for m, x in x0.items()}
+    return {m: x.to(device) for m, x in x0.items()}
+
+
+def _optimise(run: _Run, x0: Mapping[str, torch.Tensor], gen: torch.Generator) -> tuple[float, dict[str, float]]:
+    """One optimisation step on the clean latents ``x0`` (timesteps and noise from ``gen``):
+    the loss and each modality's term; advances ``run.step``."""
+    tcfg = run.config.train
+    steps = draw_timesteps(len(next(iter(x0.values()))), list(x0), p_clean=tcfg.p_clean, p_drop=tcfg.p_drop,
+                           generator=gen)
+    run.net.train()
+    with run.accelerator.autocast():
+        loss, terms = diffusion_loss(run.net, x0, steps, generator=gen, weighting=tcfg.loss_weighting,
+                                     gamma=tcfg.loss_gamma)
+    run.accelerator.backward(loss)
+    run.opt.step()
+    run.lr_sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.ema.step(run.accelerator.unwrap_model(run.net).parameters())
+    run.step += 1
+    return float(loss.detach()), terms
+
+
+def _checkpoint(run: _Run, out: Path, data: Mapping[str, Any] | None, history: list[dict],
+                on_checkpoint: Callable[[int, MultiModalUViT], None] | None) -> None:
+    """Write the checkpoint of ``run.step``, prune older ones, then call ``on_checkpoint``."""
+    net = run.accelerator.unwrap_model(run.net)
+    _save_checkpoint(out, run.step, net, run.ema, run.opt, run.lr_sched, run.config, data, history)
+    _prune_checkpoints(out, run.config.train.keep_checkpoints, run.step)
+    if on_checkpoint is not None:
+        on_checkpoint(run.step, _ema_network(run.ema, run.config.nnet, run.accelerator.device))
+
+
+def _write_model(folder: Path, run: _Run, record: dict, result: TrainResult,
+                 finish_model: Callable[[Path, TrainResult], None] | None) -> None:
+    """Fill the final model folder: the EMA network (save_pretrained), ``run_config.json``
+    (``record``), then whatever ``finish_model`` adds."""
+    _ema_network(run.ema, run.config.nnet, "cpu").save_pretrained(folder)
+    (folder / "run_config.json").write_text(json.dumps(record, indent=1))
+    if finish_model is not None:
+        finish_model(folder, result)
 
 
 def _read_checkpoint(ckpt: Path) -> dict[str, Any]:
@@ -367,9 +449,7 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _ema_network(ema: EMAModel, nnet: dict, device) -> MultiModalUViT:
@@ -386,26 +466,10 @@ def _write_folder(target: Path, write: Callable[[Path], None]) -> None:
     try:
         tmp.mkdir(parents=True)
         write(tmp)
-        _swap_in(tmp, target)
+        swap_in(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _swap_in(new: Path, target: Path) -> None:
-    """Move the complete folder ``new`` to ``target``. An existing ``target`` is moved aside
-    first (put back if the move fails) and deleted only once the new one is in place."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_checkpoint(out: Path, step: int, net, ema: EMAModel, opt, lr_sched, config: RunConfig,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from model.codecs import (SHIPPED_CODEC, Codec, LatentNorm, fit_patch_pca, latent_norms, load_codec, reconstruction_psnr,
-                          sample_latents, vae_from_ldm_state_dict)
+from model.codecs import (SHIPPED_CODEC, Codec, LatentNorm, fit_patch_pca, latent_norms, load_codec,
+                          moment_means, reconstruction_psnr, sample_latents, vae_from_ldm_state_dict)
+from model.train import SHIPPED_DEMO_MODEL
 
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
                 block_out_channels=[8, 16, 16, 16], norm_num_groups=4, act_fn="silu",
@@ -28,7 +30,7 @@ def test_patch_pca__shapes_psnr_and_roundtrip(tmp_path):
     codec, psnr = fit_patch_pca(x)
     assert psnr > 30  # smooth images are nearly linear in 8x8 blocks
     noise = torch.rand(4, 3, 256, 256) * 2 - 1
-    assert reconstruction_psnr(codec.model, noise) < 15  # and it says so on white noise
+    assert reconstruction_psnr(codec, noise) < 15  # and it says so on white noise
     m = codec.encode_moments(x[:4])
     assert m.shape == (4, 8, 32, 32) and torch.all(m[:, 4:] == codec.model.config.logvar)
     z = sample_latents(m, 1.0, torch.Generator().manual_seed(0))
@@ -104,6 +106,34 @@ def test_codec__unknown_names():
         load_codec("vqgan", "x")
     with pytest.raises(ValueError, match="valid codecs"):
         Codec("vqgan", torch.nn.Linear(1, 1))
+    with pytest.raises(TypeError, match="a patch-pca codec needs a PatchPCAAutoencoder, got AutoencoderKL"):
+        Codec("patch-pca", AutoencoderKL(**TINY_VAE))
+
+
+def test_patch_pca__has_the_autoencoder_kl_interface():
+    """patch-pca answers like diffusers' AutoencoderKL: encode -> latent_dist (its parameters
+    the moments), decode -> sample; return_dict=False gives tuples, as diffusers does."""
+    x = smooth_images(4)
+    model = fit_patch_pca(x)[0].model
+    moments = model.encode(x).latent_dist.parameters
+    assert moments.shape == (4, 8, 32, 32) and torch.equal(moments, model.encode_moments(x))
+    assert torch.equal(model.encode(x, return_dict=False)[0].mean, moment_means(moments))
+    images = model.decode(moment_means(moments)).sample
+    assert images.shape == (4, 3, 256, 256) and torch.equal(images, model.decode(moment_means(moments), return_dict=False)[0])
+
+
+def test_moment_means__first_half_of_the_channels():
+    m = torch.arange(2 * 8 * 3 * 3, dtype=torch.float16).reshape(2, 8, 3, 3)
+    assert torch.equal(moment_means(m), m[:, :4]) and moment_means(m).dtype == torch.float16
+    assert moment_means(torch.zeros(1, 6, 2, 2)).shape == (1, 3, 2, 2)
+
+
+def test_shipped_codec__identity_is_what_the_demo_model_records():
+    """The shipped small-vae's hash is what the shipped demo model (and every store encoded
+    with it) records: a change to how codecs are hashed would orphan them."""
+    recorded = json.loads((SHIPPED_DEMO_MODEL / "training_data.json").read_text())["codec"]
+    info = load_codec("small-vae").info()
+    assert (info["name"], info["config_hash"]) == (recorded["name"], recorded["config_hash"])
 
 
 def test_latent_norm__fit_round_trip_and_record():

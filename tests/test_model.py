@@ -15,7 +15,7 @@ from model.codecs import LatentNorm
 from model.config import load_config
 from model.convert import from_cop_gen_beta
 from model.diffusion import NOISE_TIMESTEP, alphas_cumprod, draw_timesteps, noisy_inputs
-from model.sample import chain, generate
+from model.sample import chain, generate, network_step
 from model.train import train
 from model.uvit import MultiModalUViT
 
@@ -260,8 +260,28 @@ def test_generate__guidance_unconditional_and_errors():
         generate(net, cond, ["Z"])
     with pytest.raises(ValueError, match="not conditions"):
         generate(net, cond, ["B"], guidance={"C": 1.0})
-    loops = chain(net, {"A": cond["A"]}, ["A"], ["B"], 3, steps=3, seed=0)
-    assert len(loops) == 3 and "B" in loops[0] and "A" in loops[1]
+    loops = chain(network_step(net, seed=0, steps=3), {"A": cond["A"]}, ["A"], ["B"], 3)
+    assert [sorted(x) for x in loops] == [["B"], ["A"], ["B"]]  # each iteration's generated side
+    assert torch.equal(loops[0]["B"], generate(net, cond, ["B"], steps=3, seed=0)["B"])
+    assert torch.equal(loops[1]["A"], generate(net, loops[0], ["A"], steps=3, seed=1)["A"])  # seed + iteration
+
+
+def test_chain__alternates_sides_and_counts_iterations():
+    calls = []
+
+    def step(condition, modalities, iteration):
+        calls.append((sorted(condition), modalities, iteration))
+        return {m: sum(condition.values()) + 1 for m in modalities}
+
+    out = chain(step, {"A": torch.zeros(1), "C": torch.zeros(1), "X": torch.ones(1)}, ["A", "C"], ["B"], 3)
+    assert calls == [(["A", "C"], ["B"], 0), (["B"], ["A", "C"], 1), (["A", "C"], ["B"], 2)]
+    assert [{m: float(v) for m, v in x.items()} for x in out] == [{"B": 1.0}, {"A": 2.0, "C": 2.0}, {"B": 5.0}]
+    with pytest.raises(ValueError, match="non-empty and disjoint"):
+        chain(step, {"A": torch.zeros(1)}, ["A"], ["A"], 1)
+    with pytest.raises(ValueError, match="start lacks"):
+        chain(step, {}, ["A"], ["B"], 1)
+    with pytest.raises(ValueError, match="not all of"):
+        chain(lambda c, g, i: {}, {"A": torch.zeros(1)}, ["A"], ["B"], 1)
 
 
 # ----------------------------------------------------------------------------- training
