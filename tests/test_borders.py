@@ -41,3 +41,23 @@ def test_importing_every_core_module_loads_no_torch():
             "print(sorted(n for n in ('torch', 'diffusers', 'model', 'pipelines') if n in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_core_commands_run_without_torch_and_the_others_say_what_to_install(tmp_path):
+    """torch is the ``model`` extra: without it the core commands work and a model command
+    names what to install (exit 2, no traceback)."""
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        code = ("import sys; sys.modules['torch'] = None  # as if torch were not installed\n"
+                f"sys.argv = ['majortom-gen', *{list(args)!r}]\n"
+                "from pipelines.cli import app\napp()")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+
+    located = run("grid", "locate", "--lat", "45.07", "--lon", "7.69")
+    assert located.returncode == 0 and "501U_60R" in located.stdout, located.stderr[-2000:]
+    synth = run("synth", "--cells", "501U_60R", "--out", str(tmp_path / "w"), "--modalities", "DEM", "--workers", "1")
+    assert synth.returncode == 0, synth.stderr[-2000:]
+    trained = run("train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "run"))
+    assert trained.returncode == 2 and "majortom-gen[model]" in trained.stderr and "Traceback" not in trained.stderr

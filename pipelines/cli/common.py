@@ -38,6 +38,14 @@ err_console = Console(stderr=True)
 EXIT_COMPLETED_WITH_ERRORS = 3  # a batch job that finished but isolated some items
 
 
+MODEL_EXTRA = ("torch", "diffusers", "accelerate", "scipy", "torchmetrics", "transformers")  # pyproject's [model]
+
+
+def missing_model_extra(module: str) -> str:
+    return (f"this command needs the model side of majortom-gen ({module} is not installed): "
+            "pip install 'majortom-gen[model]' (with the PyTorch build for your machine, e.g. torch==2.13.0 for CPU)")
+
+
 def user_errors(fn):
     """Turn MajorTomGenError into one line on stderr and exit code 2."""
 
@@ -45,6 +53,12 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in MODEL_EXTRA:
+                raise
+            err_console.print(Text.assemble(("error: ", "bold red"), missing_model_extra(exc.name)), highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(2) from None
         except (MajorTomGenError, OSError) as exc:  # OSError: unwritable --out, full disk, ...
             err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
