@@ -1,4 +1,10 @@
-"""The train/test split of the published COP-GEN-Beta weights, and what it takes to know it.
+"""Train/test splits by grid cell: this project's (:func:`split_cells`, seeded, optionally in
+spatial blocks; a training set's recorded one, :func:`recorded_split`) and the published
+COP-GEN-Beta weights' (:func:`official_split`), with what it takes to know the latter.
+
+No cell is ever in both splits: fragments of one cell overlap in time and space, so a cell
+split keeps the test fragments unseen; spatial blocks keep whole neighbourhoods on one side.
+
 
 The official data preparation (COP-GEN-Beta ``prepare_dataset_images.py`` with
 ``majortom/NMajorTOM.py``, defaults ``--ratio_train_test 0.95 --seed 42``) splits by grid
@@ -24,9 +30,55 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+import numpy as np
 
 from majortom_gen.errors import MajorTomGenError
+from majortom_gen.grid import parse_cell_id
+
+
+def split_cells(cells: Iterable[str], test_fraction: float = 0.05, seed: int = 0,
+                block: int = 1) -> tuple[list[str], list[str]]:
+    """``(train, test)`` cell ids, sorted, reproducible for a seed whatever the order of ``cells``.
+
+    Cells are grouped into ``block x block`` blocks of neighbouring grid cells (``block=1``:
+    one cell each) and whole groups, in a seeded permutation of the sorted groups, go to test
+    until it holds ``round(test_fraction * n)`` cells (at least one when ``test_fraction > 0``
+    and there are several groups). A split that would leave nothing to train on is refused."""
+    if not 0 <= test_fraction < 1:
+        raise MajorTomGenError(f"test fraction must be in [0, 1), got {test_fraction}")
+    if block < 1:
+        raise MajorTomGenError(f"block size must be >= 1, got {block}")
+    ordered = sorted(set(cells))
+    groups: dict[object, list[str]] = defaultdict(list)
+    for cell in ordered:
+        row, col = parse_cell_id(cell) if block > 1 else (0, 0)
+        groups[(row // block, col // block) if block > 1 else cell].append(cell)
+    keys = sorted(groups)
+    target = int(round(test_fraction * len(ordered)))
+    if test_fraction > 0 and len(keys) > 1:
+        target = max(target, 1)
+    test: list[str] = []
+    for i in np.random.default_rng(seed).permutation(len(keys)):
+        if len(test) >= target:
+            break
+        test += groups[keys[i]]
+    if target and len(test) == len(ordered):
+        raise MajorTomGenError(f"{len(ordered)} cell(s) in {len(keys)} block(s) cannot be split with test fraction "
+                               f"{test_fraction}: nothing would be left to train on; use a smaller block or more cells")
+    test_set = set(test)
+    return [c for c in ordered if c not in test_set], sorted(test)
+
+
+def recorded_split(manifest: dict) -> dict[str, str] | None:
+    """``{cell: 'train' | 'test'}`` recorded in a store's manifest by ``majortom-gen dataset
+    build``, if the store is such a training set (it then overrides any seeded split)."""
+    d = manifest.get("dataset")
+    if not d:
+        return None
+    return {c: s for s, cells in d["cells"].items() for c in cells}
 
 OFFICIAL_RATIO = 0.95
 OFFICIAL_SEED = 42

@@ -4,12 +4,13 @@
 Layout::
 
     STORE/
-      manifest.json        format, codec (name, config hash, config), fragment mode, modalities, and per
+      manifest.json        format, codec (name, config hash, config; ``source``: where an sd-vae came
+                           from), fragment mode, modalities, and per
                            shard: file, rows, bytes and sha256 as written, cells (grouped by the
                            modalities they have in it)
       shards/part-*.parquet GeoParquet 1.0; each holds whole cells (all their fragments); its footer
                            records the store header and its cells, so a lost manifest can be rebuilt
-      codec/               the codec's own files, when it is stored with the store (patch-pca)
+      codec/               the codec's own files, when it is stored with the store (small-vae, patch-pca)
       ingest-errors.jsonl  cells (and modalities) the last ingest could not store, with reasons
       cache/               memory-mappable arrays built by the training reader
       write.lock           while a writer runs: its pid, host, purpose and start time (JSON)
@@ -54,7 +55,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,8 @@ from majortom_gen.fragments import FRAGMENT_PX
 from majortom_gen.georef import product_box
 from majortom_gen.grid import parse_cell_id
 from majortom_gen.modalities import MODALITY_NAMES
+from majortom_gen.splits import recorded_split, split_cells
+from majortom_gen.staging import atomic_path, is_temporary, swap_in, write_text_atomic
 from majortom_gen.store_lock import (  # noqa: F401 (re-exported: the store's write lock)
     LOCK_FILE,
     StaleLockWarning,
@@ -87,6 +90,7 @@ from majortom_gen.store_lock import (  # noqa: F401 (re-exported: the store's wr
 FORMAT = "majortom-gen-latent-store"
 VERSION = 1
 MOMENT_SHAPE = (8, 32, 32)  # mean (4) and log-variance (4) of a kl-f8 style latent, 32x32
+CODEC_DIR = "codec"  # STORE/codec: the codec's own files, when the store keeps them
 MOMENT_SIZE = int(np.prod(MOMENT_SHAPE))
 
 
@@ -106,14 +110,18 @@ def store_schema(modalities: Sequence[str] = MODALITY_NAMES) -> pa.Schema:
 
 @dataclass(frozen=True)
 class CodecInfo:
-    """Which codec produced a store's latents."""
+    """Which codec produced a store's latents (``name`` and ``config_hash`` identify it), and
+    where it came from when the store does not keep a copy (``source``: an sd-vae's hub id,
+    absolute folder or weights file, or ``ENCODE,DECODE``)."""
 
     name: str
     config_hash: str
     config: dict
+    source: str | None = None
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "config_hash": self.config_hash, "config": self.config}
+        record = {"name": self.name, "config_hash": self.config_hash, "config": self.config}
+        return {**record, "source": self.source} if self.source else record
 
 
 @dataclass
@@ -287,14 +295,10 @@ def write_shard_file(root: str | os.PathLike, table: pa.Table) -> str:
     modalities = header.get("modalities") or [m for m in MODALITY_NAMES if m in table.column_names]
     record = {"store": header, "cells": _pack_cells(cells_index(table, modalities))}
     name = f"part-{uuid.uuid4().hex[:16]}.parquet"
-    tmp = shard_dir / f".{name}.tmp"
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"geo": _geo_metadata(table),
                                            _META_KEY: json.dumps(record).encode()})
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd", row_group_size=1024)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, shard_dir / name)
+    with atomic_path(shard_dir / name, sync=True) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=1024)
     return name
 
 
@@ -435,9 +439,7 @@ class LatentStore:
         return store
 
     def _write_manifest(self) -> None:
-        tmp = self.root / f".manifest.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps(self.manifest, indent=1))
-        os.replace(tmp, self.root / "manifest.json")
+        write_text_atomic(self.root / "manifest.json", json.dumps(self.manifest, indent=1))
 
     @contextmanager
     def _writing(self, purpose: str) -> Iterator[None]:
@@ -457,7 +459,7 @@ class LatentStore:
         shard_dir = self.root / "shards"
         listed = {s["file"] for s in self.manifest["shards"]}
         orphans = [p.name for p in sorted(shard_dir.glob("part-*.parquet")) if p.name not in listed]
-        leftovers = list(shard_dir.glob(".*.tmp")) + list(self.root.glob(".manifest.*.tmp"))
+        leftovers = _temporaries(shard_dir) + _temporaries(self.root)
         if not orphans and not leftovers:
             return
         if holds_lock(self.root):
@@ -489,6 +491,20 @@ class LatentStore:
     @property
     def codec(self) -> dict:
         return self.manifest["codec"]
+
+    @property
+    def codec_dir(self) -> Path:
+        """``STORE/codec``: where the store keeps its codec (small-vae, patch-pca)."""
+        return self.root / CODEC_DIR
+
+    @property
+    def codec_source(self) -> str | None:
+        """Where the store's codec can be loaded from: the source recorded at ingest (an sd-vae's
+        hub id, folder or weights file), else the store's own copy, else None."""
+        recorded = self.codec.get("source")
+        if recorded:
+            return recorded
+        return str(self.codec_dir) if (self.codec_dir / "codec.json").is_file() else None
 
     def write_shard(self, table: pa.Table) -> str | None:
         """Write one shard atomically and list it in the manifest. Returns its file name (None
@@ -667,6 +683,17 @@ class LatentStore:
                 "fragment_mode": self.manifest["fragment_mode"], "size_bytes": size}
 
 
+def _is_leftover(name: str) -> bool:
+    """A temporary file of an interrupted write: :func:`staging.atomic_path`'s, or the
+    ``.NAME.tmp`` of stores written by earlier versions."""
+    return is_temporary(name) or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    """The leftover temporary files directly in ``folder``."""
+    return [p for p in folder.glob(".*") if p.is_file() and _is_leftover(p.name)] if folder.is_dir() else []
+
+
 def _refuse_unlisted_folder(root: Path) -> None:
     """A folder without manifest.json may become a new store only if it holds nothing but what a
     first ingest leaves before writing the manifest (codec, lock, temporary files)."""
@@ -674,197 +701,10 @@ def _refuse_unlisted_folder(root: Path) -> None:
         return
     if any((root / "shards").glob("part-*.parquet")):
         raise StoreError(f"{root}: the store has shards but no manifest.json; {_repair_hint(root)}")
-    other = [p.name for p in root.iterdir() if p.name not in ("codec", "shards", LOCK_FILE)
-             and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+    other = [p.name for p in root.iterdir() if p.name not in (CODEC_DIR, "shards", LOCK_FILE)
+             and not _is_leftover(p.name)]
     if other:
         raise StoreError(f"{root}: exists, is not empty and has no manifest.json; not a latent store")
-
-
-# ----------------------------------------------------------------------------- check and repair
-QUARANTINE_DIR = "quarantine"
-
-
-@dataclass
-class ShardProblem:
-    """A shard that is ``missing`` (listed, not on disk), ``unreadable``, ``changed`` (readable,
-    but not what was written) or ``unlisted`` (on disk, not in the manifest)."""
-
-    file: str
-    problem: str
-    reason: str
-    cells: dict[str, list[str]] | None = None  # cell -> modalities it held; None: unknown
-
-
-@dataclass
-class StoreCheck:
-    """What :func:`check_store` found, and what ``repair`` did."""
-
-    root: Path
-    shards: int = 0  # intact shards
-    rows: int = 0  # rows in them
-    manifest: str | None = None  # what is wrong with manifest.json
-    problems: list[ShardProblem] = field(default_factory=list)
-    duplicates: list[str] = field(default_factory=list)  # "cell fragment k: M in part-a, part-b"
-    repaired: bool = False
-    moved: list[str] = field(default_factory=list)  # shards moved to quarantine/
-    reingest: dict[str, list[str]] = field(default_factory=dict)  # cell -> modalities lost
-    unknown: list[str] = field(default_factory=list)  # lost shards whose cells nobody recorded
-    intact: list[str] = field(default_factory=list)  # readable shards: listed ones in manifest order, then unlisted
-    header: dict | None = None  # the old manifest's store header, when it was readable
-    extra: dict = field(default_factory=dict)  # the old manifest's other keys (e.g. a dataset's split)
-    writer: str | None = None  # the writer holding the lock while the store was checked, if any
-
-    @property
-    def ok(self) -> bool:
-        return self.manifest is None and not self.problems and not self.duplicates
-
-
-def _load_manifest(root: Path) -> tuple[dict | None, str | None]:
-    path = root / "manifest.json"
-    if not path.exists():
-        return None, "missing"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return None, f"unreadable ({exc})"
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("shards"), list):
-        return None, f"not a {FORMAT} manifest"
-    return manifest, None
-
-
-def _verify_shard(path: Path, modalities: Sequence[str]) -> pa.Table:
-    """Read a whole shard (every page decompressed); its key columns and latents must be there."""
-    table = pq.read_table(path)
-    lacking = [c for c in ("grid_cell", "fragment_index", *modalities) if c not in table.column_names]
-    if lacking:
-        raise StoreError(f"not a store shard: no column(s) {lacking}")
-    return table
-
-
-def _fragment_keys(table: pa.Table, modalities: Sequence[str], file: str) -> pd.DataFrame:
-    cells = table.column("grid_cell").to_numpy(zero_copy_only=False)
-    frags = table.column("fragment_index").to_numpy(zero_copy_only=False)
-    parts = []
-    for m in modalities:
-        valid = table.column(m).is_valid().to_numpy(zero_copy_only=False)
-        parts.append(pd.DataFrame({"cell": cells[valid], "fragment": frags[valid], "modality": m, "file": file}))
-    return pd.concat(parts, ignore_index=True)
-
-
-def _duplicates(keys: pd.DataFrame) -> list[str]:
-    if keys.empty:
-        return []
-    dup = keys[keys.duplicated(["cell", "fragment", "modality"], keep=False)]
-    out = []
-    for (cell, frag, m), rows in dup.groupby(["cell", "fragment", "modality"], sort=True):
-        out.append(f"{cell} fragment {frag}: {m} stored twice (in {', '.join(sorted(set(rows['file'])))})")
-    return out
-
-
-def check_store(root: str | os.PathLike, repair: bool = False) -> StoreCheck:
-    """Read every shard of the store at ``root`` and report missing, unreadable, changed and
-    unlisted shards and fragments stored twice. With ``repair`` (under the write lock):
-    unreadable shards are moved to ``root/quarantine/``, the manifest is rebuilt from the
-    intact shards (its header from the old manifest, or else from the shards' footers; a
-    fragment stored twice keeps its first copy), and the cells whose latents were lost are
-    listed in ``reingest`` so that the next ``ingest`` of them adds them again."""
-    root = Path(root)
-    if not root.is_dir():
-        raise StoreError(f"{root}: no such folder")
-    if not repair:
-        report = _check(root)
-        holder = lock_holder(root)
-        report.writer = holder_text(holder) if holder else None
-        return report
-    with store_lock(root, "store check --repair"):
-        report = _check(root)
-        if not report.ok:
-            _repair(root, report)
-    return report
-
-
-def _check(root: Path) -> StoreCheck:
-    manifest, manifest_problem = _load_manifest(root)
-    shard_dir = root / "shards"
-    on_disk = sorted(p.name for p in shard_dir.glob("part-*.parquet"))
-    if manifest is None and not on_disk:
-        raise StoreError(f"{root}: not a latent store (manifest.json {manifest_problem}, no shards/part-*.parquet)")
-    report = StoreCheck(root, manifest=manifest_problem)
-    entries = {e["file"]: e for e in (manifest or {}).get("shards", [])}
-    modalities = (manifest or {}).get("modalities") or list(MODALITY_NAMES)
-    keys = []
-    for name in list(entries) + [n for n in on_disk if n not in entries]:
-        entry, path = entries.get(name), shard_dir / name
-        held = {c: sorted(m) for c, m in _unpack_cells(entry["cells"]).items()} if entry and "cells" in entry else None
-        if not path.exists():
-            report.problems.append(ShardProblem(name, "missing", "listed in manifest.json, not on disk", held))
-            continue
-        try:
-            table = _verify_shard(path, modalities)
-        except (pa.ArrowException, OSError, StoreError) as exc:
-            report.problems.append(ShardProblem(name, "unreadable", str(exc), held))
-            continue
-        if entry is None:
-            report.problems.append(ShardProblem(name, "unlisted", "on disk, not in manifest.json (adopted by a repair)"))
-        elif "sha256" in entry and _sha256(path) != entry["sha256"]:
-            report.problems.append(ShardProblem(name, "changed", "readable, but not the file that was written "
-                                                "(sha256 differs; a repair records it as it is now)"))
-        report.intact.append(name)
-        report.shards += 1
-        report.rows += table.num_rows
-        keys.append(_fragment_keys(table, modalities, name))
-    report.duplicates = _duplicates(pd.concat(keys, ignore_index=True) if keys else pd.DataFrame())
-    report.header = _store_header(manifest) if manifest else None
-    report.extra = {k: v for k, v in (manifest or {}).items() if k != "shards"}
-    return report
-
-
-def _header_from_shards(root: Path, names: Sequence[str]) -> dict:
-    for name in names:
-        try:
-            header = _footer(root / "shards" / name)[1].get("store")
-        except (pa.ArrowException, OSError):
-            continue
-        if header and header.get("format") == FORMAT and "codec" in header:
-            return header
-    raise StoreError(f"{root}: cannot rebuild manifest.json: no intact shard records the store's codec (shards "
-                     "written by majortom-gen before `store check` existed do not); restore manifest.json from a "
-                     "backup, or ingest the cells into a new store")
-
-
-def _quarantine(root: Path, name: str) -> str:
-    folder = root / QUARANTINE_DIR
-    folder.mkdir(exist_ok=True)
-    target = folder / name
-    if target.exists():
-        target = folder / f"{Path(name).stem}.{uuid.uuid4().hex[:8]}.parquet"
-    os.replace(root / "shards" / name, target)
-    return str(target.relative_to(root))
-
-
-def _repair(root: Path, report: StoreCheck) -> None:
-    for p in report.problems:
-        if p.problem == "unreadable":
-            report.moved.append(_quarantine(root, p.file))
-    header = report.header or _header_from_shards(root, report.intact)
-    manifest = {**report.extra, **header, "shards": []}
-    store = LatentStore(root, manifest)
-    store._index = {}
-    for name in report.intact:  # a (cell, modality) already listed is dropped from later shards
-        store.add_shard(name, trust_footer=False)
-    store._write_manifest()
-    stored = store._stored_index()
-    for p in report.problems:
-        if p.problem not in ("missing", "unreadable"):
-            continue
-        if p.cells is None:
-            report.unknown.append(p.file)
-            continue
-        for cell, mods in p.cells.items():
-            lost = sorted(set(mods) - stored.get(cell, set()))
-            if lost:
-                report.reingest[cell] = sorted(set(report.reingest.get(cell, [])) | set(lost))
-    report.repaired = True
 
 
 @dataclass
@@ -892,21 +732,6 @@ def moment_array(table: pa.Table, column: str, dtype=np.float16) -> np.ndarray:
     return np.asarray(flat.to_numpy(zero_copy_only=False), dtype=dtype).reshape((-1,) + MOMENT_SHAPE)
 
 
-def split_cells(cells: Iterable[str], test_fraction: float = 0.05, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Reproducible train/test split by grid cell (no cell in both): a seeded permutation
-    of the sorted cell ids."""
-    if not 0 <= test_fraction < 1:
-        raise StoreError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    ordered = sorted(set(cells))
-    perm = np.random.default_rng(seed).permutation(len(ordered))
-    n_test = int(round(test_fraction * len(ordered)))
-    if test_fraction > 0 and len(ordered) > 1:
-        n_test = max(n_test, 1)
-    test = sorted(ordered[i] for i in perm[:n_test])
-    train = sorted(ordered[i] for i in perm[n_test:])
-    return train, test
-
-
 def has_all(table: pa.Table, modalities: Sequence[str]) -> np.ndarray:
     """Boolean mask of the rows that have every one of ``modalities``."""
     mask = np.ones(table.num_rows, bool)
@@ -921,15 +746,6 @@ def complete_rows(table: pa.Table, modalities: Sequence[str], what: str) -> pa.T
     if table.num_rows == 0:
         raise StoreError(f"no fragment of {what} has all of {list(modalities)}")
     return table
-
-
-def recorded_split(store: LatentStore) -> dict[str, str] | None:
-    """``{cell: 'train' | 'test'}`` recorded by ``majortom-gen dataset build``, if the store is
-    such a training set (then it overrides ``test_fraction``/``seed`` splits)."""
-    d = store.manifest.get("dataset")
-    if not d:
-        return None
-    return {c: s for s, cells in d["cells"].items() for c in cells}
 
 
 def load_aligned(store: LatentStore, modalities: Sequence[str], *, split: str | None = None,
@@ -956,7 +772,7 @@ def load_aligned(store: LatentStore, modalities: Sequence[str], *, split: str | 
     if split is not None:
         if split not in ("train", "test"):
             raise StoreError(f"split must be 'train' or 'test', got {split!r}")
-        recorded = recorded_split(store)
+        recorded = recorded_split(store.manifest)
         if recorded is not None:
             keep = {c for c, s in recorded.items() if s == split}
         else:
@@ -975,9 +791,7 @@ def load_aligned(store: LatentStore, modalities: Sequence[str], *, split: str | 
         np.save(tmp / "grid_cell.npy", cells)
         np.save(tmp / "fragment_index.npy", frag)
         (tmp / "done").write_text("")
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        os.replace(tmp, cache_dir)
+        swap_in(tmp, cache_dir)
         for old in cache_dir.parent.glob(f"{prefix}_*"):  # caches of earlier store contents
             if old.is_dir() and old != cache_dir and not old.name.endswith(".tmp"):
                 shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,7 @@ from majortom_gen.selection import select
 from majortom_gen.staging import check_output, staged_folder
 from model.codec_training import CodecTrainConfig, train_small_vae
 from majortom_gen.store import LatentStore
-from model.codecs import CODEC_RECORD, Codec, fit_latent_norms, load_codec, reconstruction_psnr
+from model.codecs import Codec, fit_latent_norms, load_codec, reconstruction_psnr
 from pipelines.ingest import read_fragments
 
 PSNR_FRAGMENTS = 64  # per modality: the reconstruction PSNR recorded with a trained codec
@@ -38,15 +38,14 @@ DECODE_BATCH = 64  # latents decoded per call
 
 
 def open_store_codec(store_dir: str | os.PathLike, source: str | None = None, device: str = "cpu") -> Codec | None:
-    """The codec that made a store's latents: the copy kept with the store (``STORE/codec``:
-    small-vae, patch-pca), or the sd-vae at ``source`` (hub id, folder or state-dict file, or
-    ENCODE,DECODE), checked against the store's record. None when it cannot be had offline
-    (sd-vae without ``source``)."""
+    """The codec that made a store's latents, checked against the store's record: the one at
+    ``source`` (an sd-vae's hub id, folder or state-dict file, or ENCODE,DECODE to decode with
+    other weights), else where the store says it is (:attr:`LatentStore.codec_source`: its own
+    copy in ``STORE/codec`` for small-vae and patch-pca, the recorded source for sd-vae). None
+    when it cannot be had (an sd-vae store made before sources were recorded)."""
     store = LatentStore.open(store_dir)
     name = store.codec["name"]
-    folder = Path(store_dir) / "codec"
-    if source is None and (folder / CODEC_RECORD).exists():
-        source = str(folder)
+    source = source or store.codec_source
     if source is None:
         return None
     codec = load_codec(name, source, device=device)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from majortom_gen.errors import MajorTomGenError
-from majortom_gen.grid import parse_cell_id
+from majortom_gen.splits import split_cells
 from majortom_gen.staging import check_output, staged_folder
 from majortom_gen.store import MOMENT_SHAPE, LatentStore, complete_rows, store_schema
 
@@ -40,36 +39,6 @@ class DatasetResult:
     cells: dict[str, list[str]]  # split -> cells
     fragments: dict[str, int]  # split -> fragments
     files: list[Path] = field(default_factory=list)
-
-
-def spatial_split(cells: Sequence[str], test_fraction: float = 0.05, seed: int = 0, block: int = 4) -> dict[str, str]:
-    """``{cell: 'train' | 'test'}``, whole ``block x block`` groups of neighbouring cells at a
-    time, reproducible for a seed (independent of the order of ``cells``)."""
-    if not 0 <= test_fraction < 1:
-        raise MajorTomGenError(f"--test-fraction must be in [0, 1), got {test_fraction}")
-    if block < 1:
-        raise MajorTomGenError(f"--block-size must be >= 1, got {block}")
-    groups: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for cell in sorted(set(cells)):
-        row, col = parse_cell_id(cell)
-        groups[(row // block, col // block)].append(cell)
-    keys = sorted(groups)
-    order = np.random.default_rng(seed).permutation(len(keys))
-    target = int(round(test_fraction * len(set(cells))))
-    if test_fraction > 0 and len(keys) > 1:
-        target = max(target, 1)
-    split = {c: "train" for c in set(cells)}
-    taken = 0
-    for i in order:
-        if taken >= target:
-            break
-        for c in groups[keys[i]]:
-            split[c] = "test"
-        taken += len(groups[keys[i]])
-    if target and taken == len(split):  # never put everything in test
-        raise MajorTomGenError(f"{len(split)} cell(s) in {len(keys)} block(s) cannot be split with "
-                               f"test fraction {test_fraction}; use a smaller --block-size or more cells")
-    return split
 
 
 def build_dataset(store_dir: str | os.PathLike, out: str | os.PathLike, *, cells: Sequence[str] | None = None,
@@ -94,7 +63,8 @@ def build_dataset(store_dir: str | os.PathLike, out: str | os.PathLike, *, cells
             raise MajorTomGenError(f"none of the {len(set(cells))} selected cells is in the store {store_dir}")
     table = complete_rows(table, mods, "the selection")
     chosen = sorted(set(table.column("grid_cell").to_pylist()))
-    assignment = spatial_split(chosen, test_fraction, seed, block if split == "spatial" else 1)
+    train, test = split_cells(chosen, test_fraction, seed, block if split == "spatial" else 1)
+    assignment = {**{c: "train" for c in train}, **{c: "test" for c in test}}
     table = table.append_column("split", pa.array([assignment[c] for c in table.column("grid_cell").to_pylist()],
                                                   pa.string()))
     by_split = {s: sorted(c for c, v in assignment.items() if v == s) for s in SPLITS}
@@ -102,8 +72,8 @@ def build_dataset(store_dir: str | os.PathLike, out: str | os.PathLike, *, cells
     final = Path(out)
     with staged_folder(final, overwrite=overwrite, inputs=(store_dir,), kind="dataset build") as tmp:
         subset = LatentStore.create(tmp, _codec_info(store), store.manifest["fragment_mode"], modalities=mods)
-        if (Path(store_dir) / "codec").is_dir():
-            shutil.copytree(Path(store_dir) / "codec", tmp / "codec")
+        if store.codec_dir.is_dir():
+            shutil.copytree(store.codec_dir, subset.codec_dir)
         subset.write_shard(table)
         subset.manifest["dataset"] = {"source_store": str(Path(store_dir).resolve()), "split": split,
                                       "test_fraction": test_fraction, "seed": seed,
@@ -121,7 +91,7 @@ def _codec_info(store: LatentStore):
     from majortom_gen.store import CodecInfo
 
     c = store.codec
-    return CodecInfo(c["name"], c["config_hash"], c["config"])
+    return CodecInfo(c["name"], c["config_hash"], c["config"], source=c.get("source"))
 
 
 def export_hf(table: pa.Table, folder: Path, modalities: Sequence[str], manifest: dict) -> Path:

@@ -42,10 +42,10 @@ from majortom_gen.georef import normalise_crs, product_box
 from majortom_gen.grid import parse_cell_id
 from majortom_gen.modalities import MODALITY_NAMES, get_modality
 from majortom_gen.selection import Filters, Selection, select
-from majortom_gen.store import CellLatents, CodecInfo, LatentStore, cells_table, store_lock, write_shard_file
+from majortom_gen.staging import swap_in, write_text_atomic
+from majortom_gen.store import CODEC_DIR, CellLatents, CodecInfo, LatentStore, cells_table, store_lock, write_shard_file
 
 ERRORS_FILE = "ingest-errors.jsonl"
-CODEC_DIR = "codec"
 
 
 @dataclass(frozen=True)
@@ -147,23 +147,48 @@ def _on_dask_worker() -> bool:
         return False
 
 
-def _worker_codec(name: str, source: str | None, device: str, precision: str, threads: int):
+@dataclass(frozen=True)
+class CodecSpec:
+    """How an encode task opens the store's codec: ``name``, ``source`` (a codec folder, or an
+    sd-vae's hub id, folder or weights file), ``device``, ``precision`` (fp32, fp16, bf16) and
+    torch ``threads`` per Dask worker."""
+
+    name: str
+    source: str | None
+    device: str
+    precision: str
+    threads: int
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What every encode task of one ingest shares: the store, the codec, the fragment mode,
+    the images per codec call and the modalities of the store."""
+
+    store_root: str
+    codec: CodecSpec
+    fragment_mode: str
+    encode_batch: int
+    modalities: tuple[str, ...]
+
+
+def _worker_codec(spec: CodecSpec):
     """The codec, loaded once per worker process."""
     import torch
 
     from model.codecs import load_codec
 
     if _on_dask_worker():  # workers share the cores; in-process (synchronous) runs keep the caller's setting
-        torch.set_num_threads(max(threads, 1))
-    key = (name, source, device, precision)
+        torch.set_num_threads(max(spec.threads, 1))
+    key = (spec.name, spec.source, spec.device, spec.precision)
     if key not in _CODECS:
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        _CODECS[key] = load_codec(name, source, device=device, dtype=dtype)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec.precision]
+        _CODECS[key] = load_codec(spec.name, spec.source, device=spec.device, dtype=dtype)
     return _CODECS[key]
 
 
-def encode_task(store_root: str, batch: list[str], products: dict[str, dict[str, tuple]], decoded: list[tuple[str, dict]],
-                codec_spec: tuple, mode: str, encode_batch: int, modalities: tuple[str, ...]) -> dict[str, Any]:
+def encode_task(settings: EncodeSettings, batch: list[str], products: dict[str, dict[str, tuple]],
+                decoded: list[tuple[str, dict]]) -> dict[str, Any]:
     """Encode a batch of cells and write one store shard. Returns the shard name (None if
     nothing to write), the cells written and the cells quarantined with reasons."""
     import torch
@@ -179,23 +204,23 @@ def encode_task(store_root: str, batch: list[str], products: dict[str, dict[str,
             else:
                 frags[cell][modality] = value
     good = [c for c in batch if c not in quarantined and frags.get(c)]
-    codec = _worker_codec(*codec_spec)
-    windows = fragment_windows(mode)
+    codec = _worker_codec(settings.codec)
+    windows = fragment_windows(settings.fragment_mode)
     moments: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
-    for modality in modalities:
+    for modality in settings.modalities:
         cells = [c for c in good if modality in frags[c]]
         if not cells:
             continue
         stack = np.concatenate([frags[c][modality] for c in cells])  # (n_cells * n_frag, 256, 256, 3)
         parts = []
-        for i in range(0, len(stack), encode_batch):
-            x = torch.from_numpy(to_unit_range(stack[i:i + encode_batch]))
+        for i in range(0, len(stack), settings.encode_batch):
+            x = torch.from_numpy(to_unit_range(stack[i:i + settings.encode_batch]))
             parts.append(codec.encode_moments(x).numpy().astype(np.float16))
         enc = np.concatenate(parts).reshape(len(cells), len(windows), 8, 32, 32)
         for c, e in zip(cells, enc):
             moments[c][modality] = e
     latents = [CellLatents(c, windows, moments[c], products[c]) for c in good]
-    name = write_shard_file(store_root, cells_table(latents, modalities)) if latents else None
+    name = write_shard_file(settings.store_root, cells_table(latents, settings.modalities)) if latents else None
     return {"shard": name, "cells": good, "fragments": len(good) * len(windows), "quarantined": quarantined}
 
 
@@ -274,56 +299,71 @@ def _device(option: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def prepare_codec(store_root: Path, selection: Selection, batches: list[list[str]], options: IngestOptions) -> tuple[tuple, dict, float | None]:
-    """The codec spec workers load, its info for the manifest, and its reconstruction PSNR
-    (dB) on the first cells when the store's codec is set up now.
+def prepare_codec(store_root: Path, selection: Selection, batches: list[list[str]],
+                  options: IngestOptions) -> tuple[CodecSpec, CodecInfo, float | None]:
+    """The codec for a store: how workers open it, what the manifest records, and the
+    reconstruction PSNR (dB) of the first cells when it was set up now (else None).
 
     small-vae and patch-pca are kept with the store (``STORE/codec``): small-vae copied from
     ``codec_source`` (default: the shipped one), patch-pca copied from ``codec_source`` or
     fitted on the first ``fit_cells`` cells. sd-vae is loaded from ``codec_source`` and recorded
-    by its hash."""
-    import shutil
-
-    import torch
-
-    from model.codecs import CODEC_NAMES, CODEC_RECORD, SHIPPED_CODEC, fit_patch_pca, load_codec, reconstruction_psnr
+    by its hash and its source (so later commands need not be given it again)."""
+    from model.codecs import CODEC_NAMES, CODEC_RECORD, load_codec
 
     if options.codec not in CODEC_NAMES:
         raise MajorTomGenError(f"unknown codec {options.codec!r}; valid codecs: {', '.join(CODEC_NAMES)}")
     device = _device(options.device)
-    first = [c for b in batches for c in b][: max(options.fit_cells, 1)]
     if options.codec == "sd-vae":
         if options.codec_source is None:
             raise MajorTomGenError("--codec sd-vae needs --codec-source (hub id, folder, or autoencoder_kl_ema.pth)")
-        codec = load_codec("sd-vae", options.codec_source)
-        return ("sd-vae", options.codec_source, device, options.precision, options.threads), codec.info(), None
+        source = _recorded_source(options.codec_source)
+        info = load_codec("sd-vae", source).info()
+        return (CodecSpec("sd-vae", source, device, options.precision, options.threads),
+                CodecInfo(info["name"], info["config_hash"], info["config"], source=source), None)
     folder = store_root / CODEC_DIR
     psnr = None
-    for stale in store_root.glob(".codec-*.tmp"):  # left by a killed run (the caller holds the write lock)
-        shutil.rmtree(stale, ignore_errors=True)
     if not (folder / CODEC_RECORD).exists():
-        images = {m: torch.from_numpy(to_unit_range(np.concatenate(list(frags.values()))))
-                  for m, frags in read_fragments(selection, first, options.fragment_mode).items()}
-        if not images:
-            raise MajorTomGenError(f"cannot set up the {options.codec} codec: no readable product among the first cells")
-        tmp = store_root / f".codec-{uuid.uuid4().hex}.tmp"
-        store_root.mkdir(parents=True, exist_ok=True)
-        if options.codec == "patch-pca" and options.codec_source is None:
-            codec, psnr = fit_patch_pca(images)
-            codec.save(tmp)
-        elif options.codec == "patch-pca":  # an existing fit (e.g. a model's training store's codec)
-            codec = load_codec("patch-pca", options.codec_source)
-            shutil.copytree(options.codec_source, tmp)
-            psnr = reconstruction_psnr(codec, torch.cat([x[:8] for x in images.values()]))
-        else:
-            source = Path(options.codec_source) if options.codec_source else SHIPPED_CODEC
-            codec = load_codec("small-vae", source)  # checks that it is one
-            shutil.copytree(source, tmp)
-            psnr = reconstruction_psnr(codec, torch.cat([x[:8] for x in images.values()]))
-        os.replace(tmp, folder)
-    codec = load_codec(options.codec, str(folder))
+        first = [c for b in batches for c in b][: max(options.fit_cells, 1)]
+        psnr = _set_up_store_codec(folder, read_fragments(selection, first, options.fragment_mode), options)
+    info = load_codec(options.codec, str(folder)).info()
     on = device if options.codec == "small-vae" else "cpu"
-    return (options.codec, str(folder), on, options.precision, options.threads), codec.info(), psnr
+    return (CodecSpec(options.codec, str(folder), on, options.precision, options.threads),
+            CodecInfo(info["name"], info["config_hash"], info["config"]), psnr)
+
+
+def _recorded_source(source: str) -> str:
+    """An sd-vae source as the manifest records it: local paths made absolute (each of
+    ``ENCODE,DECODE``), hub ids as given."""
+    parts = [part.strip() for part in source.split(",")]
+    return ",".join(str(Path(part).resolve()) if Path(part).exists() else part for part in parts)
+
+
+def _set_up_store_codec(folder: Path, fragments: dict[str, dict[str, np.ndarray]], options: IngestOptions) -> float:
+    """Write the store's copy of a small-vae or patch-pca codec to ``folder`` (whole or not at
+    all); returns its reconstruction PSNR (dB) on the fragments of the first cells."""
+    import shutil
+
+    import torch
+
+    from model.codecs import SHIPPED_CODEC, fit_patch_pca, load_codec, reconstruction_psnr
+
+    images = {m: torch.from_numpy(to_unit_range(np.concatenate(list(frags.values())))) for m, frags in fragments.items()}
+    if not images:
+        raise MajorTomGenError(f"cannot set up the {options.codec} codec: no readable product among the first cells")
+    for stale in folder.parent.glob(".codec-*.tmp"):  # left by a killed run (the caller holds the write lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.parent / f".codec-{uuid.uuid4().hex}.tmp"
+    if options.codec == "patch-pca" and options.codec_source is None:
+        codec, psnr = fit_patch_pca(images)
+        codec.save(tmp)
+        swap_in(tmp, folder)
+        return psnr
+    # small-vae (default: the shipped one) or an existing patch-pca fit (e.g. a training store's)
+    source = Path(options.codec_source) if options.codec_source else SHIPPED_CODEC
+    codec = load_codec(options.codec, source)  # checks that it is one
+    shutil.copytree(source, tmp)
+    swap_in(tmp, folder)
+    return reconstruction_psnr(codec, torch.cat([x[:8] for x in images.values()]))
 
 
 def _client(options: IngestOptions):
@@ -370,25 +410,19 @@ def ingest(
 
 def _ingest_locked(source, selection: Selection, cells: list[str], store_root: Path, options: IngestOptions,
                    modalities: tuple[str, ...], progress: Callable[[int, int], None] | None) -> IngestReport:
-    """The body of :func:`ingest`, run under the store's write lock."""
+    """The body of :func:`ingest`, run under the store's write lock: plan, set up the codec and
+    the store, encode the batches, record what failed."""
     existing = LatentStore.open(store_root) if (store_root / "manifest.json").exists() else None
     stored = existing.cell_modalities() if existing else {}
     todo = plan_modalities(selection, stored)
     batches = plan_batches(todo, options.cells_per_shard)
-    failed, absent = split_missing(source, selection.missing)
-    already = [c for c in dict.fromkeys(cells) if c in stored and c not in todo]
-    report = IngestReport(str(store_root), len(cells), len(already), coverage=selection.coverage(),
-                          missing_modalities=absent, failed_modalities=failed)
-    no_products = [c for c in cells if c not in set(selection.products["grid_cell"])]
-    for c in no_products:
-        report.quarantined[c] = "no product of any modality matches this cell and the filters"
+    report = _start_report(source, selection, cells, store_root, stored, todo)
     if existing is None and not batches:
         raise MajorTomGenError("nothing to ingest: none of the selected cells has a product")
     codec_spec, codec_info, psnr = prepare_codec(store_root, selection, batches, options)
-    store = LatentStore.create(store_root, CodecInfo(codec_info["name"], codec_info["config_hash"], codec_info["config"]),
-                               options.fragment_mode, modalities)
-    report.codec, report.codec_psnr_db = codec_info, psnr
-    products = _products_of(selection)
+    store = LatentStore.create(store_root, codec_info, options.fragment_mode, modalities)
+    report.codec, report.codec_psnr_db = codec_info.as_dict(), psnr
+    settings = EncodeSettings(str(store_root), codec_spec, options.fragment_mode, options.encode_batch, tuple(modalities))
     total = sum(len(b) for b in batches)
     if progress:
         progress(0, total)
@@ -402,33 +436,56 @@ def _ingest_locked(source, selection: Selection, cells: list[str], store_root: P
         if progress:
             progress(report.cells_written + len(result["quarantined"]), total)
 
-    def args(batch: list[str], decoded: list) -> tuple:
-        wanted = {c: {m: p for m, p in products[c].items() if m in todo[c]} for c in batch}
-        return (str(store_root), batch, wanted, decoded, codec_spec,
-                options.fragment_mode, options.encode_batch, tuple(modalities))
-    if options.scheduler == "synchronous":
-        for batch in batches:
-            decoded = [(m, decode_task(m, shard, items, options.fragment_mode))
-                       for (m, shard), items in _decode_items(selection, batch, todo).items()]
-            finish(encode_task(*args(batch, decoded)))
-    elif batches:
-        from dask.distributed import as_completed
-
-        client, cluster = _client(options)
-        try:
-            futures = []
-            for batch in batches:
-                decoded = [client.submit(_tagged_decode, m, shard, items, options.fragment_mode, pure=False)
-                           for (m, shard), items in _decode_items(selection, batch, todo).items()]
-                futures.append(client.submit(encode_task, *args(batch, decoded), pure=False))
-            for fut in as_completed(futures):
-                finish(fut.result())
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+    products = _products_of(selection)
+    tasks = [(batch, {c: {m: p for m, p in products[c].items() if m in todo[c]} for c in batch},
+              _decode_items(selection, batch, todo)) for batch in batches]
+    for result in _run_encode_tasks(tasks, settings, options):
+        finish(result)
     _write_errors(store_root, report.quarantined, report.failed_modalities)
     return report
+
+
+def _start_report(source, selection: Selection, cells: list[str], store_root: Path, stored: dict[str, set[str]],
+                  todo: dict[str, set[str]]) -> IngestReport:
+    """The report before any encoding: cells already stored, modalities missing or failed at
+    the source, cells without any product (quarantined)."""
+    failed, absent = split_missing(source, selection.missing)
+    already = [c for c in dict.fromkeys(cells) if c in stored and c not in todo]
+    report = IngestReport(str(store_root), len(cells), len(already), coverage=selection.coverage(),
+                          missing_modalities=absent, failed_modalities=failed)
+    with_products = set(selection.products["grid_cell"])
+    for c in cells:
+        if c not in with_products:
+            report.quarantined[c] = "no product of any modality matches this cell and the filters"
+    return report
+
+
+def _run_encode_tasks(tasks: list[tuple[list[str], dict, dict]], settings: EncodeSettings, options: IngestOptions):
+    """Decode and encode every batch (``(cells, their products to store, {(modality, shard):
+    items} to decode)``): in this process (``scheduler='synchronous'``) or on Dask, decodes
+    feeding the encode task of their batch; yields each batch's result as it finishes."""
+    mode = settings.fragment_mode
+    if options.scheduler == "synchronous":
+        for batch, wanted, items in tasks:
+            decoded = [(m, decode_task(m, shard, its, mode)) for (m, shard), its in items.items()]
+            yield encode_task(settings, batch, wanted, decoded)
+        return
+    if not tasks:
+        return
+    from dask.distributed import as_completed
+
+    client, cluster = _client(options)
+    try:
+        futures = [client.submit(encode_task, settings, batch, wanted,
+                                 [client.submit(_tagged_decode, m, shard, its, mode, pure=False)
+                                  for (m, shard), its in items.items()], pure=False)
+                   for batch, wanted, items in tasks]
+        for fut in as_completed(futures):
+            yield fut.result()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _tagged_decode(modality: str, shard: str, items: list, mode: str) -> tuple[str, dict]:
@@ -438,10 +495,6 @@ def _tagged_decode(modality: str, shard: str, items: list, mode: str) -> tuple[s
 def _write_errors(store_root: Path, quarantined: dict[str, str], failed: dict[str, str]) -> None:
     """``ingest-errors.jsonl``: one line per failed modality (``{"modality", "reason"}``), then
     one per quarantined cell (``{"grid_cell", "reason"}``)."""
-    tmp = store_root / f".errors-{uuid.uuid4().hex}.tmp"
-    with open(tmp, "w") as f:
-        for modality, reason in sorted(failed.items()):
-            f.write(json.dumps({"modality": modality, "reason": reason}) + "\n")
-        for cell, reason in sorted(quarantined.items()):
-            f.write(json.dumps({"grid_cell": cell, "reason": reason}) + "\n")
-    os.replace(tmp, store_root / ERRORS_FILE)
+    lines = [json.dumps({"modality": m, "reason": r}) for m, r in sorted(failed.items())]
+    lines += [json.dumps({"grid_cell": c, "reason": r}) for c, r in sorted(quarantined.items())]
+    write_text_atomic(store_root / ERRORS_FILE, "".join(line + "\n" for line in lines))

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from majortom_gen.errors import MajorTomGenError
-from majortom_gen.store import LatentStore
+from majortom_gen.store import CODEC_DIR, LatentStore
 from model.codecs import SD_SCALE_FACTOR, Codec, LatentNorm, latent_norms, moment_means
 
 RECORD = "training_data.json"
@@ -147,7 +147,8 @@ def _ingest_hint(model_dir: str | os.PathLike, expected: dict) -> str:
         if load_codec("small-vae", str(SHIPPED_CODEC)).info()["config_hash"] == expected["config_hash"]:
             return "`majortom-gen ingest ... --codec small-vae` (the shipped codec, the default)"
     store = model_record(model_dir).get("store")
-    source = f"{store}/codec" if store and Path(store, "codec").is_dir() else "<the codec folder of the training store>"
+    source = (f"{store}/{CODEC_DIR}" if store and Path(store, CODEC_DIR).is_dir()
+              else "<the codec folder of the training store>")
     return f"`majortom-gen ingest ... --codec {expected['name']} --codec-source {source}`"
 
 

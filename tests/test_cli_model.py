@@ -232,11 +232,15 @@ def test_chain_cli(store, tmp_path):
 
 
 def test_sd_vae_store_exports_with_the_same_vae(world, tmp_path):
-    """A store made with an sd-vae decodes only with that VAE: export says to pass it, refuses
-    another one, and writes georeferenced COGs with it."""
+    """A store made with an sd-vae records where the VAE came from, so sample and export decode
+    without being given it again; another VAE is refused; a store that does not record it
+    (made by an older version) says to pass --codec-source."""
+    import json
+
     import rasterio
     from diffusers import AutoencoderKL
 
+    from majortom_gen.store import LatentStore
     from test_codecs import TINY_VAE
 
     torch.manual_seed(0)
@@ -246,6 +250,7 @@ def test_sd_vae_store_exports_with_the_same_vae(world, tmp_path):
     store = tmp_path / "store"
     ingest(world, [WORLD_CELLS[0]], store, IngestOptions(scheduler="synchronous", codec="sd-vae",
                                                          codec_source=str(tmp_path / "vae")))
+    assert LatentStore.open(store).codec_source == str((tmp_path / "vae").resolve())
     run = tmp_path / "run"
     assert runner.invoke(app, ["train", "--store", str(store), "--out", str(run), "--max-steps", "2",
                                "--test-fraction", "0"]).exit_code == 0
@@ -253,16 +258,22 @@ def test_sd_vae_store_exports_with_the_same_vae(world, tmp_path):
     r = runner.invoke(app, ["sample", "--model", str(run / "model"), "--store", str(store), "--cells", WORLD_CELLS[0],
                             "--condition", "S2L2A", "--generate", "DEM", "--steps", "2", "--out", str(samples)])
     assert r.exit_code == 0, r.output
-    assert not list(samples.glob("*.png"))  # no VAE given: latents only
-    r = runner.invoke(app, ["export", "--samples", str(samples), "--store", str(store), "--out", str(tmp_path / "t0")])
-    assert r.exit_code == 2 and "pass --codec-source" in r.output
+    assert [p.name for p in samples.glob("*.png")] == [f"{WORLD_CELLS[0]}.png"]  # decoded with the recorded VAE
     r = runner.invoke(app, ["export", "--samples", str(samples), "--store", str(store), "--out", str(tmp_path / "t1"),
                             "--codec-source", str(tmp_path / "other-vae")])
     assert r.exit_code == 2 and "is not the one that made the store's latents" in r.output
     r = runner.invoke(app, ["export", "--samples", str(samples), "--store", str(store), "--out", str(tmp_path / "t2"),
-                            "--codec-source", str(tmp_path / "vae"), "--no-mosaic"])
+                            "--no-mosaic"])
     assert r.exit_code == 0, r.output
     tifs = sorted((tmp_path / "t2" / WORLD_CELLS[0] / "DEM").glob("*.tif"))
     assert len(tifs) == 16
     with rasterio.open(tifs[0]) as ds:
         assert ds.crs.to_epsg() == 32632 and ds.tags()["CODEC"] == "sd-vae"
+    manifest = json.loads((store / "manifest.json").read_text())
+    del manifest["codec"]["source"]  # as an older version wrote it
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    r = runner.invoke(app, ["export", "--samples", str(samples), "--store", str(store), "--out", str(tmp_path / "t0")])
+    assert r.exit_code == 2 and "pass --codec-source" in r.output
+    r = runner.invoke(app, ["export", "--samples", str(samples), "--store", str(store), "--out", str(tmp_path / "t3"),
+                            "--codec-source", str(tmp_path / "vae"), "--no-mosaic"])
+    assert r.exit_code == 0, r.output

@@ -8,33 +8,43 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from majortom_gen.errors import MajorTomGenError
+from majortom_gen.splits import split_cells
 from majortom_gen.grid import parse_cell_id
 from majortom_gen.store import LatentStore, load_aligned, moment_array
-from pipelines.dataset import spatial_split
 
 
 runner = CliRunner()
 
 
-def test_spatial_split_is_blocked_reproducible_and_disjoint():
+def test_split_cells_in_blocks_is_blocked_reproducible_and_disjoint():
     cells = [f"{r}U_{c}R" for r in range(100, 120) for c in range(200, 220)]  # 400 cells
-    split = spatial_split(cells, 0.1, seed=3, block=4)
-    assert set(split) == set(cells) and set(split.values()) == {"train", "test"}
-    test = [c for c in cells if split[c] == "test"]
+    train, test = split_cells(cells, 0.1, seed=3, block=4)
+    assert sorted(train + test) == sorted(cells) and not set(train) & set(test)
     assert 40 <= len(test) <= 40 + 16  # whole 4x4 blocks until the fraction is reached
+    side = {**{c: "train" for c in train}, **{c: "test" for c in test}}
     blocks = {}
     for c in cells:  # every block is entirely on one side
         row, col = parse_cell_id(c)
-        blocks.setdefault((row // 4, col // 4), set()).add(split[c])
+        blocks.setdefault((row // 4, col // 4), set()).add(side[c])
     assert all(len(s) == 1 for s in blocks.values())
-    assert spatial_split(list(reversed(cells)), 0.1, seed=3, block=4) == split  # order does not matter
-    assert spatial_split(cells, 0.1, seed=4, block=4) != split
-    per_cell = spatial_split(cells, 0.1, seed=3, block=1)
-    assert sum(v == "test" for v in per_cell.values()) == 40
-    with pytest.raises(MajorTomGenError, match="test-fraction"):
-        spatial_split(cells, 1.5)
+    assert split_cells(list(reversed(cells)), 0.1, seed=3, block=4) == (train, test)  # order does not matter
+    assert split_cells(cells, 0.1, seed=4, block=4) != (train, test)
+    assert len(split_cells(cells, 0.1, seed=3, block=1)[1]) == 40
+    with pytest.raises(MajorTomGenError, match="test fraction"):
+        split_cells(cells, 1.5)
     with pytest.raises(MajorTomGenError, match="cannot be split"):
-        spatial_split(cells[:3], 0.5, block=50)  # one block: it would all be test
+        split_cells(cells[:3], 0.5, block=50)  # one block: it would all be test
+
+
+def test_split_cells_per_cell_is_the_rule_trained_models_recorded():
+    """block=1 keeps the per-cell rule models were trained with (they record test_fraction and
+    split_seed, and evaluation recomputes their held-out cells): expected lists computed with
+    the rule as it was before splits had one home."""
+    cells = [f"{r}U_{c}R" for r in range(500, 504) for c in range(60, 63)]
+    assert split_cells(cells, 0.25, 3) == (
+        ["500U_60R", "500U_61R", "501U_60R", "501U_61R", "501U_62R", "502U_60R", "502U_62R", "503U_60R", "503U_61R"],
+        ["500U_62R", "502U_61R", "503U_62R"])
+    assert split_cells(cells, 0.05, 0)[1] == ["503U_60R"]
 
 
 def test_dataset_build_writes_a_split_store_and_a_datasets_export(store, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from majortom_gen.store import split_cells
+from majortom_gen.splits import split_cells
 from model.features import save_random_extractors
 
 from conftest import WORLD_CELLS

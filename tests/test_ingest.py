@@ -18,7 +18,8 @@ import pytest
 
 from majortom_gen.formats import encode_png
 from majortom_gen.georef import product_box
-from majortom_gen.store import LatentStore, load_aligned, split_cells
+from majortom_gen.splits import split_cells
+from majortom_gen.store import LatentStore, load_aligned
 from majortom_gen.synth import SynthOptions, write_world
 from pipelines.ingest import IngestOptions, ingest
 
@@ -226,6 +227,22 @@ def test_ingest__killed_and_resumed_equals_uninterrupted(tmp_path, world8):
     a, b = _rows(killed), _rows(clean)
     assert len(a) == 128 and a.keys() == b.keys()
     assert a == b
+
+
+def test_store_removes_temporary_files_of_killed_writes_old_and_new(tmp_path, world8):
+    """Leftovers of an interrupted shard or manifest write, named by this version
+    (``.NAME.tmp-<hex>.EXT``) or an older one (``.NAME.tmp``), are removed when the store is
+    next opened; the shards and the rows stay the same."""
+    store_dir = tmp_path / "s"
+    ingest(world8, ["502U_60R"], store_dir, IngestOptions(scheduler="synchronous", codec=PCA))
+    before = _rows(store_dir)
+    leftovers = [store_dir / "shards" / ".part-0123456789abcdef.parquet.tmp",
+                 store_dir / "shards" / ".part-0123456789abcdef.tmp-1a2b3c4d.parquet",
+                 store_dir / ".manifest.0123.tmp", store_dir / ".manifest.tmp-1a2b3c4d.json"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+    assert _rows(store_dir) == before
+    assert not [p for p in leftovers if p.exists()]
 
 
 def test_ingest__on_an_existing_scheduler(tmp_path, world8):

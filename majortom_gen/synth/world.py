@@ -18,6 +18,7 @@ interrupted run leaves no half-written dataset.
 from __future__ import annotations
 
 import datetime as dt
+import multiprocessing as mp
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import multiprocessing as mp
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,6 +36,7 @@ from majortom_gen.formats import encode_geotiff, encode_jpeg, encode_png
 from majortom_gen.georef import default_grid, product_box
 from majortom_gen.grid import parse_cell_id
 from majortom_gen.modalities import MODALITIES, MODALITY_NAMES, get_modality
+from majortom_gen.staging import swap_in
 from majortom_gen.synth.scene import Acquisition, make_scene
 from majortom_gen.thumbnails import dem_thumbnail, s1_thumbnail, s2_thumbnail
 
@@ -286,9 +287,7 @@ def write_world(
     for n, w in writers.items():
         w.finish()
         final = out / w.folder.name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(w.folder, final)
+        swap_in(w.folder, final)  # an older dataset is removed only once the new one is in place
         written[n] = final
     shutil.rmtree(staging, ignore_errors=True)
     return written

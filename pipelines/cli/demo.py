@@ -105,7 +105,7 @@ def _world_and_store(paths: DemoPaths, ids: list[str], seed: int, workers: int, 
 
 def _fine_tune(paths: DemoPaths, ids: list[str], steps: int, device: str | None) -> list[str]:
     """Step 4: fine-tune the shipped demo model on the training cells; returns the held-out cells."""
-    from majortom_gen.store import split_cells
+    from majortom_gen.splits import split_cells
     from pipelines.train import SHIPPED_DEMO_MODEL, TrainOptions
 
     train_cells, test_cells = split_cells(ids, DEMO_TEST_FRACTION, 0)

@@ -197,7 +197,7 @@ def store_check(
 ) -> None:
     """Read every shard: report missing, unreadable, changed and unlisted shards and fragments
     stored twice (exit 3 if any); with --repair, make the store consistent again."""
-    from majortom_gen.store import check_store
+    from majortom_gen.store_check import check_store
 
     report = check_store(store, repair=repair)
     say = functools.partial(console.print, highlight=False, soft_wrap=True)
