@@ -48,9 +48,9 @@ def split_cells(cells: Iterable[str], test_fraction: float = 0.05, seed: int = 0
     until it holds ``round(test_fraction * n)`` cells (at least one when ``test_fraction > 0``
     and there are several groups). A split that would leave nothing to train on is refused."""
     if not 0 <= test_fraction < 1:
-        raise MajorTomGenError(f"test fraction must be in [0, 1), got {test_fraction}")
+        raise MajorTomGenError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     if block < 1:
-        raise MajorTomGenError(f"block size must be >= 1, got {block}")
+        raise MajorTomGenError(f"--block-size must be >= 1, got {block}")
     ordered = sorted(set(cells))
     groups: dict[object, list[str]] = defaultdict(list)
     for cell in ordered:
