@@ -121,9 +121,9 @@ def command_line(command: str, **options) -> str:
 ReflectanceOption = Annotated[bool, typer.Option(
     help="Also write generated S2 fragments as approximate reflectance (inverted thumbnail, below saturation only).")]
 CodecSourceOption = Annotated[Optional[str], typer.Option(
-    help="For stores made with sd-vae: the VAE the store was encoded with (hub id, folder or .pth), or ENCODE,DECODE "
-         "to decode with other weights (official: autoencoder_kl.pth,autoencoder_kl_ema.pth); small-vae and patch-pca "
-         "need nothing.")]
+    help="Decode with this VAE (hub id, folder or .pth; ENCODE,DECODE for other decoder weights, official: "
+         "autoencoder_kl.pth,autoencoder_kl_ema.pth) instead of the codec the store recorded at ingest; it must have "
+         "the store's encoder.")]
 WorkersOption = Annotated[Optional[int], typer.Option(
     min=0, help="Sampling workers on a local Dask cluster (default: one per GPU when there are several, else in-process).")]
 

@@ -61,7 +61,7 @@ def evaluate(
     fid_extractor: Annotated[str, typer.Option(help="Inception state-dict file, or pt_inception-2015-12-05 (download).")] = "pt_inception-2015-12-05",
     pr_extractor: Annotated[str, typer.Option(help="DINOv2 folder or hub id.")] = "facebook/dinov2-small",
     codec: Annotated[Optional[str], typer.Option(help="Codec name (default: the store's).")] = None,
-    codec_source: Annotated[Optional[str], typer.Option(help="Codec folder/hub id/file (default: STORE/codec).")] = None,
+    codec_source: Annotated[Optional[str], typer.Option(help="Codec folder/hub id/file (default: the one the store recorded).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache (default: STORE/cache/eval).")] = None,
     exclude_cells: Annotated[Optional[Path], typer.Option(
         help="Cells never to evaluate on: a text file of ids or a parquet with a grid_cell column (e.g. the official "
