@@ -314,9 +314,11 @@ def prepare_codec(store_root: Path, selection: Selection, batches: list[list[str
         raise MajorTomGenError(f"unknown codec {options.codec!r}; valid codecs: {', '.join(CODEC_NAMES)}")
     device = _device(options.device)
     if options.codec == "sd-vae":
-        if options.codec_source is None:
-            raise MajorTomGenError("--codec sd-vae needs --codec-source (hub id, folder, or autoencoder_kl_ema.pth)")
-        source = _recorded_source(options.codec_source)
+        given = options.codec_source or _existing_source(store_root)
+        if given is None:
+            raise MajorTomGenError("--codec sd-vae needs --codec-source (hub id, folder, or autoencoder_kl.pth,"
+                                   "autoencoder_kl_ema.pth)")
+        source = _recorded_source(given)
         info = load_codec("sd-vae", source).info()
         return (CodecSpec("sd-vae", source, device, options.precision, options.threads),
                 CodecInfo(info["name"], info["config_hash"], info["config"], source=source), None)
@@ -329,6 +331,11 @@ def prepare_codec(store_root: Path, selection: Selection, batches: list[list[str
     on = device if options.codec == "small-vae" else "cpu"
     return (CodecSpec(options.codec, str(folder), on, options.precision, options.threads),
             CodecInfo(info["name"], info["config_hash"], info["config"]), psnr)
+
+
+def _existing_source(store_root: Path) -> str | None:
+    """The codec source an existing store recorded (None for a new store or none recorded)."""
+    return LatentStore.open(store_root).codec.get("source") if (store_root / "manifest.json").exists() else None
 
 
 def _recorded_source(source: str) -> str:

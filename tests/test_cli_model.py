@@ -251,6 +251,8 @@ def test_sd_vae_store_exports_with_the_same_vae(world, tmp_path):
     ingest(world, [WORLD_CELLS[0]], store, IngestOptions(scheduler="synchronous", codec="sd-vae",
                                                          codec_source=str(tmp_path / "vae")))
     assert LatentStore.open(store).codec_source == str((tmp_path / "vae").resolve())
+    more = ingest(world, [WORLD_CELLS[1]], store, IngestOptions(scheduler="synchronous", codec="sd-vae"))
+    assert more.cells_written == 1  # the recorded VAE, not given again
     run = tmp_path / "run"
     assert runner.invoke(app, ["train", "--store", str(store), "--out", str(run), "--max-steps", "2",
                                "--test-fraction", "0"]).exit_code == 0
