@@ -761,7 +761,7 @@ def load_aligned(store: LatentStore, modalities: Sequence[str], *, split: str | 
     unknown = [m for m in modalities if m not in store.modalities]
     if unknown:
         raise StoreError(f"modalities {unknown} are not in the store (it has {store.modalities})")
-    prefix = f"{'-'.join(modalities)}_{split or 'all'}_{test_fraction}_{seed}"
+    prefix = f"sorted_{'-'.join(modalities)}_{split or 'all'}_{test_fraction}_{seed}"  # sorted: rows by cell
     cache_dir = store.root / "cache" / f"{prefix}_{store.content_key()}" if cache else None
     if cache and (cache_dir / "done").exists():
         return AlignedArrays({m: np.load(cache_dir / f"{m}.npy", mmap_mode="r") for m in modalities},
@@ -780,6 +780,9 @@ def load_aligned(store: LatentStore, modalities: Sequence[str], *, split: str | 
             keep = set(train if split == "train" else test)
         mask &= np.isin(t.column("grid_cell").to_numpy(zero_copy_only=False), list(keep))
     t = t.filter(pa.array(mask))
+    # rows by (cell, fragment): what a store holds, not the order its shards happened to be written in
+    # (parallel ingest finishes them in any order), decides the arrays, hence training and evaluation
+    t = t.sort_by([("grid_cell", "ascending"), ("fragment_index", "ascending")])
     moments = {m: moment_array(t, m) for m in modalities}
     cells = np.asarray(t.column("grid_cell").to_pylist(), dtype=str)
     frag = t.column("fragment_index").to_numpy()
