@@ -374,13 +374,13 @@ def _set_up_store_codec(folder: Path, fragments: dict[str, dict[str, np.ndarray]
 
 
 def _client(options: IngestOptions):
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
+
+    from pipelines.local_cluster import local_cluster
 
     if options.scheduler and options.scheduler != "synchronous":
         return Client(options.scheduler), None
-    n = options.workers or max(os.cpu_count() or 1, 1)
-    cluster = LocalCluster(n_workers=n, threads_per_worker=options.threads, processes=True,
-                           dashboard_address=None, silence_logs=40)
+    cluster = local_cluster(options.workers or max(os.cpu_count() or 1, 1), options.threads)
     return Client(cluster), cluster
 
 

@@ -215,11 +215,12 @@ def _run_chunks(model_dir, chunks: list[FragmentBatch], generate_modalities, opt
         for i, chunk in enumerate(chunks):
             yield i, sample_chunk(model_dir, chunk, generate_modalities, options)
         return
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import Client, as_completed
+
+    from pipelines.local_cluster import local_cluster
 
     threads = max((os.cpu_count() or 1) // workers, 1)
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      env={"OMP_NUM_THREADS": str(threads)}) as cluster, Client(cluster) as client:
+    with local_cluster(workers, env={"OMP_NUM_THREADS": str(threads)}) as cluster, Client(cluster) as client:
         futures = {client.submit(sample_chunk, str(model_dir), c, list(generate_modalities), options, pure=False): i
                    for i, c in enumerate(chunks)}
         for fut in as_completed(futures):

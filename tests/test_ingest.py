@@ -292,3 +292,14 @@ def pd_timedelta(days):
     import pandas as pd
 
     return pd.Timedelta(days=days)
+
+
+def test_a_local_cluster_leaves_this_process_environment_as_it_was():
+    """distributed writes the workers' thread limits into the parent's environment; later
+    subprocesses (and torch, loaded after it) would run on one thread."""
+    from pipelines.local_cluster import local_cluster
+
+    before = dict(os.environ)
+    with local_cluster(1) as cluster:
+        assert cluster.workers
+    assert dict(os.environ) == before

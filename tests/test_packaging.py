@@ -52,9 +52,9 @@ def test_wheel_install_finds_configs_and_shipped_weights(installed, tmp_path):
 
 
 def test_demo_runs_from_the_wheel_install(installed, tmp_path):
-    """The README's main job, reduced (4 cells, 3 steps), from the installed copy: every
-    stage's outputs exist, the GeoTIFFs sit on their fragments' grid, the evaluation table is
-    written, nothing is left half-written."""
+    """The README's main job, reduced (4 cells, 3 fine-tuning and 6 sampling steps), from the
+    installed copy: every stage's outputs exist, the GeoTIFFs sit on their fragments' grid,
+    the evaluation table is written, nothing is left half-written."""
     import rasterio
     from affine import Affine
 
@@ -62,7 +62,7 @@ def test_demo_runs_from_the_wheel_install(installed, tmp_path):
 
     out = tmp_path / "demo"
     r = _run(installed, ["-m", "pipelines.cli", "demo", "--out", str(out), "--cells", "4", "--steps", "3",
-                         "--workers", "1"], tmp_path)
+                         "--sample-steps", "6", "--workers", "1"], tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert (out / "world-preview.png").exists()
     assert sorted(p.name for p in (out / "world").iterdir()) == ["Core-DEM", "Core-S1RTC", "Core-S2L1C", "Core-S2L2A"]
@@ -95,3 +95,4 @@ def test_demo_runs_from_the_wheel_install(installed, tmp_path):
     assert "evaluation/table1.md" in listed and "region/geotiff/index.md" in listed
     assert not [p for p in out.rglob("*") if ".partial-" in p.name or ".tmp" in p.name]
     assert "QGIS" in r.stdout and "randomly initialised" in r.stdout and "shipped" in r.stdout
+    assert "--n-samples 2 --steps 6" in r.stdout  # the repeat-by-hand commands use the steps it ran with

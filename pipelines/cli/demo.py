@@ -27,6 +27,7 @@ DEMO_CONDITIONS = "none,S2L2A,S2L1C+S2L2A"  # what S2 buys for the withheld DEM 
 DEMO_GENERATE = "DEM,S1RTC"
 DEMO_CONFIG = "small"  # the network of the shipped demo model
 DEMO_FINE_TUNE_STEPS = 30
+DEMO_SAMPLE_STEPS = 25
 
 
 @app.command()
@@ -37,6 +38,8 @@ def demo(
     steps: Annotated[int, typer.Option(min=0, help="Fine-tuning steps of the shipped demo model on the demo's training "
                                                    "cells (0: use it as shipped).")] = DEMO_FINE_TUNE_STEPS,
     seed: Annotated[int, typer.Option(min=0, help="Seed for the synthetic world and the sampling.")] = 0,
+    sample_steps: Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps of the region fill and the "
+                                                          "evaluation.")] = DEMO_SAMPLE_STEPS,
     workers: Annotated[int, typer.Option(min=0, help="Worker processes (default: all cores).")] = 0,
     device: DeviceOption = None,
 ) -> None:
@@ -52,16 +55,16 @@ def demo(
     if len(ids) < 4:
         raise MajorTomGenError(f"--cells must be >= 4 (some are held out to fill and evaluate), got {cells}")
     start = time.perf_counter()
-    paths = DemoPaths.under(out)
+    paths, run = DemoPaths.under(out), DemoSettings(seed, steps, sample_steps, device)
     _reset_if_other_demo(out, {"seed": seed, "cells": ids, "steps": steps})
     _adopt_demo_outputs(paths.region, paths.evaluation)
     _world_and_store(paths, ids, seed, workers or (os.cpu_count() or 1), device)
     test_cells = _fine_tune(paths, ids, steps, device)
-    region_file = _fill_region(paths, test_cells, seed, device)
-    extractors = _evaluate(paths, seed, device)
+    region_file = _fill_region(paths, run, test_cells)
+    extractors = _evaluate(paths, run)
     console.rule("[bold]done")
     _summary(paths, time.perf_counter() - start)
-    _repeat_by_hand(paths, ids, seed, steps, device, region_file, extractors)
+    _repeat_by_hand(paths, run, ids, region_file, extractors)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,16 @@ class DemoPaths:
     def under(cls, out: Path) -> "DemoPaths":
         return cls(out, out / "world", out / "store", out / "train", out / "region", out / "evaluation",
                    out / "extractors", out / "world-preview.png", out / "region.geojson")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The demo's seed, fine-tuning steps, sampling steps and device."""
+
+    seed: int
+    steps: int
+    sample_steps: int
+    device: str | None
 
 
 MODALITIES = ("DEM", "S1RTC", "S2L1C", "S2L2A")
@@ -130,7 +143,7 @@ def _train_command(paths: DemoPaths, steps: int) -> str:
             f"--test-fraction {DEMO_TEST_FRACTION} --init-from {SHIPPED_DEMO_MODEL}")
 
 
-def _fill_region(paths: DemoPaths, test_cells: list[str], seed: int, device: str | None) -> Path:
+def _fill_region(paths: DemoPaths, run: DemoSettings, test_cells: list[str]) -> Path:
     """Step 5: a polygon inside the held-out cells, DEM and S1RTC generated from S2; returns its file."""
     import geopandas as gpd
     from shapely.ops import unary_union
@@ -147,7 +160,7 @@ def _fill_region(paths: DemoPaths, test_cells: list[str], seed: int, device: str
                   "the store keeps their real DEM/S1RTC for comparison, the model is not given them", soft_wrap=True)
     request = RegionRequest(generate=("DEM", "S1RTC"), region=polygon, condition=("S2L1C", "S2L2A"))
     region = generate_region(paths.run / "model", paths.store, paths.region, request,
-                             SamplingOptions(n_samples=2, steps=25, seed=seed, device=device),
+                             SamplingOptions(n_samples=2, steps=run.sample_steps, seed=run.seed, device=run.device),
                              overwrite=True)  # the demo's own folder, rerun
     tifs = [f for f in region.files if f.suffix in (".tif", ".vrt")]
     console.print(f"{len(tifs)} GeoTIFFs/VRTs -> {paths.region}/geotiff: <cell>/<modality>/f<fragment>_s<sample>.tif "
@@ -160,12 +173,12 @@ def _fill_region(paths: DemoPaths, test_cells: list[str], seed: int, device: str
     return paths.region_file
 
 
-def _evaluate(paths: DemoPaths, seed: int, device: str | None) -> dict[str, Path]:
+def _evaluate(paths: DemoPaths, run: DemoSettings) -> dict[str, Path]:
     """Step 6: the Table-1 evaluation on the held-out cells, with offline extractors; returns them."""
     from pipelines.evaluate import EvalOptions, offline_extractors, parse_conditions
 
     console.rule("[bold]6. evaluate (Table-1 layout) on the held-out cells")
-    extractors = offline_extractors(paths.extractors, seed=seed)
+    extractors = offline_extractors(paths.extractors, seed=run.seed)
     console.print(Text("  offline, the feature extractors are randomly initialised (the FID Inception-v3 "
                        "architecture and a small DINOv2), saved locally: the numbers rank runs of this demo only "
                        "and are not comparable with published FID/precision/recall (use the default extractors, "
@@ -174,9 +187,9 @@ def _evaluate(paths: DemoPaths, seed: int, device: str | None) -> dict[str, Path
                        "rough and blocky; compare the rows 'none' and 'S2L2A' of table1.md (mae_change) to see what "
                        "conditioning buys. Sharp, faithful samples need tens of thousands of steps on a GPU, or the "
                        "published weights.", style="yellow"), soft_wrap=True)
-    options = EvalOptions(conditions=parse_conditions(DEMO_CONDITIONS), generate=tuple(DEMO_GENERATE.split(",")), steps=25,
-                          seed=seed, batch_size=48, fid_extractor=str(extractors["inception"]),
-                          pr_extractor=str(extractors["dinov2"]), device=device, overwrite=True)
+    options = EvalOptions(conditions=parse_conditions(DEMO_CONDITIONS), generate=tuple(DEMO_GENERATE.split(",")),
+                          steps=run.sample_steps, seed=run.seed, batch_size=48, fid_extractor=str(extractors["inception"]),
+                          pr_extractor=str(extractors["dinov2"]), device=run.device, overwrite=True)
     run_evaluate(paths.run / "model", paths.store, paths.evaluation, options)
     return extractors
 
@@ -197,22 +210,22 @@ def _summary(paths: DemoPaths, seconds: float) -> None:
                   "(hillshade, false colour), not elevation or backscatter.", soft_wrap=True, highlight=False)
 
 
-def _repeat_by_hand(paths: DemoPaths, ids: list[str], seed: int, steps: int, device: str | None, region_file: Path,
+def _repeat_by_hand(paths: DemoPaths, run: DemoSettings, ids: list[str], region_file: Path,
                     extractors: dict[str, Path]) -> None:
     """The commands that repeat the demo step by step."""
     console.print("Repeat the steps by hand:")
-    dev = f" --device {device}" if device else ""
+    dev = f" --device {run.device}" if run.device else ""
     model = paths.run / "model"
-    for line in (f"majortom-gen synth --cells {','.join(ids)} --out {paths.world} --seed {seed}",
+    for line in (f"majortom-gen synth --cells {','.join(ids)} --out {paths.world} --seed {run.seed}",
                  f"majortom-gen inspect {paths.world} --preview {paths.preview}",
                  f"majortom-gen ingest --source {paths.world} --cells {','.join(ids)} --store {paths.store}",
                  f"majortom-gen store info {paths.store}",
-                 _train_command(paths, steps) + dev,
+                 _train_command(paths, run.steps) + dev,
                  f"majortom-gen generate --model {model} --store {paths.store} --region {region_file} "
-                 f"--condition S2L1C,S2L2A --generate DEM,S1RTC --n-samples 2 --steps 25 --seed {seed} "
+                 f"--condition S2L1C,S2L2A --generate DEM,S1RTC --n-samples 2 --steps {run.sample_steps} --seed {run.seed} "
                  f"--out {paths.region} --overwrite{dev}",
                  f"majortom-gen evaluate --model {model} --store {paths.store} --out {paths.evaluation} --conditions "
-                 f"{DEMO_CONDITIONS} --generate {DEMO_GENERATE} --steps 25 --fid-extractor {extractors['inception']} "
+                 f"{DEMO_CONDITIONS} --generate {DEMO_GENERATE} --steps {run.sample_steps} --fid-extractor {extractors['inception']} "
                  f"--pr-extractor {extractors['dinov2']} --overwrite{dev}"):
         console.print(f"  {line}", highlight=False, soft_wrap=True)
     console.print("On real data: --source hf://datasets/Major-TOM (or a local mirror), --codec sd-vae --codec-source "
