@@ -46,7 +46,6 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from majortom_gen.staging import swap_in, write_text_atomic
 from model.codecs import LatentNorm, sample_latents
 from model.config import RunConfig
 from model.diffusion import diffusion_loss, draw_timesteps
@@ -449,7 +448,9 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
 
 
 def _ema_network(ema: EMAModel, nnet: dict, device) -> MultiModalUViT:
@@ -466,10 +467,28 @@ def _write_folder(target: Path, write: Callable[[Path], None]) -> None:
     try:
         tmp.mkdir(parents=True)
         write(tmp)
-        swap_in(tmp, target)
+        _swap_in(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Move the complete folder ``new`` to ``target``; an existing ``target`` is moved aside
+    first (put back if the move fails) and deleted only once the new one is in place. (The
+    model package stays free of the geography package, so it keeps this small twin of
+    ``majortom_gen.staging.swap_in``.)"""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_checkpoint(out: Path, step: int, net, ema: EMAModel, opt, lr_sched, config: RunConfig,
