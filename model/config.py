@@ -28,6 +28,14 @@ class OptimizerConfig:
     weight_decay: float = 0.03
     betas: tuple[float, float] = (0.99, 0.99)
     warmup_steps: int = 5000
+    schedule: str = "constant_with_warmup"  # or cosine / linear: decay to 0 at the run's last step (after warmup)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"optimizer.schedule: unknown {self.schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+
+
+LR_SCHEDULES = ("constant_with_warmup", "cosine", "linear")
 
 
 @dataclass(frozen=True)

@@ -186,7 +186,7 @@ def train(
     history = _config_history(*resumed, config) if resumed is not None else []
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                               cpu=device == "cpu" or not torch.cuda.is_available())
-    run = _setup(config, accelerator, resumed[1] if resumed is not None else None, init_from)
+    run = _setup(config, accelerator, resumed[1] if resumed is not None else None, init_from, total)
     out.mkdir(parents=True, exist_ok=True)
     _truncate_log(out / "log.jsonl", run.step)
     losses = _run_steps(run, out, {m: moments[m] for m in names}, norms, n, total, data=data, history=history,
@@ -243,9 +243,10 @@ def _start_point(out: Path, resume: bool) -> tuple[Path, dict[str, Any]] | None:
 
 
 def _setup(config: RunConfig, accelerator: Accelerator, parts: Mapping[str, Any] | None,
-           init_from: str | os.PathLike | None) -> _Run:
+           init_from: str | os.PathLike | None, total_steps: int) -> _Run:
     """The network (seeded; from ``init_from``'s weights for a new run that names one),
-    optimizer, LR scheduler and EMA, loaded from a checkpoint's ``parts`` when resuming."""
+    optimizer, LR scheduler (a decaying schedule reaches 0 at ``total_steps``) and EMA, loaded
+    from a checkpoint's ``parts`` when resuming."""
     tcfg = config.train
     torch.manual_seed(tcfg.seed)
     net = MultiModalUViT(**config.nnet)
@@ -255,7 +256,8 @@ def _setup(config: RunConfig, accelerator: Accelerator, parts: Mapping[str, Any]
         net.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(net.parameters(), lr=config.optimizer.lr, weight_decay=config.optimizer.weight_decay,
                             betas=config.optimizer.betas)
-    lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=config.optimizer.warmup_steps)
+    lr_sched = get_scheduler(config.optimizer.schedule, opt, num_warmup_steps=config.optimizer.warmup_steps,
+                             num_training_steps=total_steps)
     ema = EMAModel(net.parameters(), decay=tcfg.ema_decay, model_cls=MultiModalUViT, model_config=net.config)
     resumed_from = None
     if parts is not None:

@@ -12,7 +12,8 @@ decoded with the store's codec to 256x256 RGB thumbnails and compared:
   across samples, mean over the image, in 8-bit units); for the unconditional row too, so
   that each conditional row reports what its conditions buy (``mae_change``, ``psnr_gain``:
   relative MAE change and PSNR difference against the unconditional samples of the same
-  fragments).
+  fragments), and ``gradient_ratio``: the mean absolute gradient (roughness: speckle, blocks)
+  of the first samples over that of the real images (1 = as smooth as the real data).
 
 "Real" images are by default the codec's reconstruction of each fragment's stored latent
 mean (the store keeps latents, not pixels), so the metrics measure the generative model, not
@@ -60,7 +61,7 @@ from pipelines.model_folder import ModelOnStore, model_record
 from pipelines.sample import FragmentBatch, SamplingOptions, condition_latents, sample_chunk
 
 DISTRIBUTION_METRICS = ("fid", "precision", "recall", "f_score")
-PAIRED_METRICS = ("psnr", "ssim", "mae", "psnr_best", "spread")
+PAIRED_METRICS = ("psnr", "ssim", "mae", "psnr_best", "spread", "gradient_ratio")
 CONDITIONING_METRICS = ("mae_change", "psnr_gain")  # against the unconditional row
 LOWER_IS_BETTER = {"fid", "mae", "mae_change"}
 
@@ -342,7 +343,7 @@ def _score_conditions(bound: ModelOnStore, chosen: EvalFragments, targets: list[
     n, total, done, rows = len(chosen.cells), len(chosen.cells) * len(opts.conditions), 0, []
     for cond in opts.conditions:
         generated = [m for m in targets if m not in cond]
-        key = _digest("generated", "per-sample condition draws", model_digest, condition_name(cond), generated, opts.seed,
+        key = _digest("generated", "per-sample condition draws", "gradient", model_digest, condition_name(cond), generated, opts.seed,
                       opts.steps, opts.n_samples, opts.deterministic_conditions, *base_key)
         result = cache.get(key)
         if result is None:
@@ -387,7 +388,8 @@ def _paired_values(m: str, images: np.ndarray, reference: np.ndarray, extractors
     psnrs = np.stack([metrics.psnr(images[:, s], reference) for s in range(images.shape[1])], axis=1)
     return {f"fid_{m}": extractors["fid"](first, batch), f"pr_{m}": extractors["pr"](first, batch),
             f"psnr_{m}": psnrs[:, 0], f"ssim_{m}": metrics.ssim(first, reference), f"mae_{m}": metrics.mae(first, reference),
-            f"psnr_best_{m}": psnrs.max(axis=1), f"spread_{m}": images.astype(np.float32).std(axis=1).mean(axis=(1, 2, 3))}
+            f"psnr_best_{m}": psnrs.max(axis=1), f"spread_{m}": images.astype(np.float32).std(axis=1).mean(axis=(1, 2, 3)),
+            f"gradient_{m}": np.array([metrics.mean_abs_gradient(image) for image in first])}
 
 
 def _finite_mean(values: np.ndarray) -> float:
@@ -401,9 +403,11 @@ def _metrics_row(cond, m, real, result, k: int, n_samples: int) -> dict:
     row = {"condition": condition_name(cond), "modality": m, "n": int(len(result[f"fid_{m}"])),
            "fid": metrics.fid_from_features(real[f"fid_{m}"], result[f"fid_{m}"]),
            "precision": precision, "recall": recall, "f_score": metrics.f_score(precision, recall)}
-    for name in PAIRED_METRICS:
+    for name in PAIRED_METRICS[:-1]:
         applies = n_samples > 1 or name not in ("psnr_best", "spread")
         row[name] = _finite_mean(result[f"{name}_{m}"]) if applies else math.nan
+    real_roughness = metrics.mean_abs_gradient(real[f"images_{m}"])
+    row["gradient_ratio"] = float(result[f"gradient_{m}"].mean()) / real_roughness if real_roughness > 0 else math.nan
     return row
 
 
@@ -425,14 +429,18 @@ def _fmt(value: float, metric: str) -> str:
         return f"{100 * value:+.1f}%"
     if metric == "psnr_gain":
         return f"{value:+.2f}"
-    return f"{value:.2f}" if metric in ("fid", "psnr", "psnr_best", "mae", "spread") else f"{value:.3f}"
+    return f"{value:.2f}" if metric in ("fid", "psnr", "psnr_best", "mae", "spread", "gradient_ratio") else f"{value:.3f}"
+
+
+def _direction(metric: str) -> str:
+    return "≈1" if metric == "gradient_ratio" else "↓" if metric in LOWER_IS_BETTER else "↑"
 
 
 def table_markdown(rows: list[dict], metrics_shown: Sequence[str], modalities: Sequence[str]) -> str:
     """Rows: condition; columns: modality x metric ('—' where the modality is a condition)."""
     conditions = list(dict.fromkeys(r["condition"] for r in rows))
     by = {(r["condition"], r["modality"]): r for r in rows}
-    head = ["condition"] + [f"{m} {name.upper() if name == 'fid' else name}{'↓' if name in LOWER_IS_BETTER else '↑'}"
+    head = ["condition"] + [f"{m} {name.upper() if name == 'fid' else name}{_direction(name)}"
                             for m in modalities for name in metrics_shown]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in conditions:
@@ -466,7 +474,8 @@ def write_outputs(folder: Path, rows: list[dict], settings: dict) -> list[Path]:
           f"## Generative metrics (FID on Inception features; precision, recall, F-score on DINOv2 features, "
           f"k={settings['k']}; {count}, the first sample of each scored)", "",
           table_markdown(rows, DISTRIBUTION_METRICS, modalities), "",
-          f"## Paired metrics against the real fragment of the same place (spread in 8-bit units; {count})", "",
+          f"## Paired metrics against the real fragment of the same place (spread in 8-bit units; gradient_ratio: "
+          f"roughness of the samples over the real images'; {count})", "",
           table_markdown(rows, PAIRED_METRICS, modalities), "",
           "## What conditioning buys: paired MAE change and PSNR gain against the unconditional samples "
           f"of the same fragments ({count})", "", table_markdown([r for r in rows if r["condition"] != "none"], CONDITIONING_METRICS,

@@ -48,12 +48,14 @@ def test_evaluate_writes_the_table1_outputs(setup, tmp_path):
         # paired metrics on every row: unconditional samples are compared with the same places too
         assert 0 < float(row["psnr"]) < 100 and -1 <= float(row["ssim"]) <= 1
         assert float(row["psnr_best"]) >= float(row["psnr"]) and float(row["spread"]) > 0
+        assert 0 < float(row["gradient_ratio"]) < 100  # roughness of the samples over the real images'
         none = by[("none", row["modality"])]
         assert float(row["mae_change"]) == pytest.approx((float(row["mae"]) - float(none["mae"])) / float(none["mae"]))
         assert float(row["psnr_gain"]) == pytest.approx(float(row["psnr"]) - float(none["psnr"]))
     table = (out / "table1.md").read_text()
     assert "| S1RTC | " in table and "DEM FID↓" in table and "S2L2A f_score↑" in table
     assert "What conditioning buys" in table and "DEM mae_change↓" in table and "%" in table
+    assert "DEM gradient_ratio≈1" in table
     s1_row = next(line for line in table.splitlines() if line.startswith("| S1RTC |"))
     assert s1_row.count("—") == 4  # S1RTC is the condition: its 4 columns are empty
     meta = json.loads((out / "metrics.json").read_text())

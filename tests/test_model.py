@@ -324,6 +324,23 @@ def test_train__resume_equals_uninterrupted(tmp_path):
         train(cfg, {"A": ma, "B": mb}, tmp_path / "full", norms=IDENTITY, max_steps=6)
 
 
+def test_train__cosine_schedule_decays_to_zero_at_max_steps(tmp_path):
+    """``optimizer.schedule: cosine`` warms up, then decays the learning rate to 0 at the run's
+    last step (the logged lr); an unknown schedule is refused by name."""
+    from dataclasses import replace
+
+    ma, mb, _, _ = _pairs(64)
+    cfg = tiny_cfg(log_every=1)
+    cfg = replace(cfg, optimizer=replace(cfg.optimizer, warmup_steps=2, schedule="cosine"))
+    train(cfg, {"A": ma, "B": mb}, tmp_path / "run", norms=IDENTITY, max_steps=8)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    peak = cfg.optimizer.lr
+    assert lrs[1] == pytest.approx(peak) and all(b < a for a, b in zip(lrs[1:], lrs[2:])), lrs
+    assert lrs[-1] < 0.05 * peak, lrs
+    with pytest.raises(ValueError, match="optimizer.schedule: unknown 'step'"):
+        replace(cfg.optimizer, schedule="step")
+
+
 def test_train__learns_a_conditional(tmp_path):
     """800 CPU steps on pairs (A, B = -A): the denoiser predicts B from A clearly better than
     without A. Measured here: x0-prediction MSE with A about 0.12 / 0.26 / 0.63 at steps

@@ -1,11 +1,14 @@
 """One cell's synthetic scene: physically linked rasters for the four Core modalities.
 
-A procedural terrain (elevation, metres, at 10 m) gives the DEM (3x3 block mean -> 30 m).
-Land cover follows terrain and a moisture field. S2 L2A surface reflectance comes from
-per-class spectra, lit by the terrain; S2 L1C adds an atmosphere (path radiance,
-transmittance, water vapour and cirrus); S1 VV/VH backscatter depends on land cover,
-on the slope facing the radar, and carries speckle. All fields are functions of UTM
-position, so overlapping cells agree.
+A procedural terrain (elevation, metres, at 10 m) gives the DEM (3x3 block mean -> 30 m):
+coastal plains, rolling hills inland and ridged mountains, with no relief finer than about a
+kilometre, so that what the DEM hillshade shows (slopes) also shows in the other modalities.
+Land cover follows terrain (fields and towns on the flat, bare rock on steep slopes, snow
+high up) and a moisture field. S2 L2A surface reflectance comes from per-class spectra, lit
+by the terrain (sun 30 degrees up in the south-south-east, as a mid-latitude morning pass);
+S2 L1C adds an atmosphere (path radiance, transmittance, water vapour and cirrus); S1
+VV/VH backscatter depends on land cover, on the slope facing the radar, and carries
+speckle. All fields are functions of UTM position, so overlapping cells agree.
 """
 
 from __future__ import annotations
@@ -86,13 +89,20 @@ def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
 
 
 def terrain(xs: np.ndarray, ys: np.ndarray, key: int) -> np.ndarray:
-    """Elevation (metres) at pixel centres; negative values are sea."""
+    """Elevation (metres) at pixel centres; negative values are sea.
+
+    Landforms are kilometre-scale (no relief finer than ~1.5 km): plains, rolling hills where
+    a hilliness field is high, ridged mountains. Their slopes are what the DEM hillshade shows,
+    and they are steep enough for the terrain's shading to show in S2 too, as in real imagery."""
     continent = fbm(xs, ys, 60_000, 3, key + 1)
-    relief = fbm(xs, ys, 12_000, 6, key + 2, persistence=0.42)
-    ridges = 1 - np.abs(2 * fbm(xs, ys, 6_000, 4, key + 3, persistence=0.4) - 1)
+    relief = fbm(xs, ys, 12_000, 4, key + 2, persistence=0.5)
+    hilliness = np.clip((fbm(xs, ys, 20_000, 2, key + 5) - 0.4) * 4, 0, 1)
+    hills = fbm(xs, ys, 3_200, 3, key + 6, persistence=0.45)
+    ridges = 1 - np.abs(2 * fbm(xs, ys, 6_000, 3, key + 3, persistence=0.4) - 1)
     mountain_mask = np.clip((fbm(xs, ys, 40_000, 2, key + 4) - 0.55) * 4, 0, 1)
-    base = (continent - 0.36) * 1400
-    return base + 260 * (relief - 0.45) + mountain_mask * 2400 * ridges**3
+    lowland = (continent - 0.36) * 1400 + 260 * (relief - 0.45)
+    inland = np.clip(lowland / 150, 0, 1)  # hills rise inland: coasts are plains, the sea floor stays flat
+    return lowland + inland * hilliness * 900 * (hills - 0.5) + mountain_mask * 2400 * ridges**3
 
 
 def _slope_aspect(elev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -110,9 +120,9 @@ def landcover(elev: np.ndarray, nz: np.ndarray, xs: np.ndarray, ys: np.ndarray, 
     slope_deg = np.degrees(np.arccos(np.clip(nz, -1, 1)))
     lc = np.full(elev.shape, GRASS, dtype=np.uint8)
     lc[(moisture > 0.3) & (elev < 500) & (slope_deg < 6)] = CROP
-    lc[(moisture > 0.52) | ((slope_deg > 12) & (elev < 1900))] = FOREST
+    lc[(moisture > 0.55) & (slope_deg < 25) & (elev < 1900)] = FOREST
     lc[(urban_field > 0.66) & (elev < 400) & (slope_deg < 6)] = URBAN
-    lc[(slope_deg > 35) | ((elev > 1900) & (moisture < 0.6))] = BARE
+    lc[(slope_deg > 25) | ((elev > 1900) & (moisture < 0.6))] = BARE
     lc[elev > snowline] = SNOW
     lc[elev <= 0] = WATER
     return lc
@@ -169,10 +179,11 @@ def make_scene(box: ProductBox, world_key: int, acq: Acquisition) -> Scene:
     lc = landcover(elev, nz, xs, ys, world_key)
     dem = np.maximum(elev, 0.0)  # the Copernicus DEM holds 0 over the sea
 
-    # sun from the south-east, 45 degrees up
-    sun = np.array([np.sin(np.radians(150)) * np.cos(np.radians(45)), np.cos(np.radians(150)) * np.cos(np.radians(45)), np.sin(np.radians(45))])
+    # sun from the south-south-east, 30 degrees up (a mid-latitude morning overpass)
+    az, alt = np.radians(150), np.radians(30)
+    sun = np.array([np.sin(az) * np.cos(alt), np.cos(az) * np.cos(alt), np.sin(alt)])
     cos_i = nx * sun[0] + ny * sun[1] + nz * sun[2]
-    illum = np.clip(cos_i / sun[2], 0.15, 1.6) ** 0.7
+    illum = np.clip(cos_i / sun[2], 0.1, 1.9)
     greenness, lit = _surface_modulation(lc, xs, ys, illum, world_key)
 
     # S2 acquisition: clouds, swath edge; bands one at a time (float32) to bound memory
