@@ -124,16 +124,29 @@ def _fine_tune(paths: DemoPaths, ids: list[str], steps: int, device: str | None)
     train_cells, test_cells = split_cells(ids, DEMO_TEST_FRACTION, 0)
     console.rule(f"[bold]4. fine-tune the shipped demo model ({steps} steps) on {len(train_cells)} cells; "
                  f"{len(test_cells)} held out")
-    made = json.loads((SHIPPED_DEMO_MODEL / "training_data.json").read_text())
+    made = _shipped_record()
     console.print(Text(f"Starting from the demo model shipped with the package ({SHIPPED_DEMO_MODEL}): made by "
                        f"`{made['command']}` on {len(made['train_cells'])} cells of the synthetic world that are not "
-                       f"the demo's ({made['steps']} steps on {made['hardware']['cpu_count']} CPU cores). A few CPU "
-                       "minutes cannot teach a diffusion model the cross-modal mapping from scratch; the demo adapts "
-                       "the shipped model to its own cells for a few steps.", style="yellow"), soft_wrap=True)
+                       f"the demo's ({_shipped_steps(made):,} steps in all on {made['hardware']['cpu_count']} CPU "
+                       "cores; its training_data.json has the stages). A few CPU minutes cannot teach a diffusion model "
+                       "the cross-modal mapping from scratch; the demo adapts the shipped model to its own cells for a "
+                       "few steps.", style="yellow"), soft_wrap=True)
     run_train(DEMO_CONFIG, paths.store, paths.run,
               TrainOptions(max_steps=steps, resume=(paths.run / "checkpoints").exists(), test_fraction=DEMO_TEST_FRACTION,
                            device=device, init_from=SHIPPED_DEMO_MODEL, command=_train_command(paths, steps)))
     return test_cells
+
+
+def _shipped_record() -> dict:
+    """``training_data.json`` of the shipped demo model."""
+    from pipelines.train import SHIPPED_DEMO_MODEL
+
+    return json.loads((SHIPPED_DEMO_MODEL / "training_data.json").read_text())
+
+
+def _shipped_steps(made: dict) -> int:
+    """Training steps of the shipped demo model, all its stages together."""
+    return int(made.get("total_steps", made["steps"]))
 
 
 def _train_command(paths: DemoPaths, steps: int) -> str:
@@ -182,9 +195,10 @@ def _evaluate(paths: DemoPaths, run: DemoSettings) -> dict[str, Path]:
     console.print(Text("  offline, the feature extractors are randomly initialised (the FID Inception-v3 "
                        "architecture and a small DINOv2), saved locally: the numbers rank runs of this demo only "
                        "and are not comparable with published FID/precision/recall (use the default extractors, "
-                       "downloaded once, for that). The demo model is small and CPU-trained (2,000 steps): "
-                       "its samples get each modality's colours and brightness, and use S2 a little for DEM, but stay "
-                       "rough and blocky; compare the rows 'none' and 'S2L2A' of table1.md (mae_change) to see what "
+                       "downloaded once, for that). The demo model is small and CPU-trained "
+                       f"({_shipped_steps(_shipped_record()):,} steps): "
+                       "its S1RTC samples follow the S2 land cover, but it has not learned the relief: the DEM samples "
+                       "stay rough and blocky; compare the rows 'none' and 'S2L2A' of table1.md (mae_change) to see what "
                        "conditioning buys. Sharp, faithful samples need tens of thousands of steps on a GPU, or the "
                        "published weights.", style="yellow"), soft_wrap=True)
     options = EvalOptions(conditions=parse_conditions(DEMO_CONDITIONS), generate=tuple(DEMO_GENERATE.split(",")),
