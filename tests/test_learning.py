@@ -4,7 +4,8 @@ ingest with the shipped codec -> model -> sample -> decode), fast on a CPU:
 - memorisation: a small model trained on one cell draws each of that cell's fragments' own
   relief from its S2L2A (closer to its own DEM than to the cell's other fragments'), and its
   denoiser uses the clean condition;
-- the shipped demo model uses S2 to predict DEM at high noise, on cells it never saw;
+- the shipped demo model's S1RTC samples from S2L2A are closer to the real S1RTC than its
+  unconditional samples, on cells it never saw;
 - constant content stays constant (a flat-sea DEM, calm water in S1, generated flat): not
   met yet by the shipped model (issue #11), kept as a strict expected failure so that the
   day it holds the suite says so.
