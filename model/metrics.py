@@ -171,3 +171,33 @@ def mean_abs_gradient(images: np.ndarray) -> float:
     ``(..., H, W, C)``, in 8-bit units: how rough an image set is (speckle and blocks raise it)."""
     x = np.asarray(images, np.float32)
     return float((np.abs(np.diff(x, axis=-2)).mean() + np.abs(np.diff(x, axis=-3)).mean()) / 2)
+
+
+def seam_ratio(mosaics: np.ndarray, tile: int = 256, width: int = 1) -> float:
+    """How visible the borders between ``tile`` px tiles of mosaics ``(N, H, W, C)`` (or
+    ``(N, H, W)``) are, channels averaged first.
+
+    ``width=1`` (the pixel seam): the mean |difference| of the pixel pairs straddling every
+    internal border (rows and columns), divided by the same statistic one pixel inside (the
+    pairs just before and just after the border). ``width=w > 1`` (a tone seam): the mean
+    |difference| between the means of the ``w`` px strips on either side of each border,
+    divided by the same statistic across the lines ``4 w`` px inside the tiles. The pixel seam
+    misses a step that a decoder has smoothed into a ramp a few pixels wide; the tone seam
+    catches it. Both are about 1 for a real product cut into fragments, large when every
+    tile was made on its own."""
+    x = np.asarray(mosaics, np.float32)
+    x = x.mean(axis=-1) if x.ndim == 4 else x
+    inside = 1 if width == 1 else 4 * width
+    if x.ndim != 3 or (x.shape[1] <= tile and x.shape[2] <= tile) or inside + width > tile // 2:
+        raise ValueError(f"mosaics must be (N, H, W[, C]) larger than one {tile} px tile, with width {width} << tile; "
+                         f"got shape {np.shape(mosaics)}")
+    across, within = [], []
+    for axis in (1, 2):
+        def jump(line: int) -> float:  # between the strips [line - width, line) and [line, line + width)
+            before = np.take(x, range(line - width, line), axis=axis).mean(axis=axis)
+            after = np.take(x, range(line, line + width), axis=axis).mean(axis=axis)
+            return float(np.abs(after - before).mean())
+        for k in range(tile, x.shape[axis] - 1, tile):
+            across.append(jump(k))
+            within.append((jump(k - inside) + jump(k + inside)) / 2)
+    return float(np.mean(across) / max(np.mean(within), 1e-12))

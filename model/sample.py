@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.canvas import Canvas
 from model.diffusion import NOISE_TIMESTEP, predict_eps, sampling_scheduler
 
 # One generation of the looping experiment (see :func:`chain`): ``step(condition, generate,
@@ -53,6 +54,7 @@ def generate(
     latent_shape: tuple[int, int, int] | None = None,
     marginal_noise: Mapping[str, torch.Tensor] | None = None,
     spacing: str = "karras",
+    stride: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Generate the modalities ``generate`` given ``condition`` (latents in the network's
     space, each (B, C, H, W)). Returns {modality: (B * n_samples, C, H, W)} for the generated
@@ -65,7 +67,12 @@ def generate(
     ``marginal_noise`` fixes the noise standing in for modalities that are neither given nor
     generated (and for guided conditions when they are dropped); by default it is drawn from
     ``seed``. ``spacing`` places the solver steps (see
-    :func:`model.diffusion.sampling_scheduler`)."""
+    :func:`model.diffusion.sampling_scheduler`).
+
+    Latents larger than the network's input (e.g. a grid cell's 4x4 fragments side by side,
+    ``(B, C, 128, 128)``) are a canvas (:mod:`model.canvas`): denoised as overlapping windows
+    of the network's size whose starts are at most ``stride`` apart (default: 3/4 of a
+    window), merged at every solver step, so neighbouring parts agree."""
     names = list(net.config.modalities)
     guidance = _check_request(names, condition, generate, guidance)
     device = next(net.parameters()).device
@@ -78,8 +85,12 @@ def generate(
     # the draw order (marginal noise, then starting noise) is part of what a seed means
     fixed_noise = _noise(marginal_noise, free + guided, "marginal noise", full_shape, gen, device)
     start = _noise(initial_noise, generate, "initial noise", full_shape, gen, device)
-    call = _NetworkCall(net, names, list(generate), {m: _expand(x.to(device, torch.float32), n_samples)
-                                                     for m, x in condition.items()}, fixed_noise, batch_size)
+    canvas = _canvas(net, shape, stride)
+    cond = {m: _expand(x.to(device, torch.float32), n_samples) for m, x in condition.items()}
+    if canvas is not None:  # the network sees windows: the fixed inputs are cut once
+        cond = {m: canvas.crop(x) for m, x in cond.items()}
+        fixed_noise = {m: canvas.crop(x) for m, x in fixed_noise.items()}
+    call = _NetworkCall(net, names, list(generate), cond, fixed_noise, batch_size, canvas)
     result = {m: _expand(condition[m], n_samples) for m in condition}  # the inputs, untouched
     result.update(_solve(call, start, guided, guidance, sampling_scheduler(steps, spacing)))
     return result
@@ -118,6 +129,15 @@ def _batch_shape(net, condition: Mapping[str, torch.Tensor], initial_noise: Mapp
     return 1, tuple(latent_shape or (net.config.in_chans, net.config.img_size, net.config.img_size))
 
 
+def _canvas(net, shape: tuple[int, ...], stride: int | None) -> Canvas | None:
+    """The windows of latents of ``shape`` (C, H, W) larger than the network's input; None
+    when they are the network's size."""
+    size = net.config.img_size
+    if tuple(shape[-2:]) == (size, size):
+        return None
+    return Canvas(shape[-2], shape[-1], size, stride or max(size * 3 // 4, 1))
+
+
 def _noise(given: Mapping[str, torch.Tensor] | None, modalities: Sequence[str], what: str, shape: tuple[int, ...],
            gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
     """Float32 noise ``shape`` = (B * n_samples, C, H, W) on ``device`` for each of
@@ -144,10 +164,18 @@ class _NetworkCall:
     cond: dict[str, torch.Tensor]
     fixed_noise: dict[str, torch.Tensor]
     batch_size: int | None
+    canvas: Canvas | None = None  # set: ``cond`` and ``fixed_noise`` are its windows
 
     def eps(self, xg: Mapping[str, torch.Tensor], k: int, drop: str | None) -> dict[str, torch.Tensor]:
         """Float32 noise predictions of the generated modalities ``xg`` at diffusers step ``k``,
-        with the condition ``drop`` (if any) replaced by its fixed noise."""
+        with the condition ``drop`` (if any) replaced by its fixed noise. On a canvas: the
+        windows' predictions, merged (:meth:`model.canvas.Canvas.merge`)."""
+        if self.canvas is not None:
+            out = self._eps({m: self.canvas.crop(x) for m, x in xg.items()}, k, drop)
+            return {m: self.canvas.merge(v) for m, v in out.items()}
+        return self._eps(xg, k, drop)
+
+    def _eps(self, xg: Mapping[str, torch.Tensor], k: int, drop: str | None) -> dict[str, torch.Tensor]:
         x = next(iter(xg.values()))
         total, device = x.shape[0], x.device
         lat, ts = {}, {}

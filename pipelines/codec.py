@@ -31,6 +31,7 @@ from majortom_gen.staging import check_output, staged_folder
 from model.codec_training import CodecTrainConfig, train_small_vae
 from majortom_gen.store import LatentStore
 from model.codecs import Codec, fit_latent_norms, load_codec, reconstruction_psnr
+from pipelines.cell_canvas import canvas_groups, tile, untile
 from pipelines.ingest import read_fragments
 
 PSNR_FRAGMENTS = 64  # per modality: the reconstruction PSNR recorded with a trained codec
@@ -81,6 +82,25 @@ def decode_images(codec: Codec, latents: torch.Tensor | np.ndarray, modality: st
         return codec.decode(part) if modality is None else codec.decode_network(part, modality)
 
     return np.concatenate([from_unit_range(one(x[i:i + batch]).numpy()) for i in range(0, len(x), batch)])
+
+
+def decode_fragments(codec: Codec, latents: torch.Tensor | np.ndarray, modality: str | None, cells: Sequence[str],
+                     frags: Sequence[int], samples: Sequence[int] | None = None) -> np.ndarray:
+    """Like :func:`decode_images` for rows that are fragments (``cells[i]``, ``frags[i]``,
+    ``samples[i]``): the 16 fragments of a complete (cell, sample) are decoded together as one
+    canvas (:mod:`pipelines.cell_canvas`), so the decoder sees across fragment borders (decoded
+    one by one, every fragment border is a seam); the other rows one by one. uint8
+    ``(N, 256, 256, 3)`` in row order."""
+    x = torch.as_tensor(np.asarray(latents, np.float32) if isinstance(latents, np.ndarray) else latents).float()
+    out = np.zeros((len(x), 256, 256, 3), np.uint8)
+    groups, rest = canvas_groups(cells, frags, samples)
+    for rows in groups:  # one canvas (1, C, 128, 128) at a time
+        canvas = tile(x[rows])
+        decoded = codec.decode(canvas) if modality is None else codec.decode_network(canvas, modality)
+        out[rows] = from_unit_range(untile(decoded).numpy())
+    if rest:
+        out[rest] = decode_images(codec, x[rest], modality)
+    return out
 
 
 @dataclass

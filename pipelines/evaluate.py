@@ -13,7 +13,10 @@ decoded with the store's codec to 256x256 RGB thumbnails and compared:
   that each conditional row reports what its conditions buy (``mae_change``, ``psnr_gain``:
   relative MAE change and PSNR difference against the unconditional samples of the same
   fragments), and ``gradient_ratio``: the mean absolute gradient (roughness: speckle, blocks)
-  of the first samples over that of the real images (1 = as smooth as the real data).
+  of the first samples over that of the real images (1 = as smooth as the real data);
+- seams, on the cells whose 16 fragments are all evaluated: the pixel and tone seam ratios
+  (:func:`model.metrics.seam_ratio`) of the cells' mosaics of first samples, beside those of
+  the real mosaics (about 1: no visible fragment borders).
 
 "Real" images are by default the codec's reconstruction of each fragment's stored latent
 mean (the store keeps latents, not pixels), so the metrics measure the generative model, not
@@ -57,12 +60,16 @@ from majortom_gen.store import LatentStore, load_aligned
 from model import metrics
 from model.codecs import Codec, moment_means
 from model.features import DINOV2_DEFAULT, INCEPTION_DEFAULT, FeatureExtractor, load_extractor
+from pipelines.cell_canvas import canvas_groups, tile
 from pipelines.model_folder import ModelOnStore, model_record
-from pipelines.sample import FragmentBatch, SamplingOptions, condition_latents, sample_chunk
+from pipelines.sample import FragmentBatch, SamplingOptions, condition_latents, sample_fragments
 
 DISTRIBUTION_METRICS = ("fid", "precision", "recall", "f_score")
 PAIRED_METRICS = ("psnr", "ssim", "mae", "psnr_best", "spread", "gradient_ratio")
 CONDITIONING_METRICS = ("mae_change", "psnr_gain")  # against the unconditional row
+# borders between fragments in the mosaics of whole cells (first samples), generated vs real
+SEAM_METRICS = ("seam_ratio", "seam_ratio_real", "tone_seam_ratio", "tone_seam_ratio_real")
+TONE_SEAM_PX = 8  # strip width of the tone seam (one latent pixel)
 LOWER_IS_BETTER = {"fid", "mae", "mae_change"}
 
 
@@ -86,13 +93,14 @@ class EvalOptions:
     device: str | None = None
     exclude_cells: tuple[str, ...] = ()  # never evaluated on (e.g. the published weights' training cells)
     real_source: str | None = None  # real images straight from these Major TOM shards (default: codec reconstruction)
+    seamless: bool = True  # whole cells generated (and decoded) as one canvas; False: fragment by fragment
     overwrite: bool = False  # replace an earlier evaluation in ``out``
 
     def sampling(self, device: str) -> SamplingOptions:
         """The sampling settings of the generated sets."""
         return SamplingOptions(n_samples=self.n_samples, steps=self.steps, seed=self.seed,
                                deterministic_conditions=self.deterministic_conditions, batch_size=self.batch_size,
-                               device=device, codec_source=self.codec_source)
+                               device=device, codec_source=self.codec_source, seamless=self.seamless)
 
 
 @dataclass
@@ -320,7 +328,7 @@ def _real_set(bound: ModelOnStore, chosen: EvalFragments, targets: list[str], ex
               opts: EvalOptions) -> dict[str, np.ndarray]:
     """The real images of every target (the codec's reconstruction of each stored latent mean,
     or the shards' thumbnails) and their features, cached."""
-    key = _digest("real", bound.store.manifest["shards"], targets, *base_key)
+    key = _digest("real", "whole cells decoded as canvases", "seams", bound.store.manifest["shards"], targets, *base_key)
     real = cache.get(key)
     if real is not None:
         return real
@@ -328,10 +336,12 @@ def _real_set(bound: ModelOnStore, chosen: EvalFragments, targets: list[str], ex
     source = (_source_images(opts.real_source, bound.store, chosen.cells, chosen.frags, targets)
               if opts.real_source else {})
     for m in targets:
-        images = source[m] if opts.real_source else bound.pictures(moment_means(chosen.moments[m]))
+        images = (source[m] if opts.real_source else
+                  bound.pictures(moment_means(chosen.moments[m]), cells=chosen.cells, frags=chosen.frags))
         real[f"images_{m}"] = images
         real[f"fid_{m}"] = extractors["fid"](images, opts.batch_size)
         real[f"pr_{m}"] = extractors["pr"](images, opts.batch_size)
+        real[f"seams_{m}"] = cell_seams(images, chosen.cells, chosen.frags)
     cache.put(key, real)
     return real
 
@@ -343,7 +353,7 @@ def _score_conditions(bound: ModelOnStore, chosen: EvalFragments, targets: list[
     n, total, done, rows = len(chosen.cells), len(chosen.cells) * len(opts.conditions), 0, []
     for cond in opts.conditions:
         generated = [m for m in targets if m not in cond]
-        key = _digest("generated", "per-sample condition draws", "gradient", model_digest, condition_name(cond), generated, opts.seed,
+        key = _digest("generated", "per-sample condition draws", "gradient", "canvas decode", "seams", opts.seamless, model_digest, condition_name(cond), generated, opts.seed,
                       opts.steps, opts.n_samples, opts.deterministic_conditions, *base_key)
         result = cache.get(key)
         if result is None:
@@ -360,25 +370,40 @@ def _score_conditions(bound: ModelOnStore, chosen: EvalFragments, targets: list[
 
 def _generate_set(bound: ModelOnStore, extractors: dict[str, FeatureExtractor], chosen: EvalFragments, real,
                   cond, generated, opts: EvalOptions, tick) -> dict[str, np.ndarray]:
-    """Generate ``generated`` given ``cond`` for every fragment (in batches, with the same
-    per-fragment-sample draws as ``majortom-gen sample``: each sample its own condition draw);
-    returns per modality the features of the first samples and the per-fragment paired metrics."""
+    """Generate ``generated`` given ``cond`` for every fragment, exactly as ``majortom-gen
+    sample`` does (the same per-fragment-sample draws: each sample its own condition draw;
+    whole cells on one canvas unless ``seamless`` is off); returns per modality the features
+    of the first samples and the per-fragment paired metrics."""
+    n, total = opts.n_samples, len(chosen.cells)
+    condition = condition_latents({m: chosen.moments[m] for m in cond}, bound.norms, chosen.cells, chosen.frags,
+                                  opts.seed, opts.deterministic_conditions, n)
+    out = sample_fragments(bound.model_dir, FragmentBatch(chosen.cells, chosen.frags, condition), generated,
+                           opts.sampling(bound.device), progress=(lambda done, _: tick(done)) if tick else None)
+    rows_of = {"cells": np.repeat(chosen.cells, n).tolist(), "frags": np.repeat(chosen.frags, n).tolist(),
+               "samples": np.tile(np.arange(n), total).tolist()}
     parts: dict[str, list[np.ndarray]] = {}
-    sampling = opts.sampling(bound.device)
-    for start in range(0, len(chosen.cells), opts.batch_size):
-        idx = range(start, min(start + opts.batch_size, len(chosen.cells)))
-        cells, frags = chosen.cells[start:idx.stop], chosen.frags[start:idx.stop]
-        condition = condition_latents({m: chosen.moments[m][start:idx.stop] for m in cond}, bound.norms, cells, frags,
-                                      opts.seed, opts.deterministic_conditions, opts.n_samples)
-        out = sample_chunk(bound.model_dir, FragmentBatch(cells, frags, condition), generated, sampling)
-        for m in generated:
-            images = bound.pictures(out[m], m)  # (b * n_samples, 256, 256, 3)
-            for k, v in _paired_values(m, images.reshape(len(idx), opts.n_samples, *images.shape[1:]),
-                                       real[f"images_{m}"][start:idx.stop], extractors, opts.batch_size).items():
+    for m in generated:
+        images = bound.pictures(out[m], m, **rows_of).reshape(total, n, 256, 256, 3)
+        for start in range(0, total, opts.batch_size):
+            stop = min(start + opts.batch_size, total)
+            for k, v in _paired_values(m, images[start:stop], real[f"images_{m}"][start:stop], extractors,
+                                       opts.batch_size).items():
                 parts.setdefault(k, []).append(v)
-        if tick:
-            tick(idx.stop)
+        parts[f"seams_{m}"] = [cell_seams(images[:, 0], chosen.cells, chosen.frags)]
+        del images
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def cell_seams(images: np.ndarray, cells: Sequence[str], frags: Sequence[int]) -> np.ndarray:
+    """``[pixel seam ratio, tone seam ratio]`` (:func:`model.metrics.seam_ratio`, tone strips of
+    :data:`TONE_SEAM_PX`) of the mosaics of the complete cells among fragment pictures ``images``
+    ``(N, 256, 256, 3)`` (rows ``cells[i]``, ``frags[i]``); NaN when no cell is complete."""
+    groups, _ = canvas_groups(cells, frags)
+    if not groups:
+        return np.full(2, np.nan)
+    mosaics = np.stack([tile(torch.from_numpy(images[rows]).permute(0, 3, 1, 2))[0].permute(1, 2, 0).numpy()
+                        for rows in groups])
+    return np.array([metrics.seam_ratio(mosaics), metrics.seam_ratio(mosaics, width=TONE_SEAM_PX)])
 
 
 def _paired_values(m: str, images: np.ndarray, reference: np.ndarray, extractors, batch: int) -> dict[str, np.ndarray]:
@@ -408,6 +433,8 @@ def _metrics_row(cond, m, real, result, k: int, n_samples: int) -> dict:
         row[name] = _finite_mean(result[f"{name}_{m}"]) if applies else math.nan
     real_roughness = metrics.mean_abs_gradient(real[f"images_{m}"])
     row["gradient_ratio"] = float(result[f"gradient_{m}"].mean()) / real_roughness if real_roughness > 0 else math.nan
+    (row["seam_ratio"], row["tone_seam_ratio"]), (row["seam_ratio_real"], row["tone_seam_ratio_real"]) = (
+        result[f"seams_{m}"].tolist(), real[f"seams_{m}"].tolist())
     return row
 
 
@@ -429,11 +456,12 @@ def _fmt(value: float, metric: str) -> str:
         return f"{100 * value:+.1f}%"
     if metric == "psnr_gain":
         return f"{value:+.2f}"
-    return f"{value:.2f}" if metric in ("fid", "psnr", "psnr_best", "mae", "spread", "gradient_ratio") else f"{value:.3f}"
+    return (f"{value:.2f}" if metric in ("fid", "psnr", "psnr_best", "mae", "spread", "gradient_ratio", *SEAM_METRICS)
+            else f"{value:.3f}")
 
 
 def _direction(metric: str) -> str:
-    return "≈1" if metric == "gradient_ratio" else "↓" if metric in LOWER_IS_BETTER else "↑"
+    return "≈1" if metric == "gradient_ratio" or metric in SEAM_METRICS else "↓" if metric in LOWER_IS_BETTER else "↑"
 
 
 def table_markdown(rows: list[dict], metrics_shown: Sequence[str], modalities: Sequence[str]) -> str:
@@ -456,7 +484,7 @@ def write_outputs(folder: Path, rows: list[dict], settings: dict) -> list[Path]:
     """``metrics.csv`` (one row per condition and modality), ``table1.md``, ``metrics.json``
     and one bar chart per metric under ``plots/``."""
     modalities = list(dict.fromkeys(r["modality"] for r in sorted(rows, key=lambda r: r["modality"])))
-    columns = ["condition", "modality", "n", *DISTRIBUTION_METRICS, *PAIRED_METRICS, *CONDITIONING_METRICS]
+    columns = ["condition", "modality", "n", *DISTRIBUTION_METRICS, *PAIRED_METRICS, *CONDITIONING_METRICS, *SEAM_METRICS]
     csv_path = folder / "metrics.csv"
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
@@ -479,7 +507,11 @@ def write_outputs(folder: Path, rows: list[dict], settings: dict) -> list[Path]:
           table_markdown(rows, PAIRED_METRICS, modalities), "",
           "## What conditioning buys: paired MAE change and PSNR gain against the unconditional samples "
           f"of the same fragments ({count})", "", table_markdown([r for r in rows if r["condition"] != "none"], CONDITIONING_METRICS,
-                                                     modalities), ""]
+                                                     modalities), "",
+          "## Seams: fragment borders in the mosaics of whole cells (pixel seam: |difference| across a border over "
+          f"one pixel inside; tone seam: the same for the means of {TONE_SEAM_PX} px strips, over {4 * TONE_SEAM_PX} px "
+          "inside; about 1 = no visible border; generated first samples beside the real mosaics)", "",
+          table_markdown(rows, SEAM_METRICS, modalities), ""]
     md_path = folder / "table1.md"
     md_path.write_text("\n".join(md))
     json_path = folder / "metrics.json"

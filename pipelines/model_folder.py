@@ -220,9 +220,15 @@ class ModelOnStore:
             raise missing_codec(self.store_dir, self.store.codec["name"])
         return self.codec
 
-    def pictures(self, latents: torch.Tensor | np.ndarray, modality: str | None = None) -> np.ndarray:
+    def pictures(self, latents: torch.Tensor | np.ndarray, modality: str | None = None, *,
+                 cells: Sequence[str] | None = None, frags: Sequence[int] | None = None,
+                 samples: Sequence[int] | None = None) -> np.ndarray:
         """The network's latents of ``modality`` (the codec's own when None) -> uint8
-        ``(N, 256, 256, 3)`` (:func:`pipelines.codec.decode_images`)."""
-        from pipelines.codec import decode_images
+        ``(N, 256, 256, 3)`` (:func:`pipelines.codec.decode_images`). Given the rows' ``cells``
+        and ``frags`` (and ``samples``), whole cells are decoded as one canvas each
+        (:func:`pipelines.codec.decode_fragments`: no seams at fragment borders)."""
+        from pipelines.codec import decode_fragments, decode_images
 
-        return decode_images(self.require_codec(), latents, modality)
+        if cells is None or frags is None:
+            return decode_images(self.require_codec(), latents, modality)
+        return decode_fragments(self.require_codec(), latents, modality, cells, frags, samples)

@@ -28,11 +28,13 @@ import torch
 from PIL import Image
 
 from majortom_gen.errors import MajorTomGenError
+from majortom_gen.fragments import GRID_SIDE
 from majortom_gen.staging import check_output, local_paths, staged_folder
 from majortom_gen.store import MOMENT_SHAPE, LatentStore, complete_rows, moment_array
 from model.codecs import LatentNorm, moment_means, sample_latents
 from model.sample import chain, generate
 from model.uvit import MultiModalUViT
+from pipelines.cell_canvas import FRAGMENTS_PER_CELL, canvas_groups, tile, untile
 from pipelines.model_folder import ModelOnStore
 
 
@@ -52,7 +54,11 @@ class SamplingOptions:
     condition on the stored latent means instead of a posterior draw per sample;
     ``batch_size``: fragments per network batch; ``device``: cpu, cuda, cuda:N (None: CUDA
     when available); ``workers``: local Dask workers (None: one per GPU when there are
-    several); ``codec_source``: the VAE of an sd-vae store (None: the store's own codec)."""
+    several); ``codec_source``: the VAE of an sd-vae store (None: the store's own codec);
+    ``seamless``: a cell whose 16 fragments are all sampled is generated as one canvas of
+    overlapping windows (:mod:`model.canvas`), so its fragments agree at their borders (False:
+    every fragment on its own); ``canvas_stride``: latent pixels between window starts (None:
+    3/4 of a window, 24 of 32)."""
 
     n_samples: int = 1
     steps: int = 50
@@ -62,6 +68,8 @@ class SamplingOptions:
     device: str | None = None
     workers: int | None = None
     codec_source: str | None = None
+    seamless: bool = True
+    canvas_stride: int | None = None
 
 
 @dataclass
@@ -73,11 +81,13 @@ class FragmentBatch:
     cells: list[str]
     frags: list[int]
     cond: dict[str, torch.Tensor]
+    canvas: bool = False  # whole cells, each sampled as one canvas (see :func:`sample_chunk`)
 
-    def part(self, first: int, stop: int, n_samples: int) -> "FragmentBatch":
-        """Fragments ``first:stop`` with their condition rows."""
-        rows = slice(first * n_samples, stop * n_samples)
-        return FragmentBatch(self.cells[first:stop], self.frags[first:stop], {m: v[rows] for m, v in self.cond.items()})
+    def take(self, rows: Sequence[int], n_samples: int, canvas: bool = False) -> "FragmentBatch":
+        """The fragments ``rows`` (in that order) with their condition rows."""
+        index = torch.as_tensor([r * n_samples + s for r in rows for s in range(n_samples)], dtype=torch.long)
+        return FragmentBatch([self.cells[r] for r in rows], [self.frags[r] for r in rows],
+                             {m: v[index] for m, v in self.cond.items()}, canvas)
 
 
 def fragment_georef(store: LatentStore, cells: Sequence[str], frags: Sequence[int]) -> dict[str, np.ndarray]:
@@ -179,6 +189,8 @@ def sample_chunk(model_dir: str | os.PathLike, batch: FragmentBatch, generate_mo
     if wrong:
         raise ValueError(f"conditions need one row per fragment sample ({len(batch.cells)} x {n_samples} = {rows}); got {wrong}")
     net = _network(str(model_dir), _worker_device(options.device))
+    if batch.canvas:
+        return _sample_canvases(net, batch, generate_modalities, options)
     shape = (net.config.in_chans, net.config.img_size, net.config.img_size)
     free = [m for m in net.modalities if m not in batch.cond and m not in generate_modalities]
     noise = functools.partial(fragment_noise, batch.cells, batch.frags, n_samples, seed=options.seed, shape=shape)
@@ -186,6 +198,36 @@ def sample_chunk(model_dir: str | os.PathLike, batch: FragmentBatch, generate_mo
                       initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"),
                       batch_size=options.batch_size * n_samples)  # a row per fragment sample
     return {m: v.cpu().numpy().astype(np.float16) for m, v in result.items()}
+
+
+def _sample_canvases(net: MultiModalUViT, batch: FragmentBatch, generate_modalities: Sequence[str],
+                     options: SamplingOptions) -> dict[str, np.ndarray]:
+    """:func:`sample_chunk` for whole cells: each (cell, sample) is one ``(C, 128, 128)``
+    canvas (its conditions tiled from its fragments' rows) denoised as overlapping windows.
+    Its starting noise and marginal noise are drawn for the canvas from (seed, cell,
+    "canvas", sample, modality), so a cell's result does not depend on the other cells."""
+    n = options.n_samples
+    groups, rest = canvas_groups(batch.cells, batch.frags)
+    if rest:
+        raise ValueError(f"a canvas chunk holds incomplete cells: {sorted({batch.cells[r] for r in rest})}")
+    # canvas row (g, s) is made of the condition rows r * n + s of group g's fragments r
+    sample_rows = [[r * n + s for r in rows] for rows in groups for s in range(n)]
+    cond = {m: torch.cat([tile(v[idx]) for idx in sample_rows]) for m, v in batch.cond.items()}
+    cells = [batch.cells[rows[0]] for rows in groups]
+    size = GRID_SIDE * net.config.img_size
+    shape = (net.config.in_chans, size, size)
+    free = [m for m in net.modalities if m not in batch.cond and m not in generate_modalities]
+    noise = functools.partial(fragment_noise, cells, ["canvas"] * len(cells), n, seed=options.seed, shape=shape)
+    result = generate(net, cond, list(generate_modalities), n_samples=1, steps=options.steps, seed=options.seed,
+                      initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"),
+                      batch_size=options.batch_size * n, stride=options.canvas_stride)
+    out = {}
+    for m, v in result.items():
+        frags = untile(v.cpu().float())  # rows (g, s, fragment index)
+        rows = torch.empty_like(frags)
+        rows[torch.as_tensor([i for idx in sample_rows for i in idx])] = frags
+        out[m] = rows.numpy().astype(np.float16)
+    return out
 
 
 def sample_fragments(model_dir: str | os.PathLike, batch: FragmentBatch, generate_modalities: Sequence[str],
@@ -197,16 +239,30 @@ def sample_fragments(model_dir: str | os.PathLike, batch: FragmentBatch, generat
     condition. The result does not depend on the chunking or the number of workers."""
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() and options.device in (None, "cuda") else 0
     workers = options.workers if options.workers is not None else (n_gpus if n_gpus > 1 else 1)
-    total, size = len(batch.cells), options.batch_size
-    chunks = [batch.part(i, min(i + size, total), options.n_samples) for i in range(0, total, size)]
-    parts: list[dict[str, np.ndarray] | None] = [None] * len(chunks)
+    n, total = options.n_samples, len(batch.cells)
+    plan = _chunk_rows(batch, options)
+    chunks = [batch.take(rows, n, canvas) for rows, canvas in plan]
+    out: dict[str, np.ndarray] = {}
     done = 0
     for i, part in _run_chunks(model_dir, chunks, generate_modalities, options, workers):
-        parts[i] = part
+        index = np.asarray([r * n + s for r in plan[i][0] for s in range(n)])
+        for m, v in part.items():
+            out.setdefault(m, np.zeros((total * n, *v.shape[1:]), v.dtype))[index] = v
         done += len(chunks[i].cells)
         if progress:
             progress(done, total)
-    return {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}
+    return out
+
+
+def _chunk_rows(batch: FragmentBatch, options: SamplingOptions) -> list[tuple[list[int], bool]]:
+    """``(rows, canvas)`` per chunk: with ``seamless``, complete cells as canvases, a whole
+    number of cells (about ``batch_size`` fragments) per chunk; the other fragments in chunks
+    of ``batch_size``."""
+    size = options.batch_size
+    groups, rest = canvas_groups(batch.cells, batch.frags) if options.seamless else ([], list(range(len(batch.cells))))
+    per_chunk = max(size // FRAGMENTS_PER_CELL, 1)
+    plan = [([r for rows in groups[i:i + per_chunk] for r in rows], True) for i in range(0, len(groups), per_chunk)]
+    return plan + [(rest[i:i + size], False) for i in range(0, len(rest), size)]
 
 
 def _run_chunks(model_dir, chunks: list[FragmentBatch], generate_modalities, options: SamplingOptions, workers: int):
@@ -297,8 +353,10 @@ def _png_grids(bound: ModelOnStore, arrays: dict[str, np.ndarray], batch: Fragme
     the store has it), the samples, and with several samples their mean and std."""
     from pipelines.quicklook import cell_rows, write_quicklook
 
-    images = {m: bound.pictures(a, m) for m, a in arrays.items()}  # (B * n, 256, 256, 3)
-    real_images = {m: (valid, bound.pictures(moment_means(torch.from_numpy(moms)))) for m, (valid, moms) in real.items()}
+    rows_of = {"cells": np.repeat(batch.cells, n_samples).tolist(), "frags": np.repeat(batch.frags, n_samples).tolist(),
+               "samples": np.tile(np.arange(n_samples), len(batch.cells)).tolist()}
+    images = {m: bound.pictures(a, m, **rows_of) for m, a in arrays.items()}  # (B * n, 256, 256, 3)
+    real_images = {m: (valid, _real_pictures(bound, valid, moms, batch)) for m, (valid, moms) in real.items()}
     cells = np.asarray(batch.cells)
     files = []
     for cell in dict.fromkeys(batch.cells):
@@ -311,6 +369,16 @@ def _png_grids(bound: ModelOnStore, arrays: dict[str, np.ndarray], batch: Fragme
         title = f"{cell}: {', '.join(generated)} generated from {', '.join(condition) or 'nothing (unconditional)'}"
         files.append(write_quicklook(out / f"{cell}.png", title, panels))
     return files
+
+
+def _real_pictures(bound: ModelOnStore, valid: np.ndarray, moments: np.ndarray, batch: FragmentBatch) -> np.ndarray:
+    """The decoded stored fragments (moment means) where ``valid``, black elsewhere; whole cells as canvases."""
+    out = np.zeros((len(valid), 256, 256, 3), np.uint8)
+    rows = np.flatnonzero(valid)
+    if len(rows):
+        out[rows] = bound.pictures(moment_means(torch.from_numpy(moments[rows])), cells=[batch.cells[r] for r in rows],
+                                   frags=[batch.frags[r] for r in rows])
+    return out
 
 
 def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cells: Sequence[str], a: Sequence[str],
@@ -352,7 +420,7 @@ def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cell
         files = [tmp / "chain.npz", tmp / "chain.json"]
         if bound.codec is not None:
             columns = [(real[m], m) for m in list(a) + list(b)] + [(v, key.split("_")[1]) for key, v in outputs.items()]
-            files += _chain_pngs(tmp, [bound.pictures(x, m) for x, m in columns], cell_ids)
+            files += _chain_pngs(tmp, [bound.pictures(x, m, cells=cell_ids, frags=frag_ids) for x, m in columns], cell_ids)
     return SampleResult(Path(out), len(cell_ids), [Path(out) / f.relative_to(tmp) for f in files])
 
 

@@ -73,6 +73,24 @@ def test_evaluate_writes_the_table1_outputs(setup, tmp_path):
     assert (again / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
 
 
+def test_evaluate_reports_seams_of_whole_cells(setup, tmp_path):
+    """With a whole test cell evaluated, every row has the pixel and tone seam ratios of the
+    generated and the real mosaics; with 8 fragments (no whole cell) they are empty."""
+    root, store, ext = setup
+    out = tmp_path / "eval"
+    extra = ("--conditions", "S2L1C+S2L2A", "--generate", "DEM")
+    r = runner.invoke(app, _args(root, store, ext, out, *extra, "--max-fragments", "16"))
+    assert r.exit_code == 0, r.output
+    (row,) = list(csv.DictReader(open(out / "metrics.csv")))
+    for name in ("seam_ratio", "seam_ratio_real", "tone_seam_ratio", "tone_seam_ratio_real"):
+        assert 0 < float(row[name]) < 1000, name
+    assert "## Seams" in (out / "table1.md").read_text()
+    r = runner.invoke(app, _args(root, store, ext, tmp_path / "part", *extra))  # 8 fragments: half a cell
+    assert r.exit_code == 0, r.output
+    (row,) = list(csv.DictReader(open(tmp_path / "part" / "metrics.csv")))
+    assert row["seam_ratio"] == "" and row["tone_seam_ratio_real"] == ""
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--conditions", "LANDSAT"], "unknown modality"),
     (["--conditions", "DEM+S1RTC+S2L1C+S2L2A"], "leaves nothing to generate"),

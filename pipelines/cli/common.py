@@ -126,6 +126,9 @@ CodecSourceOption = Annotated[Optional[str], typer.Option(
          "the store's encoder.")]
 WorkersOption = Annotated[Optional[int], typer.Option(
     min=0, help="Sampling workers on a local Dask cluster (default: one per GPU when there are several, else in-process).")]
+SeamlessOption = Annotated[bool, typer.Option(
+    help="Generate each cell whose 16 fragments are all requested as one canvas of overlapping windows, so fragments "
+         "agree at their borders (about 1.6-1.8x the time); --no-seamless: every fragment on its own.")]
 
 
 def _device_option(value: str | None) -> str | None:

@@ -12,6 +12,7 @@ from majortom_gen.errors import MajorTomGenError
 from pipelines.cli.common import (
     DeviceOption,
     OverwriteOption,
+    SeamlessOption,
     app,
     cells_file,
     console,
@@ -69,6 +70,7 @@ def evaluate(
     real_source: Annotated[Optional[str], typer.Option(
         help="Compare with the real thumbnails read from these Major TOM shards (as the paper), not the codec's "
              "reconstruction.")] = None,
+    seamless: SeamlessOption = True,
     device: DeviceOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
@@ -83,7 +85,7 @@ def evaluate(
                           fid_extractor=fid_extractor, pr_extractor=pr_extractor, codec=codec, codec_source=codec_source,
                           cache_dir=str(cache_dir) if cache_dir else None, device=device,
                           exclude_cells=tuple(cells_file(exclude_cells, "--exclude-cells")) if exclude_cells else (),
-                          real_source=real_source, overwrite=overwrite)
+                          real_source=real_source, seamless=seamless, overwrite=overwrite)
     try:
         run_evaluate(model, store, out, options)
     except ValueError as exc:

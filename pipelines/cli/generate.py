@@ -16,6 +16,7 @@ from pipelines.cli.common import (
     OverwriteOption,
     ReflectanceOption,
     RegionOption,
+    SeamlessOption,
     WorkersOption,
     app,
     cells_from_options,
@@ -43,6 +44,7 @@ def sample(
     deterministic_conditions: Annotated[bool, typer.Option(help="Use the conditions' latent means, not samples.")] = False,
     device: DeviceOption = None,
     workers: WorkersOption = None,
+    seamless: SeamlessOption = True,
     codec_source: CodecSourceOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
@@ -53,7 +55,7 @@ def sample(
     ids = cells_from_options((cells or []) + list(ctx.args), region)
     cond = () if condition.strip().lower() in ("", "none") else parse_modalities(condition)
     options = SamplingOptions(n_samples=n_samples, steps=steps, seed=seed, deterministic_conditions=deterministic_conditions,
-                              device=device, workers=workers, codec_source=codec_source)
+                              device=device, workers=workers, codec_source=codec_source, seamless=seamless)
     try:
         with progress_bar("sampling", "fragments") as update:
             result = sample_store(model, store, ids, cond, parse_modalities(generate), out, options, progress=update,
@@ -139,6 +141,7 @@ def generate_region_cmd(
     reflectance: ReflectanceOption = False,
     device: DeviceOption = None,
     workers: WorkersOption = None,
+    seamless: SeamlessOption = True,
     codec_source: CodecSourceOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
@@ -159,7 +162,7 @@ def generate_region_cmd(
                             condition="auto" if condition.strip().lower() == "auto" else parse_modalities(condition),
                             source=source, dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance)
     options = SamplingOptions(n_samples=n_samples, steps=steps, seed=seed, device=device, workers=workers,
-                              codec_source=codec_source)
+                              codec_source=codec_source, seamless=seamless)
     try:
         with progress_bar("sampling", "fragments") as update:
             result = generate_region(model, store, out, request, options, progress=update, overwrite=overwrite)
