@@ -16,7 +16,13 @@ decoded with the store's codec to 256x256 RGB thumbnails and compared:
   of the first samples over that of the real images (1 = as smooth as the real data);
 - seams, on the cells whose 16 fragments are all evaluated: the pixel and tone seam ratios
   (:func:`model.metrics.seam_ratio`) of the cells' mosaics of first samples, beside those of
-  the real mosaics (about 1: no visible fragment borders).
+  the real mosaics (about 1: no visible fragment borders; the codec's reconstructions, decoded
+  fragment by fragment, carry its edge effects at every border: compare with ``real_source``).
+
+Generated images are decoded as they were made: with ``seamless`` (the default, as
+``generate``) a whole cell is one canvas, generated and decoded whole; otherwise fragment by
+fragment. Note that a seamless cell is one draw, not 16: its fragments share their tone, so
+comparisons of paired metrics between the two modes need many cells.
 
 "Real" images are by default the codec's reconstruction of each fragment's stored latent
 mean (the store keeps latents, not pixels), so the metrics measure the generative model, not
@@ -255,7 +261,8 @@ def evaluate(model_dir: str | os.PathLike, store_dir: str | os.PathLike, out: st
     cache = _Cache(Path(opts.cache_dir) if opts.cache_dir else bound.store_dir / "cache" / "eval")
     base_key = (codec.info()["config_hash"], codec.source, bound.store.manifest["shards"], str(device), chosen.cells,
                 chosen.frags, {m: n.as_dict() for m, n in bound.norms.items()},
-                extractors["fid"].fingerprint, extractors["pr"].fingerprint, opts.real_source or "codec reconstruction")
+                extractors["fid"].fingerprint, extractors["pr"].fingerprint,
+                opts.real_source or "codec reconstruction, fragment by fragment")  # the real images' definition: both keys
     real = _real_set(bound, chosen, targets, extractors, cache, base_key, opts)
     rows = _score_conditions(bound, chosen, targets, extractors, real, cache, base_key, opts, progress)
     settings = {**asdict(opts), "conditions": [condition_name(c) for c in opts.conditions], "model": str(bound.model_dir),
@@ -328,7 +335,7 @@ def _real_set(bound: ModelOnStore, chosen: EvalFragments, targets: list[str], ex
               opts: EvalOptions) -> dict[str, np.ndarray]:
     """The real images of every target (the codec's reconstruction of each stored latent mean,
     or the shards' thumbnails) and their features, cached."""
-    key = _digest("real", "whole cells decoded as canvases", "seams", bound.store.manifest["shards"], targets, *base_key)
+    key = _digest("real", "seams", bound.store.manifest["shards"], targets, *base_key)
     real = cache.get(key)
     if real is not None:
         return real
@@ -336,8 +343,7 @@ def _real_set(bound: ModelOnStore, chosen: EvalFragments, targets: list[str], ex
     source = (_source_images(opts.real_source, bound.store, chosen.cells, chosen.frags, targets)
               if opts.real_source else {})
     for m in targets:
-        images = (source[m] if opts.real_source else
-                  bound.pictures(moment_means(chosen.moments[m]), cells=chosen.cells, frags=chosen.frags))
+        images = source[m] if opts.real_source else bound.pictures(moment_means(chosen.moments[m]))
         real[f"images_{m}"] = images
         real[f"fid_{m}"] = extractors["fid"](images, opts.batch_size)
         real[f"pr_{m}"] = extractors["pr"](images, opts.batch_size)
@@ -380,7 +386,7 @@ def _generate_set(bound: ModelOnStore, extractors: dict[str, FeatureExtractor], 
     out = sample_fragments(bound.model_dir, FragmentBatch(chosen.cells, chosen.frags, condition), generated,
                            opts.sampling(bound.device), progress=(lambda done, _: tick(done)) if tick else None)
     rows_of = {"cells": np.repeat(chosen.cells, n).tolist(), "frags": np.repeat(chosen.frags, n).tolist(),
-               "samples": np.tile(np.arange(n), total).tolist()}
+               "samples": np.tile(np.arange(n), total).tolist()} if opts.seamless else {}  # decoded as generated
     parts: dict[str, list[np.ndarray]] = {}
     for m in generated:
         images = bound.pictures(out[m], m, **rows_of).reshape(total, n, 256, 256, 3)

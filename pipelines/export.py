@@ -141,15 +141,16 @@ def export_samples(samples_dir: str | os.PathLike, store_dir: str | os.PathLike,
     meta = json.loads((samples_dir / "samples.json").read_text())
     z = np.load(samples_dir / "samples.npz")
     rows = sample_rows(z, samples_dir)
-    from pipelines.codec import decode_fragments, require_store_codec
+    from pipelines.codec import decode_fragments, decode_images, require_store_codec
 
     codec = require_store_codec(store_dir, codec_source)
     final = out
     with staged_folder(final, overwrite=overwrite, inputs=(samples_dir, store_dir, *local_paths(codec_source)), kind="export") as out:
         files, mosaics, tags = [], [], run_tags(meta)
         for m in meta["generate"]:
-            pixels = decode_fragments(codec, z[f"latent_{m}"], m, [r.grid_cell for r in rows],
-                                      [r.fragment_index for r in rows], [r.sample for r in rows])
+            pixels = (decode_fragments(codec, z[f"latent_{m}"], m, [r.grid_cell for r in rows],
+                                       [r.fragment_index for r in rows], [r.sample for r in rows])
+                      if meta.get("seamless") else decode_images(codec, z[f"latent_{m}"], m))  # decoded as generated
             written, by_sample = write_fragments(out, m, pixels, rows, tags, reflectance=reflectance)
             del pixels
             files += written

@@ -322,7 +322,7 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
         if bound.codec is not None:
             real = {m: _stored_moments(table, m) for m in real_cols}  # the store's own, where it has them
             files += _png_grids(bound, arrays, batch, options.n_samples, list(condition), list(generate_modalities),
-                                tmp, real)
+                                tmp, real, options.seamless)
     return SampleResult(Path(out), len(batch.cells), [Path(out) / f.relative_to(tmp) for f in files])
 
 
@@ -339,7 +339,8 @@ def _write_samples(folder: Path, bound: ModelOnStore, batch: FragmentBatch, arra
     (folder / "samples.json").write_text(json.dumps({
         "model": str(bound.model_dir), "store": str(bound.store_dir), "condition": list(condition),
         "generate": list(generate_modalities), "n_samples": n, "steps": options.steps, "seed": options.seed,
-        "deterministic_conditions": options.deterministic_conditions, "codec": bound.store.codec["name"],
+        "deterministic_conditions": options.deterministic_conditions, "seamless": options.seamless,
+        "canvas_stride": options.canvas_stride, "codec": bound.store.codec["name"],
         "latent_norm": {m: bound.norms[m].as_dict() for m in arrays},
         "latents": "the network's latents x; the codec's latents are z = x / scale + shift"}, indent=1))
     return [folder / "samples.npz", folder / "samples.json"]
@@ -347,16 +348,17 @@ def _write_samples(folder: Path, bound: ModelOnStore, batch: FragmentBatch, arra
 
 def _png_grids(bound: ModelOnStore, arrays: dict[str, np.ndarray], batch: FragmentBatch, n_samples: int,
                condition: list[str], generated: list[str], out: Path,
-               real: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[Path]:
+               real: dict[str, tuple[np.ndarray, np.ndarray]], seamless: bool) -> list[Path]:
     """One quick-look PNG per cell (:mod:`pipelines.quicklook`): the cell's fragments in place;
     the conditions (the first sample's draw), then per generated modality the real one (where
     the store has it), the samples, and with several samples their mean and std."""
     from pipelines.quicklook import cell_rows, write_quicklook
 
     rows_of = {"cells": np.repeat(batch.cells, n_samples).tolist(), "frags": np.repeat(batch.frags, n_samples).tolist(),
-               "samples": np.tile(np.arange(n_samples), len(batch.cells)).tolist()}
-    images = {m: bound.pictures(a, m, **rows_of) for m, a in arrays.items()}  # (B * n, 256, 256, 3)
-    real_images = {m: (valid, _real_pictures(bound, valid, moms, batch)) for m, (valid, moms) in real.items()}
+               "samples": np.tile(np.arange(n_samples), len(batch.cells)).tolist()} if seamless else {}
+    images = {m: bound.pictures(a, m, **rows_of) if m in generated else bound.pictures(a, m)
+              for m, a in arrays.items()}  # (B * n, 256, 256, 3)
+    real_images = {m: (valid, bound.pictures(moment_means(torch.from_numpy(moms)))) for m, (valid, moms) in real.items()}
     cells = np.asarray(batch.cells)
     files = []
     for cell in dict.fromkeys(batch.cells):
@@ -369,16 +371,6 @@ def _png_grids(bound: ModelOnStore, arrays: dict[str, np.ndarray], batch: Fragme
         title = f"{cell}: {', '.join(generated)} generated from {', '.join(condition) or 'nothing (unconditional)'}"
         files.append(write_quicklook(out / f"{cell}.png", title, panels))
     return files
-
-
-def _real_pictures(bound: ModelOnStore, valid: np.ndarray, moments: np.ndarray, batch: FragmentBatch) -> np.ndarray:
-    """The decoded stored fragments (moment means) where ``valid``, black elsewhere; whole cells as canvases."""
-    out = np.zeros((len(valid), 256, 256, 3), np.uint8)
-    rows = np.flatnonzero(valid)
-    if len(rows):
-        out[rows] = bound.pictures(moment_means(torch.from_numpy(moments[rows])), cells=[batch.cells[r] for r in rows],
-                                   frags=[batch.frags[r] for r in rows])
-    return out
 
 
 def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cells: Sequence[str], a: Sequence[str],
@@ -420,7 +412,9 @@ def chain_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cell
         files = [tmp / "chain.npz", tmp / "chain.json"]
         if bound.codec is not None:
             columns = [(real[m], m) for m in list(a) + list(b)] + [(v, key.split("_")[1]) for key, v in outputs.items()]
-            files += _chain_pngs(tmp, [bound.pictures(x, m, cells=cell_ids, frags=frag_ids) for x, m in columns], cell_ids)
+            whole = {"cells": cell_ids, "frags": frag_ids} if options.seamless else {}  # generated columns: as made
+            files += _chain_pngs(tmp, [bound.pictures(x, m, **(whole if i >= len(real) else {}))
+                                       for i, (x, m) in enumerate(columns)], cell_ids)
     return SampleResult(Path(out), len(cell_ids), [Path(out) / f.relative_to(tmp) for f in files])
 
 

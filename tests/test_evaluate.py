@@ -75,20 +75,29 @@ def test_evaluate_writes_the_table1_outputs(setup, tmp_path):
 
 def test_evaluate_reports_seams_of_whole_cells(setup, tmp_path):
     """With a whole test cell evaluated, every row has the pixel and tone seam ratios of the
-    generated and the real mosaics; with 8 fragments (no whole cell) they are empty."""
+    generated and the real mosaics."""
     root, store, ext = setup
     out = tmp_path / "eval"
-    extra = ("--conditions", "S2L1C+S2L2A", "--generate", "DEM")
-    r = runner.invoke(app, _args(root, store, ext, out, *extra, "--max-fragments", "16"))
+    r = runner.invoke(app, _args(root, store, ext, out, "--conditions", "S2L1C+S2L2A", "--generate", "DEM",
+                                 "--max-fragments", "16"))
     assert r.exit_code == 0, r.output
     (row,) = list(csv.DictReader(open(out / "metrics.csv")))
     for name in ("seam_ratio", "seam_ratio_real", "tone_seam_ratio", "tone_seam_ratio_real"):
         assert 0 < float(row[name]) < 1000, name
     assert "## Seams" in (out / "table1.md").read_text()
-    r = runner.invoke(app, _args(root, store, ext, tmp_path / "part", *extra))  # 8 fragments: half a cell
-    assert r.exit_code == 0, r.output
-    (row,) = list(csv.DictReader(open(tmp_path / "part" / "metrics.csv")))
-    assert row["seam_ratio"] == "" and row["tone_seam_ratio_real"] == ""
+
+
+def test_cell_seams__whole_cells_only():
+    import numpy as np
+
+    from pipelines.evaluate import cell_seams
+
+    rng = np.random.default_rng(0)
+    tiles = np.repeat(rng.integers(0, 255, (16, 1, 1, 1)), 256, axis=1).repeat(256, axis=2).repeat(3, axis=3)
+    tiles = (tiles + rng.integers(0, 3, tiles.shape)).astype(np.uint8)  # flat tiles of different tones
+    px, tone = cell_seams(tiles, ["a"] * 16, list(range(16)))
+    assert px > 10 and tone > 10  # every border is a step
+    assert np.isnan(cell_seams(tiles[:8], ["a"] * 8, list(range(8)))).all()  # half a cell: no mosaic to score
 
 
 @pytest.mark.parametrize("extra, message", [
