@@ -320,7 +320,8 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
     with staged_folder(out, overwrite=overwrite, inputs=inputs, kind="sample") as tmp:
         files = _write_samples(tmp, bound, batch, arrays, condition, generate_modalities, options)
         if bound.codec is not None:
-            real = {m: _stored_moments(table, m) for m in real_cols}  # the store's own, where it has them
+            # the store's own: the real generated modalities where it has them, the conditions' means
+            real = {m: _stored_moments(table, m) for m in dict.fromkeys(real_cols + list(condition))}
             files += _png_grids(bound, arrays, batch, options.n_samples, list(condition), list(generate_modalities),
                                 tmp, real, options.seamless)
     return SampleResult(Path(out), len(batch.cells), [Path(out) / f.relative_to(tmp) for f in files])
@@ -350,14 +351,15 @@ def _png_grids(bound: ModelOnStore, arrays: dict[str, np.ndarray], batch: Fragme
                condition: list[str], generated: list[str], out: Path,
                real: dict[str, tuple[np.ndarray, np.ndarray]], seamless: bool) -> list[Path]:
     """One quick-look PNG per cell (:mod:`pipelines.quicklook`): the cell's fragments in place;
-    the conditions (the first sample's draw), then per generated modality the real one (where
-    the store has it), the samples, and with several samples their mean and std."""
+    the conditions as stored (their latent means; each sample was conditioned on its own
+    posterior draw around them), then per generated modality the real one (where the store has
+    it), the samples, and with several samples their mean and std. Stored latents are decoded
+    fragment by fragment, as they were encoded; generated canvases whole."""
     from pipelines.quicklook import cell_rows, write_quicklook
 
     rows_of = {"cells": np.repeat(batch.cells, n_samples).tolist(), "frags": np.repeat(batch.frags, n_samples).tolist(),
                "samples": np.tile(np.arange(n_samples), len(batch.cells)).tolist()} if seamless else {}
-    images = {m: bound.pictures(a, m, **rows_of) if m in generated else bound.pictures(a, m)
-              for m, a in arrays.items()}  # (B * n, 256, 256, 3)
+    images = {m: bound.pictures(arrays[m], m, **rows_of) for m in generated}  # (B * n, 256, 256, 3)
     real_images = {m: (valid, bound.pictures(moment_means(torch.from_numpy(moms)))) for m, (valid, moms) in real.items()}
     cells = np.asarray(batch.cells)
     files = []
@@ -365,9 +367,10 @@ def _png_grids(bound: ModelOnStore, arrays: dict[str, np.ndarray], batch: Fragme
         rows = np.flatnonzero(cells == cell)
         sample_rows = (rows[:, None] * n_samples + np.arange(n_samples)).ravel()
         panels = cell_rows([batch.frags[i] for i in rows],
-                           {m: images[m][rows * n_samples] for m in condition},
+                           {m: real_images[m][1][rows] for m in condition},
                            {m: images[m][sample_rows] for m in generated},
-                           {m: (valid[rows], imgs[rows]) for m, (valid, imgs) in real_images.items()}, n_samples)
+                           {m: (valid[rows], imgs[rows]) for m, (valid, imgs) in real_images.items() if m in generated},
+                           n_samples)
         title = f"{cell}: {', '.join(generated)} generated from {', '.join(condition) or 'nothing (unconditional)'}"
         files.append(write_quicklook(out / f"{cell}.png", title, panels))
     return files
