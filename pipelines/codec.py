@@ -88,25 +88,21 @@ def decode_fragments(codec: Codec, latents: torch.Tensor | np.ndarray, modality:
                      frags: Sequence[int], samples: Sequence[int] | None = None) -> np.ndarray:
     """Like :func:`decode_images` for rows that are fragments (``cells[i]``, ``frags[i]``,
     ``samples[i]``) of latents generated on cell canvases: the 16 fragments of a complete
-    (cell, sample) are decoded together (:func:`decode_canvas`), so no fragment border shows
-    (decoded one by one, each fragment's edges are decoded without what lies beyond them); the
-    other rows one by one. uint8 ``(N, 256, 256, 3)`` in row order."""
+    (cell, sample) are decoded together, in one call, so no fragment border shows (decoded one
+    by one, each fragment's edges are decoded without what lies beyond them); the other rows
+    one by one. uint8 ``(N, 256, 256, 3)`` in row order. (Decoding overlapping fragment-sized
+    windows merged with pyramid weights was measured too: more contrast, but the decoder's
+    group norms differ from window to window and leave soft colour blotches.)"""
     x = torch.as_tensor(np.asarray(latents, np.float32) if isinstance(latents, np.ndarray) else latents).float()
     out = np.zeros((len(x), 256, 256, 3), np.uint8)
     groups, rest = canvas_groups(cells, frags, samples)
-    for rows in groups:  # one canvas (1, C, 128, 128) at a time
-        out[rows] = from_unit_range(untile(decode_canvas(codec, tile(x[rows]), modality)).numpy())
+    for rows in groups:  # one canvas (1, C, 128, 128) at a time, decoded whole
+        canvas = tile(x[rows])
+        decoded = codec.decode(canvas) if modality is None else codec.decode_network(canvas, modality)
+        out[rows] = from_unit_range(untile(decoded).numpy())
     if rest:
         out[rest] = decode_images(codec, x[rest], modality)
     return out
-
-
-def decode_canvas(codec: Codec, canvas: torch.Tensor, modality: str | None) -> torch.Tensor:
-    """Latent canvases ``(B, C, H, W)`` -> images ``(B, 3, 8H, 8W)`` in [-1, 1], each decoded
-    whole in one call. (Decoding overlapping fragment-sized windows merged with pyramid weights
-    was measured too: it keeps more contrast, but the decoder's group norms differ from window
-    to window and leave soft colour blotches; the whole canvas keeps one tone.)"""
-    return codec.decode(canvas) if modality is None else codec.decode_network(canvas, modality)
 
 
 @dataclass

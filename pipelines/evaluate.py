@@ -68,7 +68,7 @@ from model.codecs import Codec, moment_means
 from model.features import DINOV2_DEFAULT, INCEPTION_DEFAULT, FeatureExtractor, load_extractor
 from pipelines.cell_canvas import canvas_groups, tile
 from pipelines.model_folder import ModelOnStore, model_record
-from pipelines.sample import FragmentBatch, SamplingOptions, condition_latents, sample_fragments
+from pipelines.sample import FragmentBatch, SamplingOptions, condition_latents, sample_fragments, sample_rows_of
 
 DISTRIBUTION_METRICS = ("fid", "precision", "recall", "f_score")
 PAIRED_METRICS = ("psnr", "ssim", "mae", "psnr_best", "spread", "gradient_ratio")
@@ -385,8 +385,7 @@ def _generate_set(bound: ModelOnStore, extractors: dict[str, FeatureExtractor], 
                                   opts.seed, opts.deterministic_conditions, n)
     out = sample_fragments(bound.model_dir, FragmentBatch(chosen.cells, chosen.frags, condition), generated,
                            opts.sampling(bound.device), progress=(lambda done, _: tick(done)) if tick else None)
-    rows_of = {"cells": np.repeat(chosen.cells, n).tolist(), "frags": np.repeat(chosen.frags, n).tolist(),
-               "samples": np.tile(np.arange(n), total).tolist()} if opts.seamless else {}  # decoded as generated
+    rows_of = sample_rows_of(chosen.cells, chosen.frags, n) if opts.seamless else {}  # decoded as generated
     parts: dict[str, list[np.ndarray]] = {}
     for m in generated:
         images = bound.pictures(out[m], m, **rows_of).reshape(total, n, 256, 256, 3)

@@ -347,6 +347,13 @@ def _write_samples(folder: Path, bound: ModelOnStore, batch: FragmentBatch, arra
     return [folder / "samples.npz", folder / "samples.json"]
 
 
+def sample_rows_of(cells: Sequence[str], frags: Sequence[int], n_samples: int) -> dict[str, list]:
+    """``cells``, ``frags`` and ``samples`` of every row of a sample run (the samples of a
+    fragment consecutive), as :meth:`ModelOnStore.pictures` takes them to decode whole cells."""
+    return {"cells": np.repeat(cells, n_samples).tolist(), "frags": np.repeat(frags, n_samples).tolist(),
+            "samples": np.tile(np.arange(n_samples), len(cells)).tolist()}
+
+
 def _png_grids(bound: ModelOnStore, arrays: dict[str, np.ndarray], batch: FragmentBatch, n_samples: int,
                condition: list[str], generated: list[str], out: Path,
                real: dict[str, tuple[np.ndarray, np.ndarray]], seamless: bool) -> list[Path]:
@@ -357,8 +364,7 @@ def _png_grids(bound: ModelOnStore, arrays: dict[str, np.ndarray], batch: Fragme
     fragment by fragment, as they were encoded; generated canvases whole."""
     from pipelines.quicklook import cell_rows, write_quicklook
 
-    rows_of = {"cells": np.repeat(batch.cells, n_samples).tolist(), "frags": np.repeat(batch.frags, n_samples).tolist(),
-               "samples": np.tile(np.arange(n_samples), len(batch.cells)).tolist()} if seamless else {}
+    rows_of = sample_rows_of(batch.cells, batch.frags, n_samples) if seamless else {}
     images = {m: bound.pictures(arrays[m], m, **rows_of) for m in generated}  # (B * n, 256, 256, 3)
     real_images = {m: (valid, bound.pictures(moment_means(torch.from_numpy(moms)))) for m, (valid, moms) in real.items()}
     cells = np.asarray(batch.cells)
