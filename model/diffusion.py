@@ -42,6 +42,15 @@ def sampling_scheduler(steps: int, spacing: str = "karras") -> DPMSolverMultiste
     return sched
 
 
+def state_scales(sched: DPMSolverMultistepScheduler, index: int) -> tuple[float, float]:
+    """``(alpha, sigma)`` of the solver's state ``x = alpha * x0 + sigma * eps`` before step
+    ``index`` of ``sched`` (``index = len(sched.timesteps)``: after the last step, (1, 0) for
+    the default final sigma of zero)."""
+    s = float(sched.sigmas[index])
+    alpha = 1.0 / (1.0 + s * s) ** 0.5
+    return alpha, s * alpha
+
+
 def alphas_cumprod() -> torch.Tensor:
     """(1000,) float64 cumulative alphas, index k = diffusers step."""
     return training_scheduler().alphas_cumprod.double()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from model.canvas import Canvas
-from model.diffusion import NOISE_TIMESTEP, predict_eps, sampling_scheduler
+from model.diffusion import NOISE_TIMESTEP, predict_eps, sampling_scheduler, state_scales
 
 # One generation of the looping experiment (see :func:`chain`): ``step(condition, generate,
 # iteration)`` -> {modality: latents} holding at least the modalities ``generate``.
@@ -55,6 +55,7 @@ def generate(
     marginal_noise: Mapping[str, torch.Tensor] | None = None,
     spacing: str = "karras",
     stride: int | None = None,
+    known: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Generate the modalities ``generate`` given ``condition`` (latents in the network's
     space, each (B, C, H, W)). Returns {modality: (B * n_samples, C, H, W)} for the generated
@@ -92,8 +93,43 @@ def generate(
         fixed_noise = {m: canvas.crop(x) for m, x in fixed_noise.items()}
     call = _NetworkCall(net, names, list(generate), cond, fixed_noise, batch_size, canvas)
     result = {m: _expand(condition[m], n_samples) for m in condition}  # the inputs, untouched
-    result.update(_solve(call, start, guided, guidance, sampling_scheduler(steps, spacing)))
+    impose = _known_part(known or {}, list(generate), start, full_shape, device)
+    result.update(_solve(call, start, guided, guidance, sampling_scheduler(steps, spacing), impose))
     return result
+
+
+def _known_part(known: Mapping[str, tuple[torch.Tensor, torch.Tensor]], generate: list[str],
+                start: Mapping[str, torch.Tensor], shape: tuple[int, ...], device: torch.device):
+    """The function ``impose(x_flat, alpha, sigma)`` that puts the known latents, noised to
+    the level (alpha, sigma) with each modality's starting noise, where they are kept (the
+    generated modalities concatenated along channels, as :func:`_solve` holds them); None
+    when nothing is known."""
+    bad = [m for m in known if m not in generate]
+    if bad:
+        raise ValueError(f"known latents given for {bad}, which are not generated")
+    if not known:
+        return None
+    x0s, keeps = [], []
+    for m in generate:
+        if m in known:
+            x0, keep = (v.to(device, torch.float32) for v in known[m])
+            if tuple(x0.shape) != tuple(shape) or keep.ndim != 4 or keep.shape[1] != 1 or keep.shape[0] not in (1, shape[0]) \
+                    or tuple(keep.shape[-2:]) != tuple(shape[-2:]):
+                raise ValueError(f"known latents of {m}: x0 {tuple(x0.shape)} and keep {tuple(keep.shape)} do not fit "
+                                 f"{tuple(shape)} (keep: (B or 1, 1, H, W))")
+            if float(keep.min()) < 0 or float(keep.max()) > 1:
+                raise ValueError(f"the keep mask of {m} must lie in [0, 1]")
+        else:
+            x0, keep = torch.zeros(shape, device=device), torch.zeros((1, 1, *shape[-2:]), device=device)
+        x0s.append(x0)
+        keeps.append(keep.expand(shape[0], shape[1], -1, -1))
+    x0_flat, keep_flat = torch.cat(x0s, dim=1), torch.cat(keeps, dim=1)
+    noise_flat = torch.cat([start[m] for m in generate], dim=1)
+
+    def impose(x_flat: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+        return keep_flat * (alpha * x0_flat + sigma * noise_flat) + (1 - keep_flat) * x_flat
+
+    return impose
 
 
 def _check_request(names: Sequence[str], condition: Mapping[str, torch.Tensor], generate: Sequence[str],
@@ -200,19 +236,24 @@ def _autocast(net) -> contextlib.AbstractContextManager:
 
 
 def _solve(call: _NetworkCall, start: Mapping[str, torch.Tensor], guided: Sequence[str], guidance: Mapping[str, float],
-           sched) -> dict[str, torch.Tensor]:
+           sched, impose=None) -> dict[str, torch.Tensor]:
     """Run the solver ``sched`` from the starting noise of the generated modalities, solved
-    jointly (concatenated along channels), with guidance on the conditions ``guided``;
-    returns {generated modality: (B * n_samples, C, H, W)}."""
+    jointly (concatenated along channels), with guidance on the conditions ``guided``, and
+    the known latents put back before every step and after the last (``impose``, see
+    :func:`_known_part`); returns {generated modality: (B * n_samples, C, H, W)}."""
     generate = call.generate
     x_flat = torch.cat([start[m] for m in generate], dim=1)
     split = [start[m].shape[1] for m in generate]
-    for k in sched.timesteps:
+    for i, k in enumerate(sched.timesteps):
         k = int(k)
+        if impose is not None:
+            x_flat = impose(x_flat, *state_scales(sched, i))
         xg = dict(zip(generate, x_flat.split(split, dim=1)))
         full = call.eps(xg, k, None)
         eps = _guided(full, {m: call.eps(xg, k, m) for m in guided}, guidance)
         x_flat = sched.step(torch.cat([eps[m] for m in generate], dim=1), k, x_flat).prev_sample
+    if impose is not None:
+        x_flat = impose(x_flat, *state_scales(sched, len(sched.timesteps)))
     return dict(zip(generate, x_flat.split(split, dim=1)))
 
 

@@ -91,7 +91,7 @@ class IngestReport:
 
 
 # ----------------------------------------------------------------------------- tasks
-def _thumbnail_fragments(modality: str, cell: str, crs: str, data: bytes, mode: str, item: str) -> np.ndarray:
+def thumbnail_fragments(modality: str, cell: str, crs: str, data: bytes, mode: str, item: str) -> np.ndarray:
     """Decode, validate and cut one product's thumbnail: uint8 ``(n, 256, 256, 3)``."""
     m = get_modality(modality)
     thumb = decode_thumbnail(data, item=item)
@@ -128,7 +128,7 @@ def decode_task(modality: str, shard: str, items: list[tuple[str, int, str]], mo
                 out[cell] = f"{item}: the row group holds cell {result['grid_cell']}, not {cell}"
                 continue
             try:
-                out[cell] = _thumbnail_fragments(modality, cell, crs, result["thumbnail"], mode, item)
+                out[cell] = thumbnail_fragments(modality, cell, crs, result["thumbnail"], mode, item)
             except MajorTomGenError as exc:
                 out[cell] = str(exc)
     return out

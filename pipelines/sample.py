@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,12 +82,16 @@ class FragmentBatch:
     frags: list[int]
     cond: dict[str, torch.Tensor]
     canvas: bool = False  # whole cells, each sampled as one canvas (see :func:`sample_chunk`)
+    # gap filling: {generated modality: (known latents, keep mask)}, rows like ``cond``:
+    # ``(rows, C, H, W)`` and ``(rows, 1, H, W)`` (1 = known; see :func:`model.sample.generate`)
+    known: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def take(self, rows: Sequence[int], n_samples: int, canvas: bool = False) -> "FragmentBatch":
-        """The fragments ``rows`` (in that order) with their condition rows."""
+        """The fragments ``rows`` (in that order) with their condition (and known) rows."""
         index = torch.as_tensor([r * n_samples + s for r in rows for s in range(n_samples)], dtype=torch.long)
         return FragmentBatch([self.cells[r] for r in rows], [self.frags[r] for r in rows],
-                             {m: v[index] for m, v in self.cond.items()}, canvas)
+                             {m: v[index] for m, v in self.cond.items()}, canvas,
+                             {m: (x[index], k[index]) for m, (x, k) in self.known.items()})
 
 
 def fragment_georef(store: LatentStore, cells: Sequence[str], frags: Sequence[int]) -> dict[str, np.ndarray]:
@@ -196,7 +200,7 @@ def sample_chunk(model_dir: str | os.PathLike, batch: FragmentBatch, generate_mo
     noise = functools.partial(fragment_noise, batch.cells, batch.frags, n_samples, seed=options.seed, shape=shape)
     result = generate(net, batch.cond, list(generate_modalities), n_samples=1, steps=options.steps, seed=options.seed,
                       initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"),
-                      batch_size=options.batch_size * n_samples)  # a row per fragment sample
+                      batch_size=options.batch_size * n_samples, known=batch.known or None)  # a row per fragment sample
     return {m: v.cpu().numpy().astype(np.float16) for m, v in result.items()}
 
 
@@ -213,6 +217,7 @@ def _sample_canvases(net: MultiModalUViT, batch: FragmentBatch, generate_modalit
     # canvas row (g, s) is made of the condition rows r * n + s of group g's fragments r
     sample_rows = [[r * n + s for r in rows] for rows in groups for s in range(n)]
     cond = {m: torch.cat([tile(v[idx]) for idx in sample_rows]) for m, v in batch.cond.items()}
+    known = {m: tuple(torch.cat([tile(v[idx]) for idx in sample_rows]) for v in pair) for m, pair in batch.known.items()}
     cells = [batch.cells[rows[0]] for rows in groups]
     size = GRID_SIDE * net.config.img_size
     shape = (net.config.in_chans, size, size)
@@ -220,7 +225,7 @@ def _sample_canvases(net: MultiModalUViT, batch: FragmentBatch, generate_modalit
     noise = functools.partial(fragment_noise, cells, ["canvas"] * len(cells), n, seed=options.seed, shape=shape)
     result = generate(net, cond, list(generate_modalities), n_samples=1, steps=options.steps, seed=options.seed,
                       initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"),
-                      batch_size=options.batch_size * n, stride=options.canvas_stride)
+                      batch_size=options.batch_size * n, stride=options.canvas_stride, known=known or None)
     out = {}
     for m, v in result.items():
         frags = untile(v.cpu().float())  # rows (g, s, fragment index)

@@ -178,3 +178,58 @@ def generate_region_cmd(
     console.print(f"[green]wrote[/] {len(result.files)} files -> {result.out}/geotiff (mosaics in geotiff/mosaic)", highlight=False)
 
 
+
+
+@app.command(context_settings={"allow_extra_args": True})
+@user_errors
+def fill(
+    ctx: typer.Context,
+    store: Annotated[Path, typer.Option(help="Latent store holding the products with gaps (and the conditions).")],
+    model: Annotated[Path, typer.Option(help="A trained or converted model folder.")],
+    source: Annotated[str, typer.Option(help="The Major TOM source the store was ingested from (the observed pixels).")],
+    out: Annotated[Path, typer.Option(help="Output folder: filled fragment COGs, gap masks, quick-looks, fill.json.")],
+    modality: Annotated[str, typer.Option(help="The modality whose gaps to fill (e.g. S2L2A).")],
+    mask: Annotated[str, typer.Option(
+        help="The gaps: cloud_mask (the S2 product's clouds and shadows), nodata (black thumbnail pixels), or a "
+             "raster (non-zero = gap) or vector file (polygons) in any CRS.")] = "cloud_mask",
+    condition: Annotated[str, typer.Option(help="Modalities to condition on, comma-separated, or 'none'.")] = "none",
+    cells: CellsOption = None,
+    region: RegionOption = None,
+    n_samples: Annotated[int, typer.Option(min=1, help="Fills per gap (> 1 adds their mean).")] = 1,
+    steps: Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")] = 50,
+    seed: Annotated[int, typer.Option(min=0, help="Seed; noise derives from (seed, cell, fragment).")] = 0,
+    halo: Annotated[int, typer.Option(min=0, help="Latent pixels (8 px each) around a gap generated too.")] = 1,
+    device: DeviceOption = None,
+    workers: WorkersOption = None,
+    seamless: SeamlessOption = True,
+    codec_source: CodecSourceOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Fill gaps (clouds, shadows, nodata, a mask of your own) in one modality of stored
+    products: the known pixels stay exactly as they are, the gaps are generated around them
+    and from the other modalities."""
+    from majortom_gen.modalities import parse_modalities
+    from pipelines.fill import FillRequest, fill_store
+    from pipelines.sample import SamplingOptions
+
+    ids = cells_from_options((cells or []) + list(ctx.args), region)
+    targets = parse_modalities(modality)
+    if len(targets) != 1:
+        raise MajorTomGenError(f"--modality takes one modality, got {modality!r}")
+    target = targets[0]
+    cond = () if condition.strip().lower() in ("", "none") else tuple(parse_modalities(condition))
+    request = FillRequest(target, mask, cond, halo)
+    options = SamplingOptions(n_samples=n_samples, steps=steps, seed=seed, device=device, workers=workers,
+                              codec_source=codec_source, seamless=seamless)
+    try:
+        with progress_bar("filling", "fragments") as update:
+            result = fill_store(model, store, source, ids, request, out, options, progress=update, overwrite=overwrite)
+    except ValueError as exc:
+        raise MajorTomGenError(str(exc)) from None
+    if result.skipped:
+        from majortom_gen.selection import summarise_cells
+
+        err_console.print(Text(f"skipped {summarise_cells(result.skipped)} (listed in {result.out / 'fill.json'})",
+                               style="yellow"), soft_wrap=True)
+    console.print(f"[green]filled[/] {len(result.cells)} cell(s) -> {result.out} (quick-looks in {result.out / 'quicklook'})",
+                  highlight=False)
