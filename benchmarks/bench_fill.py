@@ -12,7 +12,8 @@ as a store holds a cloudy product. Then the gaps are filled by:
 - nearest-neighbour and inverse-distance interpolation (the 8 nearest known pixels of the gap's rim, power 2);
 - the shipped demo model with nothing known and no condition (an unconditional picture pasted in);
 - the model from the known pixels only, and from the known pixels with S1RTC and DEM as
-  conditions (one sample; the mean of ``--n-samples``), composited by
+  conditions, without and with RePaint's resampling (one sample; the mean of
+  ``--n-samples``, beside the mean of as many unconditional pictures), composited by
   :func:`pipelines.fill.composite_cell` (the decoded fill harmonised to the known pixels);
   one row pastes the decoded fill without harmonising, to show what that step does.
 
@@ -35,6 +36,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from majortom_gen.fragments import to_unit_range
+from majortom_gen.gaps import RESAMPLE_DEFAULT
 from majortom_gen.synth import SynthOptions, write_world
 from model.train import SHIPPED_DEMO_MODEL
 from pipelines.codec import source_fragments
@@ -46,6 +48,7 @@ from pipelines.sample import SamplingOptions
 CELLS = ("500U_60R", "502U_59R", "500U_58R", "502U_61R")  # held out of the shipped model's training rows
 MODALITY, CONDITION = "S2L2A", ("S1RTC", "DEM")
 GAP_FRACTION, BLOB_PX, CLOUD_WHITE = 0.30, 40.0, 250
+RESAMPLE = RESAMPLE_DEFAULT  # RePaint jumps back per noisy step, as `fill` does by default
 
 
 def cloud_masks(n_cells: int, seed: int = 0) -> np.ndarray:
@@ -117,28 +120,32 @@ def main() -> None:
             out = np.stack([fill(o, g) for o, g in zip(observed_cells, gaps_cells)])
             rows[name] = {**score(out), "seconds": time.perf_counter() - t0}
 
-        def model_fill(name: str, condition: tuple, n: int, latent_gaps: np.ndarray, harmonised: bool = True):
-            options = SamplingOptions(n_samples=n, steps=args.steps, seed=0, device="cpu")
+        def model_fill(name: str, condition: tuple, n: int, latent_gaps: np.ndarray, resample: int = 0,
+                       pasted_row: str | None = None):
+            options = SamplingOptions(n_samples=n, steps=args.steps, seed=0, device="cpu", resample=resample)
             t0 = time.perf_counter()
             fills = fill_cells(bound, table, FillRequest(MODALITY, "bench", condition), options, latent_gaps, known)
             seconds = time.perf_counter() - t0
-            out = []
+            harmonised, pasted = [], []
             for i in range(len(cells)):
                 per = slice(i * 16, (i + 1) * 16)
-                if harmonised:
-                    filled = composite_cell(fills[i], observed[per], gaps[per]).astype(np.float32).mean(axis=1)
-                else:
-                    filled = np.where(gaps[per][..., None], fills[i].astype(np.float32).mean(axis=1), observed[per])
-                out.append(cell_mosaic(np.rint(filled).astype(np.uint8)))
-            rows[name] = {**score(np.stack(out)), "seconds": seconds}
+                mean = composite_cell(fills[i], observed[per], gaps[per]).astype(np.float32).mean(axis=1)
+                harmonised.append(cell_mosaic(np.rint(mean).astype(np.uint8)))
+                raw = np.where(gaps[per][..., None], fills[i].astype(np.float32).mean(axis=1), observed[per])
+                pasted.append(cell_mosaic(np.rint(raw).astype(np.uint8)))
+            rows[name] = {**score(np.stack(harmonised)), "seconds": seconds}
+            if pasted_row:
+                rows[pasted_row] = {**score(np.stack(pasted)), "seconds": seconds}
 
         everything = np.ones_like(gaps)
-        cond = ", ".join(CONDITION)
-        model_fill("model, nothing known, no condition (unconditional)", (), 1, everything)
+        cond, n = ", ".join(CONDITION), args.n_samples
+        model_fill("model, nothing known, no condition (unconditional), harmonised", (), 1, everything)
         model_fill("model, known pixels only", (), 1, gaps)
-        model_fill(f"model, known pixels + {cond}", CONDITION, 1, gaps)
-        model_fill(f"model, known pixels + {cond}, pasted without harmonising", CONDITION, 1, gaps, harmonised=False)
-        model_fill(f"model, known pixels + {cond}, mean of {args.n_samples}", CONDITION, args.n_samples, gaps)
+        model_fill(f"model, known pixels + {cond}", CONDITION, 1, gaps,
+                   pasted_row=f"model, known pixels + {cond}, pasted without harmonising")
+        model_fill(f"model, known pixels + {cond}, RePaint {RESAMPLE}", CONDITION, 1, gaps, RESAMPLE)
+        model_fill(f"model, unconditional, harmonised, mean of {n}", (), n, everything)
+        model_fill(f"model, known pixels + {cond}, RePaint {RESAMPLE}, mean of {n}", CONDITION, n, gaps, RESAMPLE)
 
     base = rows["model, known pixels only"]["seconds"]
     print(f"\nGap filling: {len(cells)} held-out cell(s) {', '.join(cells)}, {MODALITY}, a {GAP_FRACTION:.0%} synthetic "

@@ -31,6 +31,7 @@ from majortom_gen.fragments import FRAGMENT_PX, fragment_windows
 
 CLOUD_CLASSES = (1, 2, 3)  # thick cloud, thin cloud, shadow
 MASK_SOURCES = ("cloud_mask", "nodata")  # or a file
+RESAMPLE_DEFAULT = 2  # RePaint jumps per noisy step for `fill` (measured in benchmarks/bench_fill.py)
 VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp", ".fgb", ".parquet")
 
 

@@ -56,6 +56,8 @@ def generate(
     spacing: str = "karras",
     stride: int | None = None,
     known: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    resample: int = 0,
+    resample_noise: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Generate the modalities ``generate`` given ``condition`` (latents in the network's
     space, each (B, C, H, W)). Returns {modality: (B * n_samples, C, H, W)} for the generated
@@ -94,7 +96,15 @@ def generate(
     call = _NetworkCall(net, names, list(generate), cond, fixed_noise, batch_size, canvas)
     result = {m: _expand(condition[m], n_samples) for m in condition}  # the inputs, untouched
     impose = _known_part(known or {}, list(generate), start, full_shape, device)
-    result.update(_solve(call, start, guided, guidance, sampling_scheduler(steps, spacing), impose))
+    sched = sampling_scheduler(steps, spacing)
+    if resample > 0 and impose is not None:
+        def fresh(i: int) -> dict[str, torch.Tensor]:
+            given = resample_noise(i) if resample_noise is not None else None
+            return _noise(given, list(generate), "resampling noise", full_shape, gen, device)
+
+        result.update(_solve_resampling(call, start, guided, guidance, sched, impose, resample, fresh))
+    else:
+        result.update(_solve(call, start, guided, guidance, sched, impose))
     return result
 
 
@@ -126,8 +136,9 @@ def _known_part(known: Mapping[str, tuple[torch.Tensor, torch.Tensor]], generate
     x0_flat, keep_flat = torch.cat(x0s, dim=1), torch.cat(keeps, dim=1)
     noise_flat = torch.cat([start[m] for m in generate], dim=1)
 
-    def impose(x_flat: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
-        return keep_flat * (alpha * x0_flat + sigma * noise_flat) + (1 - keep_flat) * x_flat
+    def impose(x_flat: torch.Tensor, alpha: float, sigma: float, noise: torch.Tensor | None = None) -> torch.Tensor:
+        noise = noise_flat if noise is None else noise
+        return keep_flat * (alpha * x0_flat + sigma * noise) + (1 - keep_flat) * x_flat
 
     return impose
 
@@ -254,6 +265,49 @@ def _solve(call: _NetworkCall, start: Mapping[str, torch.Tensor], guided: Sequen
         x_flat = sched.step(torch.cat([eps[m] for m in generate], dim=1), k, x_flat).prev_sample
     if impose is not None:
         x_flat = impose(x_flat, *state_scales(sched, len(sched.timesteps)))
+    return dict(zip(generate, x_flat.split(split, dim=1)))
+
+
+RESAMPLE_UNTIL = 0.6  # the share of the solver steps (the noisy ones) that are resampled
+
+
+def _solve_resampling(call: _NetworkCall, start: Mapping[str, torch.Tensor], guided: Sequence[str],
+                      guidance: Mapping[str, float], sched, impose, jumps: int, fresh) -> dict[str, torch.Tensor]:
+    """:func:`_solve` with RePaint's resampling, on first-order steps at the levels of
+    ``sched``: ``x0 = (x - sigma eps) / alpha``, then ``x' = alpha' x0 + sigma' eps``. In the
+    first :data:`RESAMPLE_UNTIL` of the steps, each step is followed ``jumps`` times by a
+    forward jump back to its level, ``x = (alpha / alpha') x' + sqrt(sigma^2 - (alpha sigma' /
+    alpha')^2) z``, and taken again; the known part is put back (freshly noised) before every
+    network call. ``fresh(i)`` gives the i-th fresh noise draw."""
+    generate = call.generate
+    split = [start[m].shape[1] for m in generate]
+    x_flat = torch.cat([start[m] for m in generate], dim=1)
+    draws = 0
+
+    def next_noise() -> torch.Tensor:
+        nonlocal draws
+        noise = fresh(draws)
+        draws += 1
+        return torch.cat([noise[m] for m in generate], dim=1)
+
+    steps = len(sched.timesteps)
+    for i, k in enumerate(sched.timesteps):
+        k = int(k)
+        alpha, sigma = state_scales(sched, i)
+        alpha_next, sigma_next = state_scales(sched, i + 1)
+        repeats = jumps if i < RESAMPLE_UNTIL * steps else 0
+        for j in range(repeats + 1):
+            x_flat = impose(x_flat, alpha, sigma, None if i == 0 and j == 0 else next_noise())
+            xg = dict(zip(generate, x_flat.split(split, dim=1)))
+            full = call.eps(xg, k, None)
+            eps_map = _guided(full, {m: call.eps(xg, k, m) for m in guided}, guidance)
+            eps = torch.cat([eps_map[m] for m in generate], dim=1)
+            x_flat = alpha_next * (x_flat - sigma * eps) / alpha + sigma_next * eps
+            if j < repeats:
+                ratio = alpha / alpha_next
+                spread = max(sigma ** 2 - (ratio * sigma_next) ** 2, 0.0) ** 0.5
+                x_flat = ratio * x_flat + spread * next_noise()
+    x_flat = impose(x_flat, *state_scales(sched, steps))
     return dict(zip(generate, x_flat.split(split, dim=1)))
 
 

@@ -12,7 +12,9 @@ Then:
    sample its own posterior draw, as in :mod:`pipelines.sample`), on one canvas per cell when
    sampling is seamless. Before every solver step the known part of the state is reset to the
    known latents noised to that step's level (blended latent diffusion;
-   :func:`model.sample.generate`, ``known``), so the generated part grows around it.
+   :func:`model.sample.generate`, ``known``), so the generated part grows around it; with
+   ``resample`` (:class:`pipelines.sample.SamplingOptions`) the noisy steps are repeated after
+   jumps back to their level (RePaint), so it can settle on what surrounds it.
 2. **Pixels.** The result is decoded as generated (whole cells on a canvas). A decoder does not
    reproduce the known pixels exactly, so where the fill meets them it would show an edge:
    the difference between the observed and the decoded pixels, known outside the gap, is
@@ -225,7 +227,8 @@ def fill_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, sourc
             summary[cell] = {"product_id": obs.product_id, "gap_fraction": round(float(obs.gaps.mean()), 4)}
         (tmp / "fill.json").write_text(json.dumps({
             "model": str(bound.model_dir), "store": str(bound.store_dir), "source": str(source), "modality": m,
-            "mask": request.mask, "condition": list(request.condition), "halo": request.halo, "n_samples": n,
+            "mask": request.mask, "condition": list(request.condition), "halo": request.halo,
+            "resample": options.resample, "n_samples": n,
             "steps": options.steps, "seed": options.seed, "seamless": options.seamless,
             "codec": bound.store.codec["name"], "cells": summary, "skipped": skipped,
             "values": "8-bit thumbnails as the store's codec makes them; outside the gaps the observed pixels unchanged"},

@@ -58,7 +58,8 @@ class SamplingOptions:
     ``seamless``: a cell whose 16 fragments are all sampled is generated as one canvas of
     overlapping windows (:mod:`model.canvas`), so its fragments agree at their borders (False:
     every fragment on its own); ``canvas_stride``: latent pixels between window starts (None:
-    3/4 of a window, 24 of 32)."""
+    3/4 of a window, 24 of 32); ``resample``: gap filling only, RePaint's jumps back per noisy
+    step (:func:`model.sample.generate`), their noise drawn per fragment sample (or canvas)."""
 
     n_samples: int = 1
     steps: int = 50
@@ -70,6 +71,7 @@ class SamplingOptions:
     codec_source: str | None = None
     seamless: bool = True
     canvas_stride: int | None = None
+    resample: int = 0
 
 
 @dataclass
@@ -200,7 +202,8 @@ def sample_chunk(model_dir: str | os.PathLike, batch: FragmentBatch, generate_mo
     noise = functools.partial(fragment_noise, batch.cells, batch.frags, n_samples, seed=options.seed, shape=shape)
     result = generate(net, batch.cond, list(generate_modalities), n_samples=1, steps=options.steps, seed=options.seed,
                       initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"),
-                      batch_size=options.batch_size * n_samples, known=batch.known or None)  # a row per fragment sample
+                      batch_size=options.batch_size * n_samples, known=batch.known or None,  # a row per fragment sample
+                      resample=options.resample, resample_noise=lambda i: noise(generate_modalities, tag=f"resample{i}:"))
     return {m: v.cpu().numpy().astype(np.float16) for m, v in result.items()}
 
 
@@ -225,7 +228,8 @@ def _sample_canvases(net: MultiModalUViT, batch: FragmentBatch, generate_modalit
     noise = functools.partial(fragment_noise, cells, ["canvas"] * len(cells), n, seed=options.seed, shape=shape)
     result = generate(net, cond, list(generate_modalities), n_samples=1, steps=options.steps, seed=options.seed,
                       initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"),
-                      batch_size=options.batch_size * n, stride=options.canvas_stride, known=known or None)
+                      batch_size=options.batch_size * n, stride=options.canvas_stride, known=known or None,
+                      resample=options.resample, resample_noise=lambda i: noise(generate_modalities, tag=f"resample{i}:"))
     out = {}
     for m, v in result.items():
         frags = untile(v.cpu().float())  # rows (g, s, fragment index)

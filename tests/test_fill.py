@@ -35,8 +35,8 @@ def _tiny_net(seed: int = 0):
 
 
 # ----------------------------------------------------------------------------- sampling with known latents
-@pytest.mark.parametrize("side", [32, 64])  # one window, and a canvas of windows
-def test_generate_known__kept_latents_come_back_exactly_and_the_gaps_are_generated(side):
+@pytest.mark.parametrize("side,resample", [(32, 0), (64, 0), (64, 2)])  # one window, a canvas; RePaint's jumps
+def test_generate_known__kept_latents_come_back_exactly_and_the_gaps_are_generated(side, resample):
     net = _tiny_net()
     g = torch.Generator().manual_seed(1)
     cond = {"S1RTC": torch.randn(2, 4, side, side, generator=g)}
@@ -45,14 +45,28 @@ def test_generate_known__kept_latents_come_back_exactly_and_the_gaps_are_generat
     keep[:, :, side // 4:side // 2, side // 4:] = 0  # a gap
     noise = {"S2L2A": torch.randn(2, 4, side, side, generator=g)}
     out = generate(net, cond, ["S2L2A", "DEM"], steps=3, seed=0, initial_noise=noise, known={"S2L2A": (x0, keep)},
-                   stride=24)
+                   stride=24, resample=resample)
     kept = keep.expand_as(x0).bool()
     assert torch.allclose(out["S2L2A"][kept], x0[kept], atol=1e-5)
     assert (out["S2L2A"][~kept] - x0[~kept]).abs().mean() > 0.1  # generated, not copied
     free = generate(net, cond, ["S2L2A", "DEM"], steps=3, seed=0, initial_noise=noise, stride=24)
     assert not torch.allclose(free["S2L2A"][~kept], out["S2L2A"][~kept], atol=1e-3)  # the known part steers the gap
-    everything = generate(net, cond, ["S2L2A"], steps=3, seed=0, known={"S2L2A": (x0, torch.ones(1, 1, side, side))})
+    everything = generate(net, cond, ["S2L2A"], steps=3, seed=0, known={"S2L2A": (x0, torch.ones(1, 1, side, side))},
+                          stride=24, resample=resample)
     assert torch.allclose(everything["S2L2A"], x0, atol=1e-5)
+    if resample:  # the jumps' noise is the caller's to fix, e.g. per fragment: then the result is too
+        draws = {}
+
+        def noise_of(i):
+            return draws.setdefault(i, {m: torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(100 + i))
+                                        for m in ("S2L2A", "DEM")})
+
+        kwargs = dict(steps=4, seed=0, initial_noise=noise, known={"S2L2A": (x0, keep)}, stride=24, resample=resample)
+        once = generate(net, cond, ["S2L2A", "DEM"], resample_noise=noise_of, **kwargs)
+        again = generate(net, cond, ["S2L2A", "DEM"], resample_noise=noise_of, **kwargs)
+        plain = generate(net, cond, ["S2L2A", "DEM"], **{**kwargs, "resample": 0})
+        assert torch.equal(once["S2L2A"], again["S2L2A"]) and len(draws) > 4
+        assert not torch.allclose(once["S2L2A"][~kept], plain["S2L2A"][~kept], atol=1e-3)
 
 
 def test_generate_known__refuses_what_does_not_fit():

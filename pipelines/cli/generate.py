@@ -9,6 +9,7 @@ import typer
 from rich.text import Text
 
 from majortom_gen.errors import MajorTomGenError
+from majortom_gen.gaps import RESAMPLE_DEFAULT
 from pipelines.cli.common import (
     CellsOption,
     CodecSourceOption,
@@ -199,6 +200,9 @@ def fill(
     steps: Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")] = 50,
     seed: Annotated[int, typer.Option(min=0, help="Seed; noise derives from (seed, cell, fragment).")] = 0,
     halo: Annotated[int, typer.Option(min=0, help="Latent pixels (8 px each) around a gap generated too.")] = 1,
+    resample: Annotated[int, typer.Option(
+        min=0, help="RePaint jumps back per noisy solver step, so the fill agrees with what surrounds it (each adds "
+                    "about 0.6x the network calls); 0: none.")] = RESAMPLE_DEFAULT,
     device: DeviceOption = None,
     workers: WorkersOption = None,
     seamless: SeamlessOption = True,
@@ -220,7 +224,7 @@ def fill(
     cond = () if condition.strip().lower() in ("", "none") else tuple(parse_modalities(condition))
     request = FillRequest(target, mask, cond, halo)
     options = SamplingOptions(n_samples=n_samples, steps=steps, seed=seed, device=device, workers=workers,
-                              codec_source=codec_source, seamless=seamless)
+                              codec_source=codec_source, seamless=seamless, resample=resample)
     try:
         with progress_bar("filling", "fragments") as update:
             result = fill_store(model, store, source, ids, request, out, options, progress=update, overwrite=overwrite)
