@@ -201,8 +201,8 @@ def fill(
     seed: Annotated[int, typer.Option(min=0, help="Seed; noise derives from (seed, cell, fragment).")] = 0,
     halo: Annotated[int, typer.Option(min=0, help="Latent pixels (8 px each) around a gap generated too.")] = 1,
     resample: Annotated[int, typer.Option(
-        min=0, help="RePaint jumps back per noisy solver step, so the fill agrees with what surrounds it (each adds "
-                    "about 0.6x the network calls); 0: none.")] = RESAMPLE_DEFAULT,
+        min=0, help="RePaint jumps back per noisy solver step, so the fill agrees with what surrounds it (2: about twice "
+                    "the time); 0: none.")] = RESAMPLE_DEFAULT,
     device: DeviceOption = None,
     workers: WorkersOption = None,
     seamless: SeamlessOption = True,
