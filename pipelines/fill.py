@@ -24,14 +24,17 @@ Then:
 
 Outputs (``out/``): per cell, modality and sample the filled fragments as COGs
 (``<cell>/<modality>/fNN_sS.tif``, placed like the store's fragments), the gap mask
-(``fNN_gap.tif``, 1 = filled) and with several samples their mean; a quick-look PNG per cell
-(observed with its gaps tinted, each filled sample, mean and spread); ``fill.json``.
+(``fNN_gap.tif``, 1 = filled) and with several samples their mean; per sample a VRT per UTM
+zone and a mosaic COG in EPSG:4326 (``mosaic/``, with mean and std for several samples); a
+quick-look PNG per cell (observed with its gaps tinted, each filled sample, mean and spread);
+``fill.json``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,11 +49,14 @@ from majortom_gen.gaps import MASK_SOURCES, cloud_gaps, file_gaps, latent_gaps, 
 from majortom_gen.rasters import GeoRaster, write_cog
 from majortom_gen.staging import check_output, local_paths, staged_folder
 from majortom_gen.store import moment_array
+from pipelines.export import write_mosaics
 from pipelines.model_folder import ModelOnStore
 from pipelines.sample import FragmentBatch, SamplingOptions, condition_latents, fragment_georef, sample_fragments
 
 HARMONISE_SIGMAS = (128.0, 64.0, 32.0, 16.0, 8.0, 4.0)  # px, coarse to fine
 GAP_TINT = np.array([255, 0, 255], np.float32)  # the quick-look's colour for gaps
+FILLED_CONTENT = ("{} thumbnail with its gaps filled by generation (8-bit visualisation); pixels outside the gaps "
+                  "are the observed ones, unchanged")
 
 
 @dataclass(frozen=True)
@@ -219,12 +225,13 @@ def fill_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, sourc
     known = bound.network_means(moment_array(part, m, np.float32), m)
     fills = fill_cells(bound, part, request, options, gaps, known, progress)
     with staged_folder(out, overwrite=overwrite, inputs=inputs, kind="fill") as tmp:
-        files, summary = [], {}
+        files, summary, by_sample = [], {}, defaultdict(list)
         for i, cell in enumerate(todo):
             obs = observed[cell]
             filled = composite_cell(fills[i], obs.pixels, obs.gaps, options.seamless)
-            files += _write_cell(tmp, cell, m, obs, filled, georef[cell], request, options)
+            files += _write_cell(tmp, cell, m, obs, filled, georef[cell], request, options, by_sample)
             summary[cell] = {"product_id": obs.product_id, "gap_fraction": round(float(obs.gaps.mean()), 4)}
+        files += write_mosaics(m, by_sample, tmp / "mosaic", n, {"CONTENT": FILLED_CONTENT.format(m)}, "EPSG:4326", None)
         (tmp / "fill.json").write_text(json.dumps({
             "model": str(bound.model_dir), "store": str(bound.store_dir), "source": str(source), "modality": m,
             "mask": request.mask, "condition": list(request.condition), "halo": request.halo,
@@ -288,8 +295,10 @@ def composite_cell(fills: np.ndarray, observed: np.ndarray, gaps: np.ndarray, se
 
 
 def _write_cell(out: Path, cell: str, modality: str, obs: ObservedCell, filled: np.ndarray,
-                georef: tuple[str, list[Affine]], request: FillRequest, options: SamplingOptions) -> list[Path]:
-    """The COGs of one cell (filled samples, gap masks, mean) and its quick-look."""
+                georef: tuple[str, list[Affine]], request: FillRequest, options: SamplingOptions,
+                by_sample: dict[int, list]) -> list[Path]:
+    """The COGs of one cell (filled samples, gap masks, mean) and its quick-look; each
+    sample's (path, raster) pairs are added to ``by_sample`` for the mosaics."""
     from pipelines.export import fragment_raster
     from pipelines.quicklook import std_panel, write_quicklook
 
@@ -297,8 +306,7 @@ def _write_cell(out: Path, cell: str, modality: str, obs: ObservedCell, filled: 
     n = filled.shape[1]
     tags = {"grid_cell": cell, "modality": modality, "source_product_id": obs.product_id, "mask": request.mask,
             "condition": ",".join(request.condition) or "none", "seed": options.seed, "steps": options.steps,
-            "CONTENT": f"{modality} thumbnail with its gaps filled by generation (8-bit visualisation); "
-                       "pixels outside the gaps are the observed ones, unchanged"}
+            "CONTENT": FILLED_CONTENT.format(modality)}
     folder = out / cell / modality
     files = []
     mean = filled.astype(np.float32).mean(axis=1).round().astype(np.uint8) if n > 1 else None
@@ -307,6 +315,7 @@ def _write_cell(out: Path, cell: str, modality: str, obs: ObservedCell, filled: 
             raster = fragment_raster(filled[f, s], modality, crs, transforms[f])
             files.append(write_cog(folder / f"f{f:02d}_s{s}.tif", raster, {**tags, "fragment_index": f, "sample": s},
                                    rgb=raster.count == 3))
+            by_sample[s].append((files[-1], raster))
         gap = GeoRaster(obs.gaps[f][None].astype(np.uint8), crs, transforms[f], ("1 = gap filled by generation",))
         files.append(write_cog(folder / f"f{f:02d}_gap.tif", gap, {**tags, "CONTENT": "gap mask", "fragment_index": f}))
         if mean is not None:

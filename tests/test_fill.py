@@ -210,6 +210,9 @@ def test_fill_cli__known_pixels_unchanged_gaps_filled_cells_without_gaps_skipped
             filled_pixels += int((px[gap] != observed[f][gap]).any(axis=-1).sum())
     assert filled_pixels > 0.5 * 3 * 300 * 400  # the gaps were generated, not copied
     assert (out / "quicklook" / f"{WORLD_CELLS[0]}.png").stat().st_size > 10_000
+    mosaics = sorted(p.name for p in (out / "mosaic").iterdir())
+    assert "S2L2A_s0_EPSG4326.tif" in mosaics and "S2L2A_mean_EPSG4326.tif" in mosaics
+    assert any(name.endswith(".vrt") for name in mosaics)
     # mistakes are named, and nothing is written
     r = runner.invoke(app, args[:-1] + [str(tmp_path / "x"), "--modality", "DEM", "--mask", "cloud_mask"])
     assert r.exit_code == 2 and "only S2 products have a cloud mask" in r.output
