@@ -40,7 +40,8 @@ from majortom_gen.gaps import RESAMPLE_DEFAULT
 from majortom_gen.synth import SynthOptions, write_world
 from model.train import SHIPPED_DEMO_MODEL
 from pipelines.codec import source_fragments
-from pipelines.fill import FillRequest, cell_fragments, cell_mosaic, composite_cell, fill_cells
+from pipelines.cell_canvas import cell_fragments, cell_mosaic
+from pipelines.fill import FillRequest, composite_cell, fill_cells
 from pipelines.ingest import IngestOptions, ingest
 from pipelines.model_folder import ModelOnStore
 from pipelines.sample import SamplingOptions

@@ -28,7 +28,7 @@ import torch
 
 from majortom_gen.synth import SynthOptions, write_world
 from model.metrics import mae, seam_ratio
-from pipelines.cell_canvas import tile
+from pipelines.cell_canvas import cell_mosaic
 from pipelines.codec import decode_fragments, decode_images, open_store_codec, source_fragments
 from pipelines.ingest import IngestOptions, ingest
 from pipelines.sample import SamplingOptions, sample_store
@@ -41,7 +41,7 @@ TONE_PX = 8
 
 def mosaics(pictures: np.ndarray) -> np.ndarray:
     """uint8 (cells * 16, 256, 256, 3) in (cell, fragment index) order -> (cells, 1024, 1024, 3)."""
-    return tile(torch.from_numpy(pictures).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    return np.stack([cell_mosaic(cell) for cell in pictures.reshape(-1, 16, *pictures.shape[1:])])
 
 
 def main() -> None:

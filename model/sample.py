@@ -259,13 +259,19 @@ def _solve(call: _NetworkCall, start: Mapping[str, torch.Tensor], guided: Sequen
         k = int(k)
         if impose is not None:
             x_flat = impose(x_flat, *state_scales(sched, i))
-        xg = dict(zip(generate, x_flat.split(split, dim=1)))
-        full = call.eps(xg, k, None)
-        eps = _guided(full, {m: call.eps(xg, k, m) for m in guided}, guidance)
-        x_flat = sched.step(torch.cat([eps[m] for m in generate], dim=1), k, x_flat).prev_sample
+        x_flat = sched.step(_eps_flat(call, x_flat, split, k, guided, guidance), k, x_flat).prev_sample
     if impose is not None:
         x_flat = impose(x_flat, *state_scales(sched, len(sched.timesteps)))
     return dict(zip(generate, x_flat.split(split, dim=1)))
+
+
+def _eps_flat(call: _NetworkCall, x_flat: torch.Tensor, split: list[int], k: int, guided: Sequence[str],
+              guidance: Mapping[str, float]) -> torch.Tensor:
+    """The guided noise prediction for the state ``x_flat`` (the generated modalities
+    concatenated along channels, ``split`` channels each) at diffusers step ``k``, laid out the same way."""
+    xg = dict(zip(call.generate, x_flat.split(split, dim=1)))
+    eps = _guided(call.eps(xg, k, None), {m: call.eps(xg, k, m) for m in guided}, guidance)
+    return torch.cat([eps[m] for m in call.generate], dim=1)
 
 
 RESAMPLE_UNTIL = 0.6  # the share of the solver steps (the noisy ones) that are resampled
@@ -298,10 +304,7 @@ def _solve_resampling(call: _NetworkCall, start: Mapping[str, torch.Tensor], gui
         repeats = jumps if i < RESAMPLE_UNTIL * steps else 0
         for j in range(repeats + 1):
             x_flat = impose(x_flat, alpha, sigma, None if i == 0 and j == 0 else next_noise())
-            xg = dict(zip(generate, x_flat.split(split, dim=1)))
-            full = call.eps(xg, k, None)
-            eps_map = _guided(full, {m: call.eps(xg, k, m) for m in guided}, guidance)
-            eps = torch.cat([eps_map[m] for m in generate], dim=1)
+            eps = _eps_flat(call, x_flat, split, k, guided, guidance)
             x_flat = alpha_next * (x_flat - sigma * eps) / alpha + sigma_next * eps
             if j < repeats:
                 ratio = alpha / alpha_next

@@ -5,7 +5,8 @@ Fragment ``index = row * 4 + col`` of a cell (:mod:`majortom_gen.fragments`) is 
 ``(C, 32, 32)`` make a ``(C, 128, 128)`` canvas, decoded pictures ``(3, 256, 256)`` a
 ``(3, 1024, 1024)`` one (the centre-cropped 1024 px product grid). Rows of a sample run (or
 a store) that hold all 16 fragments of a (cell, sample) form a canvas; the others stay
-fragments.
+fragments. :func:`tile`/:func:`untile` lay out latents (torch, channels first),
+:func:`cell_mosaic`/:func:`cell_fragments` pixels and masks (numpy, channels last).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from majortom_gen.fragments import GRID_SIDE
+from majortom_gen.fragments import FRAGMENT_PX, GRID_SIDE
 
 FRAGMENTS_PER_CELL = GRID_SIDE * GRID_SIDE
 
@@ -59,3 +61,18 @@ def untile(canvases: torch.Tensor) -> torch.Tensor:
     h, w = height // GRID_SIDE, width // GRID_SIDE
     grid = canvases.reshape(g, c, GRID_SIDE, h, GRID_SIDE, w)
     return grid.permute(0, 2, 4, 1, 3, 5).reshape(g * FRAGMENTS_PER_CELL, c, h, w)
+
+
+def cell_mosaic(fragments: np.ndarray) -> np.ndarray:
+    """Pixels: a cell's 16 fragments ``(16, 256, 256, ...)`` (numpy, channels last, e.g. RGB or
+    a mask) in index order -> the cell ``(1024, 1024, ...)``; :func:`tile` for latents."""
+    rest = fragments.shape[3:]
+    grid = fragments.reshape(GRID_SIDE, GRID_SIDE, FRAGMENT_PX, FRAGMENT_PX, *rest)
+    return np.swapaxes(grid, 1, 2).reshape(GRID_SIDE * FRAGMENT_PX, GRID_SIDE * FRAGMENT_PX, *rest)
+
+
+def cell_fragments(mosaic: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`cell_mosaic`."""
+    rest = mosaic.shape[2:]
+    grid = mosaic.reshape(GRID_SIDE, FRAGMENT_PX, GRID_SIDE, FRAGMENT_PX, *rest)
+    return np.swapaxes(grid, 1, 2).reshape(FRAGMENTS_PER_CELL, FRAGMENT_PX, FRAGMENT_PX, *rest)

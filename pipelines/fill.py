@@ -40,15 +40,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from affine import Affine
 
 from majortom_gen.errors import MajorTomGenError
-from majortom_gen.fragments import FRAGMENT_PX, GRID_SIDE
+from majortom_gen.fragments import FRAGMENT_PX
 from majortom_gen.gaps import MASK_SOURCES, cloud_gaps, file_gaps, latent_gaps, nodata_gaps
 from majortom_gen.rasters import GeoRaster, write_cog
 from majortom_gen.staging import check_output, local_paths, staged_folder
-from majortom_gen.store import moment_array
+from majortom_gen.store import has_all, moment_array
+from pipelines.cell_canvas import FRAGMENTS_PER_CELL, canvas_groups, cell_fragments, cell_mosaic
 from pipelines.export import write_mosaics
 from pipelines.model_folder import ModelOnStore
 from pipelines.sample import FragmentBatch, SamplingOptions, condition_latents, fragment_georef, sample_fragments
@@ -113,20 +115,6 @@ def harmonise(fill: np.ndarray, observed: np.ndarray, gaps: np.ndarray,
 def composite(fill: np.ndarray, observed: np.ndarray, gaps: np.ndarray) -> np.ndarray:
     """The observed pixels where known, the harmonised fill in the gaps (uint8, like ``observed``)."""
     return np.where(gaps[..., None], harmonise(fill, observed, gaps), observed)
-
-
-def cell_mosaic(fragments: np.ndarray) -> np.ndarray:
-    """A cell's 16 fragments ``(16, 256, 256, ...)`` in index order -> ``(1024, 1024, ...)``."""
-    rest = fragments.shape[3:]
-    grid = fragments.reshape(GRID_SIDE, GRID_SIDE, FRAGMENT_PX, FRAGMENT_PX, *rest)
-    return np.swapaxes(grid, 1, 2).reshape(GRID_SIDE * FRAGMENT_PX, GRID_SIDE * FRAGMENT_PX, *rest)
-
-
-def cell_fragments(mosaic: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`cell_mosaic`."""
-    rest = mosaic.shape[2:]
-    grid = mosaic.reshape(GRID_SIDE, FRAGMENT_PX, GRID_SIDE, FRAGMENT_PX, *rest)
-    return np.swapaxes(grid, 1, 2).reshape(GRID_SIDE * GRID_SIDE, FRAGMENT_PX, FRAGMENT_PX, *rest)
 
 
 def read_observed(source: str | os.PathLike, products: dict[str, str], modality: str, mask: str,
@@ -198,14 +186,13 @@ def fill_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, sourc
     m, n = request.modality, options.n_samples
     wanted = [m, *request.condition]
     table = bound.store.table(["grid_cell", "fragment_index", f"{m}_product_id", *wanted], cells=list(cells))
-    complete = np.all([table.column(c).is_valid().to_numpy(zero_copy_only=False) for c in wanted], axis=0) \
-        if table.num_rows else np.zeros(0, bool)
-    table = table.filter(complete)
+    table = table.filter(pa.array(has_all(table, wanted)))
     rows = table.select(["grid_cell", "fragment_index", f"{m}_product_id"]).to_pandas()
     skipped = {c: f"the store has no complete fragments with {', '.join(wanted)}" for c in cells
                if c not in set(rows["grid_cell"])}
-    whole = rows.groupby("grid_cell")["fragment_index"].apply(lambda f: sorted(f) == list(range(GRID_SIDE ** 2)))
-    skipped.update({c: "the store does not hold all 16 fragments of the cell" for c, ok in whole.items() if not ok})
+    groups, rest = canvas_groups(rows["grid_cell"].tolist(), rows["fragment_index"].tolist())
+    skipped.update({rows["grid_cell"][r]: "the store does not hold all 16 fragments of the cell" for r in rest})
+    rows_of_cell = {rows["grid_cell"][g[0]]: g for g in groups}  # row numbers in fragment order
     keep_cells = [c for c in dict.fromkeys(rows["grid_cell"]) if c not in skipped]
     georef = _cell_georef(bound, keep_cells)
     products = rows.drop_duplicates("grid_cell").set_index("grid_cell")[f"{m}_product_id"].to_dict()
@@ -218,9 +205,7 @@ def fill_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, sourc
         from majortom_gen.selection import summarise_cells
 
         raise MajorTomGenError(f"nothing to fill among the {len(cells)} selected cells: {summarise_cells(skipped)}")
-    order = np.concatenate([np.flatnonzero((rows["grid_cell"] == c).to_numpy())[np.argsort(
-        rows["fragment_index"].to_numpy()[(rows["grid_cell"] == c).to_numpy()])] for c in todo])
-    part = table.take(order)
+    part = table.take([r for c in todo for r in rows_of_cell[c]])
     gaps = np.concatenate([observed[c].gaps for c in todo])
     known = bound.network_means(moment_array(part, m, np.float32), m)
     fills = fill_cells(bound, part, request, options, gaps, known, progress)
@@ -248,8 +233,8 @@ def _cell_georef(bound: ModelOnStore, cells: list[str]) -> dict[str, tuple[str, 
     """{cell: (UTM CRS, transforms of fragments 0..15)} from the store."""
     if not cells:
         return {}
-    cell_ids = [c for c in cells for _ in range(GRID_SIDE ** 2)]
-    frags = [f for _ in cells for f in range(GRID_SIDE ** 2)]
+    cell_ids = [c for c in cells for _ in range(FRAGMENTS_PER_CELL)]
+    frags = [f for _ in cells for f in range(FRAGMENTS_PER_CELL)]
     geo = fragment_georef(bound.store, cell_ids, frags)
     return {c: (str(geo["utm_crs"][i * 16]), [Affine(*t) for t in geo["utm_transform"][i * 16:(i + 1) * 16]])
             for i, c in enumerate(cells)}
@@ -277,7 +262,7 @@ def fill_cells(bound: ModelOnStore, table, request: FillRequest, options: Sampli
     latents = sample_fragments(bound.model_dir, batch, [m], options, progress)[m]
     rows_of = sample_rows_of(cells, frags, n) if options.seamless else {}
     pictures = bound.pictures(latents, m, **rows_of)  # decoded as generated
-    return pictures.reshape(-1, GRID_SIDE ** 2, n, FRAGMENT_PX, FRAGMENT_PX, 3)
+    return pictures.reshape(-1, FRAGMENTS_PER_CELL, n, FRAGMENT_PX, FRAGMENT_PX, 3)
 
 
 def composite_cell(fills: np.ndarray, observed: np.ndarray, gaps: np.ndarray, seamless: bool = True) -> np.ndarray:
@@ -310,7 +295,7 @@ def _write_cell(out: Path, cell: str, modality: str, obs: ObservedCell, filled: 
     folder = out / cell / modality
     files = []
     mean = filled.astype(np.float32).mean(axis=1).round().astype(np.uint8) if n > 1 else None
-    for f in range(GRID_SIDE ** 2):
+    for f in range(FRAGMENTS_PER_CELL):
         for s in range(n):
             raster = fragment_raster(filled[f, s], modality, crs, transforms[f])
             files.append(write_cog(folder / f"f{f:02d}_s{s}.tif", raster, {**tags, "fragment_index": f, "sample": s},

@@ -19,7 +19,8 @@ from majortom_gen.errors import MajorTomGenError
 from majortom_gen.gaps import cloud_gaps, file_gaps, latent_gaps, nodata_gaps
 from model.sample import generate
 from pipelines.cli import app
-from pipelines.fill import cell_fragments, cell_mosaic, composite, harmonise
+from pipelines.cell_canvas import cell_fragments, cell_mosaic
+from pipelines.fill import composite, harmonise
 
 from conftest import WORLD_CELLS
 
