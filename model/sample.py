@@ -29,7 +29,12 @@ from dataclasses import dataclass
 import torch
 
 from model.canvas import Canvas
-from model.diffusion import NOISE_TIMESTEP, predict_eps, sampling_scheduler, state_scales
+from model.diffusion import (
+    NOISE_TIMESTEP,
+    predict_eps,
+    sampling_scheduler,
+    state_scales,
+)
 
 # One generation of the looping experiment (see :func:`chain`): ``step(condition, generate,
 # iteration)`` -> {modality: latents} holding at least the modalities ``generate``.
@@ -49,7 +54,7 @@ def generate(
     steps: int = 50,
     seed: int | None = None,
     initial_noise: Mapping[str, torch.Tensor] | None = None,
-    guidance: Mapping[str, float] | None = None,
+    guidance: Mapping[str | tuple[str, ...], float] | None = None,
     batch_size: int | None = None,
     latent_shape: tuple[int, int, int] | None = None,
     marginal_noise: Mapping[str, torch.Tensor] | None = None,
@@ -58,6 +63,7 @@ def generate(
     known: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     resample: int = 0,
     resample_noise: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
+    guidance_min_sigma: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Generate the modalities ``generate`` given ``condition`` (latents in the network's
     space, each (B, C, H, W)). Returns {modality: (B * n_samples, C, H, W)} for the generated
@@ -66,7 +72,12 @@ def generate(
     condition (e.g. its own posterior draw), pass one row per sample and ``n_samples=1``.
     ``initial_noise`` fixes the starting noise of generated modalities ((B * n_samples, C, H, W)
     each); ``guidance`` = {condition: w} adds classifier-free guidance on those conditions,
-    composed as in the module docstring; ``batch_size`` bounds a network call.
+    composed as in the module docstring (a key may be a tuple of conditions, dropped together:
+    ``{("S2L1C", "S2L2A"): w}`` is the usual ``e_unc + (1 + w)(e_c - e_unc)`` on both at one
+    extra network call), at the solver steps whose noise level sigma (noise over
+    signal, ``x = alpha (x0 + sigma eps)``) is at least ``guidance_min_sigma`` (a guidance
+    interval, Kynkaanniemi et al. 2024: the conditions place things while the state is noisy;
+    guiding the last, nearly clean steps mostly sharpens noise); ``batch_size`` bounds a network call.
     ``marginal_noise`` fixes the noise standing in for modalities that are neither given nor
     generated (and for guided conditions when they are dropped); by default it is drawn from
     ``seed``. ``spacing`` places the solver steps (see
@@ -84,9 +95,11 @@ def generate(
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed if seed is not None else torch.seed())
     free = [m for m in names if m not in condition and m not in generate]
-    guided = [m for m in names if m in guidance]  # network order: nothing depends on the order of ``guidance``
+    # network order: nothing depends on the order of ``guidance``
+    guided = sorted(guidance, key=lambda group: sorted(names.index(m) for m in group))
+    dropped = [m for m in names if any(m in group for group in guided)]
     # the draw order (marginal noise, then starting noise) is part of what a seed means
-    fixed_noise = _noise(marginal_noise, free + guided, "marginal noise", full_shape, gen, device)
+    fixed_noise = _noise(marginal_noise, free + dropped, "marginal noise", full_shape, gen, device)
     start = _noise(initial_noise, generate, "initial noise", full_shape, gen, device)
     canvas = _canvas(net, shape, stride)
     cond = {m: _expand(x.to(device, torch.float32), n_samples) for m, x in condition.items()}
@@ -102,9 +115,9 @@ def generate(
             given = resample_noise(i) if resample_noise is not None else None
             return _noise(given, list(generate), "resampling noise", full_shape, gen, device)
 
-        result.update(_solve_resampling(call, start, guided, guidance, sched, impose, resample, fresh))
+        result.update(_solve_resampling(call, start, guided, guidance, sched, impose, resample, fresh, guidance_min_sigma))
     else:
-        result.update(_solve(call, start, guided, guidance, sched, impose))
+        result.update(_solve(call, start, guided, guidance, sched, impose, guidance_min_sigma))
     return result
 
 
@@ -144,9 +157,10 @@ def _known_part(known: Mapping[str, tuple[torch.Tensor, torch.Tensor]], generate
 
 
 def _check_request(names: Sequence[str], condition: Mapping[str, torch.Tensor], generate: Sequence[str],
-                   guidance: Mapping[str, float] | None) -> dict[str, float]:
+                   guidance: Mapping[str | tuple[str, ...], float] | None) -> dict[tuple[str, ...], float]:
     """Refuse modalities the network does not model, a modality both given and generated,
-    nothing to generate, or guidance on what is not a condition; returns the guidance dict."""
+    nothing to generate, or guidance on what is not a condition; returns the guidance as
+    {group of conditions dropped together: w}."""
     unknown = [m for m in list(condition) + list(generate) if m not in names]
     if unknown:
         raise ValueError(f"unknown modalities {unknown}; the network models {list(names)}")
@@ -155,11 +169,11 @@ def _check_request(names: Sequence[str], condition: Mapping[str, torch.Tensor], 
         raise ValueError(f"{sorted(overlap)} are both conditions and generated")
     if not generate:
         raise ValueError("nothing to generate")
-    guidance = dict(guidance or {})
-    bad = [m for m in guidance if m not in condition]
-    if bad:
-        raise ValueError(f"guidance given for {bad}, which are not conditions")
-    return guidance
+    groups = {((key,) if isinstance(key, str) else tuple(key)): float(w) for key, w in (guidance or {}).items()}
+    bad = sorted({m for group in groups for m in group if m not in condition})
+    if bad or any(not group for group in groups):
+        raise ValueError(f"guidance given for {bad or 'an empty group'}, which are not conditions")
+    return groups
 
 
 def _batch_shape(net, condition: Mapping[str, torch.Tensor], initial_noise: Mapping[str, torch.Tensor] | None,
@@ -213,23 +227,23 @@ class _NetworkCall:
     batch_size: int | None
     canvas: Canvas | None = None  # set: ``cond`` and ``fixed_noise`` are its windows
 
-    def eps(self, xg: Mapping[str, torch.Tensor], k: int, drop: str | None) -> dict[str, torch.Tensor]:
+    def eps(self, xg: Mapping[str, torch.Tensor], k: int, drop: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         """Float32 noise predictions of the generated modalities ``xg`` at diffusers step ``k``,
-        with the condition ``drop`` (if any) replaced by its fixed noise. On a canvas: the
+        with the conditions ``drop`` replaced by their fixed noise. On a canvas: the
         windows' predictions, merged (:meth:`model.canvas.Canvas.merge`)."""
         if self.canvas is not None:
             out = self._eps({m: self.canvas.crop(x) for m, x in xg.items()}, k, drop)
             return {m: self.canvas.merge(v) for m, v in out.items()}
         return self._eps(xg, k, drop)
 
-    def _eps(self, xg: Mapping[str, torch.Tensor], k: int, drop: str | None) -> dict[str, torch.Tensor]:
+    def _eps(self, xg: Mapping[str, torch.Tensor], k: int, drop: tuple[str, ...]) -> dict[str, torch.Tensor]:
         x = next(iter(xg.values()))
         total, device = x.shape[0], x.device
         lat, ts = {}, {}
         for m in self.names:
             if m in self.generate:
                 lat[m], ts[m] = xg[m], torch.full((total,), float(k + 1), device=device)
-            elif m in self.cond and m != drop:
+            elif m in self.cond and m not in drop:
                 lat[m], ts[m] = self.cond[m], torch.zeros(total, device=device)
             else:
                 lat[m], ts[m] = self.fixed_noise[m], torch.full((total,), NOISE_TIMESTEP, device=device)
@@ -246,10 +260,11 @@ def _autocast(net) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _solve(call: _NetworkCall, start: Mapping[str, torch.Tensor], guided: Sequence[str], guidance: Mapping[str, float],
-           sched, impose=None) -> dict[str, torch.Tensor]:
+def _solve(call: _NetworkCall, start: Mapping[str, torch.Tensor], guided: Sequence[tuple[str, ...]], guidance: Mapping[tuple[str, ...], float],
+           sched, impose=None, guidance_min_sigma: float = 0.0) -> dict[str, torch.Tensor]:
     """Run the solver ``sched`` from the starting noise of the generated modalities, solved
-    jointly (concatenated along channels), with guidance on the conditions ``guided``, and
+    jointly (concatenated along channels), with guidance on the conditions ``guided`` at the
+    steps whose noise level is at least ``guidance_min_sigma``, and
     the known latents put back before every step and after the last (``impose``, see
     :func:`_known_part`); returns {generated modality: (B * n_samples, C, H, W)}."""
     generate = call.generate
@@ -259,26 +274,28 @@ def _solve(call: _NetworkCall, start: Mapping[str, torch.Tensor], guided: Sequen
         k = int(k)
         if impose is not None:
             x_flat = impose(x_flat, *state_scales(sched, i))
-        x_flat = sched.step(_eps_flat(call, x_flat, split, k, guided, guidance), k, x_flat).prev_sample
+        guide = guided if float(sched.sigmas[i]) >= guidance_min_sigma else ()
+        x_flat = sched.step(_eps_flat(call, x_flat, split, k, guide, guidance), k, x_flat).prev_sample
     if impose is not None:
         x_flat = impose(x_flat, *state_scales(sched, len(sched.timesteps)))
     return dict(zip(generate, x_flat.split(split, dim=1)))
 
 
-def _eps_flat(call: _NetworkCall, x_flat: torch.Tensor, split: list[int], k: int, guided: Sequence[str],
-              guidance: Mapping[str, float]) -> torch.Tensor:
+def _eps_flat(call: _NetworkCall, x_flat: torch.Tensor, split: list[int], k: int, guided: Sequence[tuple[str, ...]],
+              guidance: Mapping[tuple[str, ...], float]) -> torch.Tensor:
     """The guided noise prediction for the state ``x_flat`` (the generated modalities
     concatenated along channels, ``split`` channels each) at diffusers step ``k``, laid out the same way."""
     xg = dict(zip(call.generate, x_flat.split(split, dim=1)))
-    eps = _guided(call.eps(xg, k, None), {m: call.eps(xg, k, m) for m in guided}, guidance)
+    eps = _guided(call.eps(xg, k), {group: call.eps(xg, k, group) for group in guided}, guidance)
     return torch.cat([eps[m] for m in call.generate], dim=1)
 
 
 RESAMPLE_UNTIL = 0.6  # the share of the solver steps (the noisy ones) that are resampled
 
 
-def _solve_resampling(call: _NetworkCall, start: Mapping[str, torch.Tensor], guided: Sequence[str],
-                      guidance: Mapping[str, float], sched, impose, jumps: int, fresh) -> dict[str, torch.Tensor]:
+def _solve_resampling(call: _NetworkCall, start: Mapping[str, torch.Tensor], guided: Sequence[tuple[str, ...]],
+                      guidance: Mapping[tuple[str, ...], float], sched, impose, jumps: int, fresh,
+                      guidance_min_sigma: float = 0.0) -> dict[str, torch.Tensor]:
     """:func:`_solve` with RePaint's resampling, on first-order steps at the levels of
     ``sched``: ``x0 = (x - sigma eps) / alpha``, then ``x' = alpha' x0 + sigma' eps``. In the
     first :data:`RESAMPLE_UNTIL` of the steps, each step is followed ``jumps`` times by a
@@ -302,9 +319,10 @@ def _solve_resampling(call: _NetworkCall, start: Mapping[str, torch.Tensor], gui
         alpha, sigma = state_scales(sched, i)
         alpha_next, sigma_next = state_scales(sched, i + 1)
         repeats = jumps if i < RESAMPLE_UNTIL * steps else 0
+        guide = guided if float(sched.sigmas[i]) >= guidance_min_sigma else ()
         for j in range(repeats + 1):
             x_flat = impose(x_flat, alpha, sigma, None if i == 0 and j == 0 else next_noise())
-            eps = _eps_flat(call, x_flat, split, k, guided, guidance)
+            eps = _eps_flat(call, x_flat, split, k, guide, guidance)
             x_flat = alpha_next * (x_flat - sigma * eps) / alpha + sigma_next * eps
             if j < repeats:
                 ratio = alpha / alpha_next
@@ -314,11 +332,12 @@ def _solve_resampling(call: _NetworkCall, start: Mapping[str, torch.Tensor], gui
     return dict(zip(generate, x_flat.split(split, dim=1)))
 
 
-def _guided(full: dict[str, torch.Tensor], dropped: Mapping[str, dict[str, torch.Tensor]],
-            weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
-    """Compositional classifier-free guidance: ``e_c + sum_m w_m (e_c - e_{-m})`` per generated
-    modality, with ``full`` = {generated: e_c} and ``dropped`` = {condition m: {generated:
-    e_{-m}}}, each (B, C, H, W); the terms are added in ``dropped``'s order. No guidance: ``full``."""
+def _guided(full: dict[str, torch.Tensor], dropped: Mapping[tuple[str, ...], dict[str, torch.Tensor]],
+            weights: Mapping[tuple[str, ...], float]) -> dict[str, torch.Tensor]:
+    """Compositional classifier-free guidance: ``e_c + sum_g w_g (e_c - e_{-g})`` per generated
+    modality, with ``full`` = {generated: e_c} and ``dropped`` = {group of conditions g:
+    {generated: e_{-g}}}, each (B, C, H, W); the terms are added in ``dropped``'s order. No
+    guidance: ``full``."""
     eps = dict(full)
     for m, without in dropped.items():
         eps = {g: eps[g] + weights[m] * (full[g] - without[g]) for g in eps}

@@ -65,10 +65,27 @@ from majortom_gen.staging import atomic_path, check_output, local_paths, staged_
 from majortom_gen.store import LatentStore, load_aligned
 from model import metrics
 from model.codecs import Codec, moment_means
-from model.features import DINOV2_DEFAULT, INCEPTION_DEFAULT, FeatureExtractor, load_extractor
+from model.features import (
+    DINOV2_DEFAULT,
+    INCEPTION_DEFAULT,
+    FeatureExtractor,
+    load_extractor,
+)
 from pipelines.cell_canvas import canvas_groups, tile
+from pipelines.guidance import GUIDANCE_DEFAULT, GUIDANCE_MIN_SIGMA
 from pipelines.model_folder import ModelOnStore, model_record
-from pipelines.sample import FragmentBatch, SamplingOptions, condition_latents, sample_fragments, sample_rows_of
+from pipelines.sample import (
+    FragmentBatch,
+    SamplingOptions,
+    condition_latents,
+    sample_fragments,
+    sample_rows_of,
+)
+
+def _guidance_words(w: float) -> str:
+    return (f"classifier-free guidance {w:g} on the conditions (noise levels sigma >= {GUIDANCE_MIN_SIGMA:g})" if w
+            else "no guidance")
+
 
 DISTRIBUTION_METRICS = ("fid", "precision", "recall", "f_score")
 PAIRED_METRICS = ("psnr", "ssim", "mae", "psnr_best", "spread", "gradient_ratio")
@@ -86,6 +103,7 @@ class EvalOptions:
     split: str = "test"  # 'test' | 'train' | 'all'
     n_samples: int = 1
     steps: int = 50
+    guidance: float = GUIDANCE_DEFAULT  # classifier-free guidance weight on the conditions
     seed: int = 0
     k: int = 3
     max_fragments: int | None = None
@@ -104,7 +122,7 @@ class EvalOptions:
 
     def sampling(self, device: str) -> SamplingOptions:
         """The sampling settings of the generated sets."""
-        return SamplingOptions(n_samples=self.n_samples, steps=self.steps, seed=self.seed,
+        return SamplingOptions(n_samples=self.n_samples, steps=self.steps, guidance=self.guidance, seed=self.seed,
                                deterministic_conditions=self.deterministic_conditions, batch_size=self.batch_size,
                                device=device, codec_source=self.codec_source, seamless=self.seamless)
 
@@ -360,7 +378,8 @@ def _score_conditions(bound: ModelOnStore, chosen: EvalFragments, targets: list[
     for cond in opts.conditions:
         generated = [m for m in targets if m not in cond]
         key = _digest("generated", "per-sample condition draws", "gradient", "canvas decode", "seams", opts.seamless, model_digest, condition_name(cond), generated, opts.seed,
-                      opts.steps, opts.n_samples, opts.deterministic_conditions, *base_key)
+                      opts.steps, opts.n_samples, opts.deterministic_conditions, *base_key,
+                      *(("guidance", opts.guidance, GUIDANCE_MIN_SIGMA) if opts.guidance else ()))
         result = cache.get(key)
         if result is None:
             tick = (lambda k, done=done, cond=cond: progress(done + k, total, condition_name(cond))) if progress else None
@@ -502,7 +521,8 @@ def write_outputs(folder: Path, rows: list[dict], settings: dict) -> list[Path]:
     extractor_note = ("Feature extractors: " + "; ".join(f"{k}: {e['kind']} from {e['source']}" for k, e in settings["extractors"].items()))
     md = [f"# Evaluation: {settings['model']}", "",
           f"{settings['fragments']} fragments of {len(settings['cells'])} {settings['split']} cell(s); "
-          f"{settings['n_samples']} sample(s) per fragment, {settings['steps']} DPM-Solver++ steps, seed {settings['seed']}.",
+          f"{settings['n_samples']} sample(s) per fragment, {settings['steps']} DPM-Solver++ steps, "
+          f"{_guidance_words(settings.get('guidance', 0.0))}, seed {settings['seed']}.",
           f"Real images: {settings['real_images']}.", extractor_note, "", *warning,
           f"## Generative metrics (FID on Inception features; precision, recall, F-score on DINOv2 features, "
           f"k={settings['k']}; {count}, the first sample of each scored)", "",

@@ -35,6 +35,7 @@ from model.codecs import LatentNorm, moment_means, sample_latents
 from model.sample import chain, generate
 from model.uvit import MultiModalUViT
 from pipelines.cell_canvas import FRAGMENTS_PER_CELL, canvas_groups, tile, untile
+from pipelines.guidance import GUIDANCE_DEFAULT, GUIDANCE_MIN_SIGMA
 from pipelines.model_folder import ModelOnStore
 
 
@@ -59,7 +60,10 @@ class SamplingOptions:
     overlapping windows (:mod:`model.canvas`), so its fragments agree at their borders (False:
     every fragment on its own); ``canvas_stride``: latent pixels between window starts (None:
     3/4 of a window, 24 of 32); ``resample``: gap filling only, RePaint's jumps back per noisy
-    step (:func:`model.sample.generate`), their noise drawn per fragment sample (or canvas)."""
+    step (:func:`model.sample.generate`), their noise drawn per fragment sample (or canvas);
+    ``guidance``: classifier-free guidance weight w on the conditions together (0: none):
+    ``e_unc + (1 + w)(e_c - e_unc)`` on the noisy steps (:mod:`pipelines.guidance`), one more
+    network call per step; the dropped conditions' noise is drawn per fragment sample (or canvas)."""
 
     n_samples: int = 1
     steps: int = 50
@@ -72,6 +76,13 @@ class SamplingOptions:
     seamless: bool = True
     canvas_stride: int | None = None
     resample: int = 0
+    guidance: float = GUIDANCE_DEFAULT
+
+
+def guidance_weights(options: SamplingOptions, conditions: Sequence[str]) -> dict[tuple[str, ...], float] | None:
+    """``options.guidance`` as :func:`model.sample.generate` takes it: the conditions dropped
+    together (one extra network call per guided step), or None."""
+    return {tuple(conditions): float(options.guidance)} if options.guidance and conditions else None
 
 
 @dataclass
@@ -198,10 +209,12 @@ def sample_chunk(model_dir: str | os.PathLike, batch: FragmentBatch, generate_mo
     if batch.canvas:
         return _sample_canvases(net, batch, generate_modalities, options)
     shape = (net.config.in_chans, net.config.img_size, net.config.img_size)
-    free = [m for m in net.modalities if m not in batch.cond and m not in generate_modalities]
+    guidance = guidance_weights(options, batch.cond)
+    free = [m for m in net.modalities if (m not in batch.cond and m not in generate_modalities) or (guidance and m in batch.cond)]
     noise = functools.partial(fragment_noise, batch.cells, batch.frags, n_samples, seed=options.seed, shape=shape)
     result = generate(net, batch.cond, list(generate_modalities), n_samples=1, steps=options.steps, seed=options.seed,
-                      initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"),
+                      initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"), guidance=guidance,
+                      guidance_min_sigma=GUIDANCE_MIN_SIGMA,
                       batch_size=options.batch_size * n_samples, known=batch.known or None,  # a row per fragment sample
                       resample=options.resample, resample_noise=lambda i: noise(generate_modalities, tag=f"resample{i}:"))
     return {m: v.cpu().numpy().astype(np.float16) for m, v in result.items()}
@@ -224,10 +237,12 @@ def _sample_canvases(net: MultiModalUViT, batch: FragmentBatch, generate_modalit
     cells = [batch.cells[rows[0]] for rows in groups]
     size = GRID_SIDE * net.config.img_size
     shape = (net.config.in_chans, size, size)
-    free = [m for m in net.modalities if m not in batch.cond and m not in generate_modalities]
+    guidance = guidance_weights(options, cond)
+    free = [m for m in net.modalities if (m not in cond and m not in generate_modalities) or (guidance and m in cond)]
     noise = functools.partial(fragment_noise, cells, ["canvas"] * len(cells), n, seed=options.seed, shape=shape)
     result = generate(net, cond, list(generate_modalities), n_samples=1, steps=options.steps, seed=options.seed,
-                      initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"),
+                      initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"), guidance=guidance,
+                      guidance_min_sigma=GUIDANCE_MIN_SIGMA,
                       batch_size=options.batch_size * n, stride=options.canvas_stride, known=known or None,
                       resample=options.resample, resample_noise=lambda i: noise(generate_modalities, tag=f"resample{i}:"))
     out = {}

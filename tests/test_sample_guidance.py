@@ -13,6 +13,7 @@ from model.codecs import LatentNorm
 from model.diffusion import NOISE_TIMESTEP, sampling_scheduler
 from model.sample import generate
 from model.uvit import MultiModalUViT
+from pipelines.guidance import GUIDANCE_DEFAULT, GUIDANCE_MIN_SIGMA
 from pipelines.sample import (FragmentBatch, SamplingOptions, condition_latents, fragment_noise, sample_chunk,
                               sample_fragments, sample_store)
 
@@ -33,7 +34,7 @@ def randn(*shape, seed):
 
 # ----------------------------------------------------------------------------- guidance
 @torch.no_grad()
-def hand_sample(net, cond, gen, steps, start, noise, combine):
+def hand_sample(net, cond, gen, steps, start, noise, combine, guide_from_sigma=0.0, groups=None):
     """DPM-Solver++ written out with direct network calls. ``combine(e_c, dropped)`` makes the
     guided prediction from the fully conditional one and {condition: prediction with only that
     condition replaced by its noise at the final timestep}; each (B, C_gen, H, W)."""
@@ -47,18 +48,20 @@ def hand_sample(net, cond, gen, steps, start, noise, combine):
         for m in names:
             if m in gen:
                 lat[m], ts[m] = xg[m], torch.full((total,), float(k + 1))
-            elif m in cond and m != drop:
+            elif m in cond and m not in drop:
                 lat[m], ts[m] = cond[m], torch.zeros(total)
             else:
                 lat[m], ts[m] = noise[m], torch.full((total,), NOISE_TIMESTEP)
         out = net(lat, ts)
         return torch.cat([out[m] for m in gen], dim=1)
 
-    for k in sched.timesteps:
+    for i, k in enumerate(sched.timesteps):
         k = int(k)
         xg = dict(zip(gen, x.split(split, dim=1)))
-        e_c = eps(xg, k, None)
-        x = sched.step(combine(e_c, {m: eps(xg, k, m) for m in cond}), k, x).prev_sample
+        e_c = eps(xg, k, ())
+        dropped = {m: eps(xg, k, (m,)) for m in cond} if groups is None else {g: eps(xg, k, g) for g in groups}
+        guided = combine(e_c, dropped) if sched.sigmas[i] >= guide_from_sigma else e_c
+        x = sched.step(guided, k, x).prev_sample
     return dict(zip(gen, x.split(split, dim=1)))
 
 
@@ -89,6 +92,37 @@ def test_guidance__two_conditions_compose_without_cross_terms():
     want = hand_sample(net, cond, ["C"], 4, start, noise,
                        lambda e_c, dropped: e_c + sum(w * (e_c - dropped[m]) for m, w in weights.items()))["C"]
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_guidance__a_group_of_conditions_is_dropped_together():
+    """{("A", "B"): w} is the usual CFG on both conditions at once: e_unc + (1 + w)(e_c - e_unc)."""
+    net, cond, start, noise = _setup()
+    w = 2.0
+    got = generate(net, cond, ["C"], steps=4, guidance={("B", "A"): w}, initial_noise=start, marginal_noise=noise)["C"]
+    want = hand_sample(net, cond, ["C"], 4, start, noise, lambda e_c, dropped: dropped[("A", "B")] + (1 + w) * (
+        e_c - dropped[("A", "B")]), groups=[("A", "B")])["C"]
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    with pytest.raises(ValueError, match="not conditions"):
+        generate(net, cond, ["C"], steps=2, guidance={("A", "D"): w})
+
+
+def test_guidance_interval__only_the_noisy_steps_are_guided():
+    """With ``guidance_min_sigma`` the steps whose noise level is below it use the plain
+    conditional prediction; above every level it is no guidance at all."""
+    net, cond, start, noise = _setup()
+    w, steps = 2.0, 6
+    sigmas = sampling_scheduler(steps).sigmas[:steps]
+    cut = float((sigmas[2] + sigmas[3]) / 2)  # the 3 noisiest steps guided
+    kw = dict(steps=steps, initial_noise=start, marginal_noise=noise)
+    got = generate(net, cond, ["C"], guidance={"A": w}, guidance_min_sigma=cut, **kw)["C"]
+    want = hand_sample(net, cond, ["C"], steps, start, noise,
+                       lambda e_c, dropped: dropped["A"] + (1 + w) * (e_c - dropped["A"]), guide_from_sigma=cut)["C"]
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    full = generate(net, cond, ["C"], guidance={"A": w}, **kw)["C"]
+    none = generate(net, cond, ["C"], **kw)["C"]
+    assert not torch.allclose(got, full, atol=1e-4) and not torch.allclose(got, none, atol=1e-4)
+    above = generate(net, cond, ["C"], guidance={"A": w}, guidance_min_sigma=float(sigmas[0]) + 1, **kw)["C"]
+    assert torch.allclose(above, none, atol=1e-6)
 
 
 def test_guidance__does_not_depend_on_the_order_of_the_conditions():
@@ -138,8 +172,10 @@ def test_sample_fragments__samples_use_their_own_condition_draws(tmp_path):
     assert np.array_equal(out["A"], cond["A"].numpy().astype(np.float16))  # the per-sample draws are returned
     # ... and are what the network was given: the same as generate() fed those rows directly
     noise = fragment_noise(cells, frags, n, ["B"], 7, SHAPE)
-    marginal = fragment_noise(cells, frags, n, ["C"], 7, SHAPE, tag="marginal:")
-    direct = generate(net, cond, ["B"], steps=2, initial_noise=noise, marginal_noise=marginal)["B"]
+    # (with the default guidance: the dropped condition A stands on its per-fragment noise too)
+    marginal = fragment_noise(cells, frags, n, ["A", "C"], 7, SHAPE, tag="marginal:")
+    direct = generate(net, cond, ["B"], steps=2, initial_noise=noise, marginal_noise=marginal,
+                      guidance={"A": GUIDANCE_DEFAULT}, guidance_min_sigma=GUIDANCE_MIN_SIGMA)["B"]
     assert np.array_equal(out["B"], direct.numpy().astype(np.float16))
     # one fragment alone gets the same draws and samples as inside the bigger, differently chunked batch
     one = condition_latents({"A": mom["A"][3:]}, IDENTITY, cells[3:], frags[3:], seed=7, deterministic=False,

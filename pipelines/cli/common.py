@@ -144,6 +144,9 @@ def _device_option(value: str | None) -> str | None:
     return value
 
 
+GuidanceOption = Annotated[float, typer.Option(
+    min=0.0, help="Classifier-free guidance weight on the conditions (0: none): samples follow the conditions more "
+                  "closely, at one more network call on each of the noisier steps.")]
 DeviceOption = Annotated[Optional[str], typer.Option(callback=_device_option,
                                                      help="cpu or cuda (default: cuda when available).")]
 OverwriteOption = Annotated[bool, typer.Option(

@@ -11,6 +11,7 @@ from rich.table import Table
 from majortom_gen.errors import MajorTomGenError
 from pipelines.cli.common import (
     DeviceOption,
+    GuidanceOption,
     OverwriteOption,
     SeamlessOption,
     app,
@@ -19,6 +20,7 @@ from pipelines.cli.common import (
     progress_bar,
     user_errors,
 )
+from pipelines.guidance import GUIDANCE_DEFAULT
 
 
 def run_evaluate(model: Path, store: Path, out: Path, options) -> list[dict]:
@@ -55,6 +57,7 @@ def evaluate(
     split: Annotated[str, typer.Option(help="Cells to evaluate on: test (held out in training), train or all.")] = "test",
     n_samples: Annotated[int, typer.Option(min=1, help="Samples per fragment (best-of-n PSNR and spread use them all).")] = 1,
     steps: Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")] = 50,
+    guidance: GuidanceOption = GUIDANCE_DEFAULT,
     seed: Annotated[int, typer.Option(min=0, help="Seed; each fragment's noise derives from (seed, cell, fragment).")] = 0,
     k: Annotated[int, typer.Option(min=1, help="Nearest neighbours for precision/recall manifolds.")] = 3,
     max_fragments: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most this many fragments.")] = None,
@@ -80,7 +83,7 @@ def evaluate(
     from pipelines.evaluate import EvalOptions, parse_conditions
 
     options = EvalOptions(conditions=parse_conditions(conditions), generate=parse_modalities(generate) if generate else None,
-                          split=split, n_samples=n_samples, steps=steps,
+                          split=split, n_samples=n_samples, steps=steps, guidance=guidance,
                           seed=seed, k=k, max_fragments=max_fragments, batch_size=batch_size,
                           fid_extractor=fid_extractor, pr_extractor=pr_extractor, codec=codec, codec_source=codec_source,
                           cache_dir=str(cache_dir) if cache_dir else None, device=device,

@@ -14,6 +14,7 @@ from pipelines.cli.common import (
     CellsOption,
     CodecSourceOption,
     DeviceOption,
+    GuidanceOption,
     OverwriteOption,
     ReflectanceOption,
     RegionOption,
@@ -26,6 +27,7 @@ from pipelines.cli.common import (
     progress_bar,
     user_errors,
 )
+from pipelines.guidance import GUIDANCE_DEFAULT
 
 
 @app.command(context_settings={"allow_extra_args": True})
@@ -41,6 +43,7 @@ def sample(
     region: RegionOption = None,
     n_samples: Annotated[int, typer.Option(min=1, help="Samples per fragment.")] = 1,
     steps: Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")] = 50,
+    guidance: GuidanceOption = GUIDANCE_DEFAULT,
     seed: Annotated[int, typer.Option(min=0, help="Seed; each fragment's noise derives from (seed, cell, fragment).")] = 0,
     deterministic_conditions: Annotated[bool, typer.Option(help="Use the conditions' latent means, not samples.")] = False,
     device: DeviceOption = None,
@@ -55,7 +58,7 @@ def sample(
 
     ids = cells_from_options((cells or []) + list(ctx.args), region)
     cond = () if condition.strip().lower() in ("", "none") else parse_modalities(condition)
-    options = SamplingOptions(n_samples=n_samples, steps=steps, seed=seed, deterministic_conditions=deterministic_conditions,
+    options = SamplingOptions(n_samples=n_samples, steps=steps, guidance=guidance, seed=seed, deterministic_conditions=deterministic_conditions,
                               device=device, workers=workers, codec_source=codec_source, seamless=seamless)
     try:
         with progress_bar("sampling", "fragments") as update:
@@ -137,6 +140,7 @@ def generate_region_cmd(
     source: Annotated[Optional[str], typer.Option(help="Major TOM source to ingest cells the store lacks.")] = None,
     n_samples: Annotated[int, typer.Option(min=1, help="Samples per fragment (> 1 adds mean/std rasters).")] = 1,
     steps: Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")] = 50,
+    guidance: GuidanceOption = GUIDANCE_DEFAULT,
     seed: Annotated[int, typer.Option(min=0, help="Seed; fragment noise derives from (seed, cell, fragment).")] = 0,
     crs: Annotated[str, typer.Option(help="CRS of the mosaic COGs.")] = "EPSG:4326",
     reflectance: ReflectanceOption = False,
@@ -162,7 +166,7 @@ def generate_region_cmd(
     request = RegionRequest(generate=parse_modalities(generate), region=geom, cells=tuple(ids),
                             condition="auto" if condition.strip().lower() == "auto" else parse_modalities(condition),
                             source=source, dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance)
-    options = SamplingOptions(n_samples=n_samples, steps=steps, seed=seed, device=device, workers=workers,
+    options = SamplingOptions(n_samples=n_samples, steps=steps, guidance=guidance, seed=seed, device=device, workers=workers,
                               codec_source=codec_source, seamless=seamless)
     try:
         with progress_bar("sampling", "fragments") as update:
@@ -198,6 +202,7 @@ def fill(
     region: RegionOption = None,
     n_samples: Annotated[int, typer.Option(min=1, help="Fills per gap (> 1 adds their mean).")] = 1,
     steps: Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")] = 50,
+    guidance: GuidanceOption = GUIDANCE_DEFAULT,
     seed: Annotated[int, typer.Option(min=0, help="Seed; noise derives from (seed, cell, fragment).")] = 0,
     halo: Annotated[int, typer.Option(min=0, help="Latent pixels (8 px each) around a gap generated too.")] = 1,
     resample: Annotated[int, typer.Option(
@@ -223,7 +228,7 @@ def fill(
     target = targets[0]
     cond = () if condition.strip().lower() in ("", "none") else tuple(parse_modalities(condition))
     request = FillRequest(target, mask, cond, halo)
-    options = SamplingOptions(n_samples=n_samples, steps=steps, seed=seed, device=device, workers=workers,
+    options = SamplingOptions(n_samples=n_samples, steps=steps, guidance=guidance, seed=seed, device=device, workers=workers,
                               codec_source=codec_source, seamless=seamless, resample=resample)
     try:
         with progress_bar("filling", "fragments") as update:
