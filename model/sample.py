@@ -77,7 +77,8 @@ def generate(
     extra network call), at the solver steps whose noise level sigma (noise over
     signal, ``x = alpha (x0 + sigma eps)``) is at least ``guidance_min_sigma`` (a guidance
     interval, Kynkaanniemi et al. 2024: the conditions place things while the state is noisy;
-    guiding the last, nearly clean steps mostly sharpens noise); ``batch_size`` bounds a network call.
+    measured in :mod:`pipelines.guidance`, guiding only there does as well at fewer network
+    calls); ``batch_size`` bounds a network call.
     ``marginal_noise`` fixes the noise standing in for modalities that are neither given nor
     generated (and for guided conditions when they are dropped); by default it is drawn from
     ``seed``. ``spacing`` places the solver steps (see
