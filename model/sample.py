@@ -29,12 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from model.canvas import Canvas
-from model.diffusion import (
-    NOISE_TIMESTEP,
-    predict_eps,
-    sampling_scheduler,
-    state_scales,
-)
+from model.diffusion import NOISE_TIMESTEP, predict_eps, sampling_scheduler, state_scales
 
 # One generation of the looping experiment (see :func:`chain`): ``step(condition, generate,
 # iteration)`` -> {modality: latents} holding at least the modalities ``generate``.

@@ -65,27 +65,11 @@ from majortom_gen.staging import atomic_path, check_output, local_paths, staged_
 from majortom_gen.store import LatentStore, load_aligned
 from model import metrics
 from model.codecs import Codec, moment_means
-from model.features import (
-    DINOV2_DEFAULT,
-    INCEPTION_DEFAULT,
-    FeatureExtractor,
-    load_extractor,
-)
+from model.features import DINOV2_DEFAULT, INCEPTION_DEFAULT, FeatureExtractor, load_extractor
 from pipelines.cell_canvas import canvas_groups, tile
 from pipelines.guidance import GUIDANCE_DEFAULT, GUIDANCE_MIN_SIGMA
 from pipelines.model_folder import ModelOnStore, model_record
-from pipelines.sample import (
-    FragmentBatch,
-    SamplingOptions,
-    condition_latents,
-    sample_fragments,
-    sample_rows_of,
-)
-
-def _guidance_words(w: float) -> str:
-    return (f"classifier-free guidance {w:g} on the conditions (noise levels sigma >= {GUIDANCE_MIN_SIGMA:g})" if w
-            else "no guidance")
-
+from pipelines.sample import FragmentBatch, SamplingOptions, condition_latents, sample_fragments, sample_rows_of
 
 DISTRIBUTION_METRICS = ("fid", "precision", "recall", "f_score")
 PAIRED_METRICS = ("psnr", "ssim", "mae", "psnr_best", "spread", "gradient_ratio")
@@ -379,7 +363,7 @@ def _score_conditions(bound: ModelOnStore, chosen: EvalFragments, targets: list[
         generated = [m for m in targets if m not in cond]
         key = _digest("generated", "per-sample condition draws", "gradient", "canvas decode", "seams", opts.seamless, model_digest, condition_name(cond), generated, opts.seed,
                       opts.steps, opts.n_samples, opts.deterministic_conditions, *base_key,
-                      *(("guidance", opts.guidance, GUIDANCE_MIN_SIGMA) if opts.guidance else ()))
+                      *(("guidance", opts.guidance, GUIDANCE_MIN_SIGMA) if opts.guidance and cond else ()))
         result = cache.get(key)
         if result is None:
             tick = (lambda k, done=done, cond=cond: progress(done + k, total, condition_name(cond))) if progress else None
@@ -502,6 +486,11 @@ def table_markdown(rows: list[dict], metrics_shown: Sequence[str], modalities: S
             cells += [_fmt(row[name], name) if row else "—" for name in metrics_shown]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _guidance_words(w: float) -> str:
+    return (f"classifier-free guidance {w:g} on the conditions (noise levels sigma >= {GUIDANCE_MIN_SIGMA:g})" if w
+            else "no guidance")
 
 
 def write_outputs(folder: Path, rows: list[dict], settings: dict) -> list[Path]:

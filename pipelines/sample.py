@@ -209,15 +209,26 @@ def sample_chunk(model_dir: str | os.PathLike, batch: FragmentBatch, generate_mo
     if batch.canvas:
         return _sample_canvases(net, batch, generate_modalities, options)
     shape = (net.config.in_chans, net.config.img_size, net.config.img_size)
-    guidance = guidance_weights(options, batch.cond)
-    free = [m for m in net.modalities if (m not in batch.cond and m not in generate_modalities) or (guidance and m in batch.cond)]
     noise = functools.partial(fragment_noise, batch.cells, batch.frags, n_samples, seed=options.seed, shape=shape)
-    result = generate(net, batch.cond, list(generate_modalities), n_samples=1, steps=options.steps, seed=options.seed,
-                      initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"), guidance=guidance,
-                      guidance_min_sigma=GUIDANCE_MIN_SIGMA,
-                      batch_size=options.batch_size * n_samples, known=batch.known or None,  # a row per fragment sample
-                      resample=options.resample, resample_noise=lambda i: noise(generate_modalities, tag=f"resample{i}:"))
+    result = _generate_rows(net, batch.cond, generate_modalities, options, noise, known=batch.known,
+                            batch_size=options.batch_size * n_samples)  # a row per fragment sample
     return {m: v.cpu().numpy().astype(np.float16) for m, v in result.items()}
+
+
+def _generate_rows(net: MultiModalUViT, cond: dict[str, torch.Tensor], generate_modalities: Sequence[str],
+                   options: SamplingOptions, noise: Callable[..., dict[str, torch.Tensor]], *,
+                   known: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int,
+                   stride: int | None = None) -> dict[str, torch.Tensor]:
+    """:func:`model.sample.generate` on one row per fragment sample (or canvas), every draw
+    from ``noise(modalities, tag=...)`` (per row): the starting noise, the noise of the
+    marginalised modalities and of the conditions dropped for guidance, the resampling noise."""
+    guidance = guidance_weights(options, cond)
+    free = [m for m in net.modalities if (m not in cond and m not in generate_modalities) or (guidance and m in cond)]
+    return generate(net, cond, list(generate_modalities), n_samples=1, steps=options.steps, seed=options.seed,
+                    initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"),
+                    guidance=guidance, guidance_min_sigma=GUIDANCE_MIN_SIGMA, batch_size=batch_size, stride=stride,
+                    known=known or None, resample=options.resample,
+                    resample_noise=lambda i: noise(generate_modalities, tag=f"resample{i}:"))
 
 
 def _sample_canvases(net: MultiModalUViT, batch: FragmentBatch, generate_modalities: Sequence[str],
@@ -237,14 +248,9 @@ def _sample_canvases(net: MultiModalUViT, batch: FragmentBatch, generate_modalit
     cells = [batch.cells[rows[0]] for rows in groups]
     size = GRID_SIDE * net.config.img_size
     shape = (net.config.in_chans, size, size)
-    guidance = guidance_weights(options, cond)
-    free = [m for m in net.modalities if (m not in cond and m not in generate_modalities) or (guidance and m in cond)]
     noise = functools.partial(fragment_noise, cells, ["canvas"] * len(cells), n, seed=options.seed, shape=shape)
-    result = generate(net, cond, list(generate_modalities), n_samples=1, steps=options.steps, seed=options.seed,
-                      initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"), guidance=guidance,
-                      guidance_min_sigma=GUIDANCE_MIN_SIGMA,
-                      batch_size=options.batch_size * n, stride=options.canvas_stride, known=known or None,
-                      resample=options.resample, resample_noise=lambda i: noise(generate_modalities, tag=f"resample{i}:"))
+    result = _generate_rows(net, cond, generate_modalities, options, noise, known=known,
+                            batch_size=options.batch_size * n, stride=options.canvas_stride)
     out = {}
     for m, v in result.items():
         frags = untile(v.cpu().float())  # rows (g, s, fragment index)
