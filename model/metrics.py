@@ -201,3 +201,33 @@ def seam_ratio(mosaics: np.ndarray, tile: int = 256, width: int = 1) -> float:
             across.append(jump(k))
             within.append((jump(k - inside) + jump(k + inside)) / 2)
     return float(np.mean(across) / max(np.mean(within), 1e-12))
+
+
+def border_seam_ratio(image: np.ndarray, owner: np.ndarray) -> float:
+    """How visible the borders between the parts of a mosaic are when the parts do not lie on
+    a regular tiling (e.g. neighbouring grid cells): ``image`` ``(H, W[, C])`` (channels
+    averaged first), ``owner`` int ``(H, W)``, the part each pixel comes from (-1: none). The
+    mean |difference| of the pixel pairs across a change of owner (rows and columns), divided
+    by the same statistic of the pairs one pixel further on either side when those lie
+    within one part. About 1 when the parts continue each other, large when they do not."""
+    x = np.asarray(image, np.float32)
+    x = x.mean(axis=-1) if x.ndim == 3 else x
+    owner = np.asarray(owner)
+    if x.shape != owner.shape or x.ndim != 2:
+        raise ValueError(f"image {np.shape(image)} and owner {owner.shape} must be (H, W[, C]) and (H, W)")
+    across, within = [], []
+    for a in (x, x.T):
+        o = owner if a is x else owner.T
+        d = np.abs(np.diff(a, axis=1))  # pair (i, i + 1) along rows
+        same = (o[:, 1:] == o[:, :-1]) & (o[:, 1:] >= 0)
+        border = (o[:, 1:] != o[:, :-1]) & (o[:, 1:] >= 0) & (o[:, :-1] >= 0)
+        across.append(d[border])
+        before = np.zeros_like(border)
+        before[:, 1:] = border[:, 1:] & same[:, :-1]  # pair (i - 1, i) before a border pair (i, i + 1)
+        after = np.zeros_like(border)
+        after[:, :-1] = border[:, :-1] & same[:, 1:]  # pair (i + 1, i + 2) after it
+        within += [d[:, :-1][before[:, 1:]], d[:, 1:][after[:, :-1]]]
+    across_all, within_all = np.concatenate(across), np.concatenate(within)
+    if not len(across_all) or not len(within_all):
+        raise ValueError("the mosaic has no border between two parts")
+    return float(across_all.mean() / max(within_all.mean(), 1e-12))

@@ -168,13 +168,13 @@ def run_tags(meta: dict) -> dict[str, object]:
 
 
 def write_fragments(out: Path, modality: str, pixels: np.ndarray, rows: list[SampleRow], tags: dict, *,
-                    reflectance: bool = False) -> tuple[list[Path], dict[int, list[tuple[Path, GeoRaster]]]]:
+                    reflectance: bool = False) -> tuple[list[Path], dict[int, list[tuple[Path, GeoRaster, str]]]]:
     """Write the fragment COGs of one modality, ``pixels`` uint8 ``(len(rows), 256, 256, 3)``
     in the order of ``rows``, to ``out/<cell>/<modality>/f<fragment>_s<sample>.tif`` (and
     ``..._reflectance.tif`` for S2 with ``reflectance``). Returns the files written and, per
-    sample, the (path, raster) pairs of the thumbnails for the mosaics."""
+    sample, the (path, raster, grid cell) of the thumbnails for the mosaics."""
     files: list[Path] = []
-    by_sample: dict[int, list[tuple[Path, GeoRaster]]] = defaultdict(list)
+    by_sample: dict[int, list[tuple[Path, GeoRaster, str]]] = defaultdict(list)
     for row, px in zip(rows, pixels, strict=True):
         row_tags = {"grid_cell": row.grid_cell, "fragment_index": row.fragment_index, "sample": row.sample, **tags,
                     "source_product_ids": row.source_product_ids}
@@ -182,28 +182,29 @@ def write_fragments(out: Path, modality: str, pixels: np.ndarray, rows: list[Sam
         raster = fragment_raster(px, modality, row.crs, row.transform)
         path = write_fragment_cog(out / row.grid_cell / modality / f"{stem}.tif", raster, modality, row_tags)
         files.append(path)
-        by_sample[row.sample].append((path, raster))
+        by_sample[row.sample].append((path, raster, row.grid_cell))
         if reflectance and modality in S2_MODALITIES:
             files.append(write_reflectance_cog(out / row.grid_cell / modality / f"{stem}_reflectance.tif",
                                                reflectance_raster(px, modality, row.crs, row.transform), modality, row_tags))
     return files, by_sample
 
 
-def write_mosaics(modality: str, by_sample: dict[int, list[tuple[Path, GeoRaster]]], folder: Path, n_samples: int,
+def write_mosaics(modality: str, by_sample: dict[int, list[tuple[Path, GeoRaster, str]]], folder: Path, n_samples: int,
                   tags: dict, dst_crs: str, region) -> list[Path]:
-    """Per sample the VRTs (one per UTM zone) and the blended mosaic COG in ``dst_crs``
-    (clipped to ``region``, EPSG:4326) of one modality's fragment (path, raster) pairs; with
-    several samples also the per-pixel mean and std. Returns the files, VRTs first."""
+    """Per sample the VRTs (one per UTM zone) and the mosaic COG in ``dst_crs`` (clipped to
+    ``region``, EPSG:4326; neighbouring cells cross-faded where their products overlap) of one
+    modality's fragments (path, raster, grid cell); with several samples also the per-pixel
+    mean and std. Returns the files, VRTs first."""
     from pipelines.mosaic import vrts_per_zone, write_mosaic, write_uncertainty
 
     crs_tag = dst_crs.replace(":", "")
     vrts, paths, rasters = [], [], []
     for s in range(n_samples):
         fragments = by_sample.get(s, [])
-        vrts += vrts_per_zone(fragments, folder, f"{modality}_s{s}")
+        vrts += vrts_per_zone([(p, r) for p, r, _ in fragments], folder, f"{modality}_s{s}")
         paths.append(folder / f"{modality}_s{s}_{crs_tag}.tif")
-        rasters.append(write_mosaic([r for _, r in fragments], paths[-1], dst_crs=dst_crs, region=region,
-                                    tags={"CONTENT": CONTENT[modality], **tags}))
+        rasters.append(write_mosaic([r for _, r, _ in fragments], paths[-1], dst_crs=dst_crs, region=region,
+                                    tags={"CONTENT": CONTENT[modality], **tags}, groups=[c for _, _, c in fragments]))
     if len(rasters) > 1:
         paths += write_uncertainty(rasters, folder / f"{modality}_mean_{crs_tag}.tif", folder / f"{modality}_std_{crs_tag}.tif")
     return vrts + paths

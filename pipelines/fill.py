@@ -283,7 +283,7 @@ def _write_cell(out: Path, cell: str, modality: str, obs: ObservedCell, filled: 
                 georef: tuple[str, list[Affine]], request: FillRequest, options: SamplingOptions,
                 by_sample: dict[int, list]) -> list[Path]:
     """The COGs of one cell (filled samples, gap masks, mean) and its quick-look; each
-    sample's (path, raster) pairs are added to ``by_sample`` for the mosaics."""
+    sample's (path, raster, cell) are added to ``by_sample`` for the mosaics."""
     from pipelines.export import fragment_raster
     from pipelines.quicklook import std_panel, write_quicklook
 
@@ -300,7 +300,7 @@ def _write_cell(out: Path, cell: str, modality: str, obs: ObservedCell, filled: 
             raster = fragment_raster(filled[f, s], modality, crs, transforms[f])
             files.append(write_cog(folder / f"f{f:02d}_s{s}.tif", raster, {**tags, "fragment_index": f, "sample": s},
                                    rgb=raster.count == 3))
-            by_sample[s].append((files[-1], raster))
+            by_sample[s].append((files[-1], raster, cell))
         gap = GeoRaster(obs.gaps[f][None].astype(np.uint8), crs, transforms[f], ("1 = gap filled by generation",))
         files.append(write_cog(folder / f"f{f:02d}_gap.tif", gap, {**tags, "CONTENT": "gap mask", "fragment_index": f}))
         if mean is not None:

@@ -1,6 +1,6 @@
 """Mosaics of exported fragments: a VRT per UTM zone (the fragments untouched) and a single
-COG reprojected to a chosen CRS, optionally clipped to a region, with overlapping fragments
-blended (per-pixel mean), not overwritten. Also per-pixel mean and standard deviation
+COG reprojected to a chosen CRS, optionally clipped to a region, with overlapping products
+cross-faded (or fragments averaged), not overwritten. Also per-pixel mean and standard deviation
 across samples (an uncertainty map).
 
 Everything works from in-memory :class:`~majortom_gen.rasters.GeoRaster` s (the fragments
@@ -108,30 +108,63 @@ def _window(raster: GeoRaster, dst_crs: str, transform: Affine, width: int, heig
     return None if c0 >= c1 or r0 >= r1 else (r0, r1, c0, c1)
 
 
-def blend(rasters: Sequence[GeoRaster], dst_crs: str, transform: Affine, width: int, height: int
-          ) -> tuple[np.ndarray, np.ndarray]:
+FEATHER_PX = 32  # a product's weight in a mosaic rises from its edge to 1 over this many pixels
+
+
+def feather_weights(rasters: Sequence[GeoRaster], groups: Sequence[str]) -> list[np.ndarray]:
+    """Per raster, float32 ``(H, W)`` weights that rise linearly from the edge of its group's
+    extent (the union of the bounds of the rasters with the same group, e.g. a cell's
+    fragments: one product) to 1 at :data:`FEATHER_PX` pixels inside, so that where products
+    overlap the mosaic cross-fades from one to the other instead of averaging two pictures
+    with a step at each edge of the overlap."""
+    extents: dict[str, np.ndarray] = {}
+    for raster, group in zip(rasters, groups, strict=True):
+        b = np.asarray(raster.bounds, np.float64)
+        e = extents.get(group)
+        extents[group] = b if e is None else np.concatenate([np.minimum(e[:2], b[:2]), np.maximum(e[2:], b[2:])])
+    out = []
+    for raster, group in zip(rasters, groups):
+        west, south, east, north = extents[group]
+        t = raster.transform
+        xs = t.c + (np.arange(raster.width) + 0.5) * t.a
+        ys = t.f + (np.arange(raster.height) + 0.5) * t.e
+        dx = np.minimum(xs - west, east - xs) / abs(t.a)
+        dy = np.minimum(ys - south, north - ys) / abs(t.e)
+        out.append(np.clip(np.minimum(dy[:, None], dx[None, :]) / FEATHER_PX, 0.5 / FEATHER_PX, 1.0).astype(np.float32))
+    return out
+
+
+def blend(rasters: Sequence[GeoRaster], dst_crs: str, transform: Affine, width: int, height: int,
+          groups: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Reproject every fragment onto the grid (``transform`` in ``dst_crs``, ``height`` x
-    ``width`` pixels; bilinear) and average overlaps. Returns the ``(bands, H, W)`` float32
-    mean (0 where nothing contributes) and the ``(H, W)`` count of contributing fragments."""
+    ``width`` pixels; bilinear) and merge overlaps: a per-pixel mean, or with ``groups`` (the
+    product of each raster) a mean weighted by :func:`feather_weights`. Returns the ``(bands,
+    H, W)`` float32 result (0 where nothing contributes) and the ``(H, W)`` sum of weights
+    (the count of contributing fragments without ``groups``)."""
     count = rasters[0].count
+    feathers = feather_weights(rasters, groups) if groups is not None else [None] * len(rasters)
     total = np.zeros((count, height, width), np.float64)
     weight = np.zeros((height, width), np.float64)
-    for raster in rasters:
+    for raster, feather in zip(rasters, feathers):
         # reproject into the fragment's own window of the grid, not the whole grid: the cost
         # grows with the number of fragments, not fragments x mosaic size
         window = _window(raster, dst_crs, transform, width, height)
         if window is None:
             continue  # outside the (clipped) grid
         r0, r1, c0, c1 = window
-        dst = np.full((count, r1 - r0, c1 - c0), np.nan, np.float32)
-        reproject(raster.data.astype(np.float32), dst, src_transform=raster.transform, src_crs=raster.crs,
+        src = raster.data.astype(np.float32)
+        if feather is not None:  # the weight travels as one more band
+            src = np.concatenate([src * feather, feather[None]])
+        dst = np.full((len(src), r1 - r0, c1 - c0), np.nan, np.float32)
+        reproject(src, dst, src_transform=raster.transform, src_crs=raster.crs,
                   dst_transform=transform @ Affine.translation(c0, r0), dst_crs=dst_crs,
                   resampling=Resampling.bilinear, src_nodata=None, dst_nodata=np.nan)
-        valid = ~np.isnan(dst[0])
+        valid = ~np.isnan(dst).any(axis=0)
+        w = dst[-1] if feather is not None else np.ones(dst.shape[1:], np.float32)
         sub_total, sub_weight = total[:, r0:r1, c0:c1], weight[r0:r1, c0:c1]
-        sub_total[:, valid] += dst[:, valid]
-        sub_weight += valid
-    mean = np.where(weight > 0, total / np.maximum(weight, 1), 0).astype(np.float32)
+        sub_total[:, valid] += dst[:count, valid] * (1.0 if feather is not None else w[valid])
+        sub_weight[valid] += w[valid]
+    mean = np.where(weight > 0, total / np.where(weight > 0, weight, 1), 0).astype(np.float32)
     return mean, weight
 
 
@@ -143,22 +176,27 @@ def _region_mask(region: BaseGeometry, dst_crs: str, transform: Affine, width: i
 
 
 def write_mosaic(rasters: Sequence[GeoRaster], out: Path, *, dst_crs: str = "EPSG:4326",
-                 region: BaseGeometry | None = None, tags: dict | None = None) -> GeoRaster:
+                 region: BaseGeometry | None = None, tags: dict | None = None,
+                 groups: Sequence[str] | None = None) -> GeoRaster:
     """A blended mosaic COG at ``out`` of uint8 fragment rasters (one modality, one sample),
-    reprojected to ``dst_crs`` and clipped to ``region`` (EPSG:4326). Pixels no fragment
+    reprojected to ``dst_crs`` and clipped to ``region`` (EPSG:4326); with ``groups`` (the
+    product, e.g. grid cell, of each raster) overlapping products are cross-faded
+    (:func:`feather_weights`), else averaged. Pixels no fragment
     covers, or outside the region, are nodata (0); covered pixels are at least 1. The band
     descriptions are the first fragment's; tags are FRAGMENTS, BLEND and ``tags``. Returns the
     mosaic raster (``(bands, H, W)`` uint8 in ``dst_crs``)."""
     if not rasters:
         raise MajorTomGenError("no GeoTIFFs to mosaic")
     transform, width, height = _target_grid(rasters, dst_crs, region)
-    mean, weight = blend(rasters, dst_crs, transform, width, height)
+    mean, weight = blend(rasters, dst_crs, transform, width, height, groups)
     keep = weight > 0
     if region is not None:
         keep &= _region_mask(region, dst_crs, transform, width, height)
     data = np.where(keep[None], np.clip(np.rint(mean), 1, 255), 0).astype(np.uint8)
     mosaic = GeoRaster(data, dst_crs, transform, rasters[0].descriptions, nodata=0)
-    write_cog(out, mosaic, {"FRAGMENTS": len(rasters), "BLEND": "per-pixel mean of overlapping fragments", **(tags or {})})
+    how = ("overlapping products cross-faded over their outer {} px".format(FEATHER_PX) if groups is not None
+           else "per-pixel mean of overlapping fragments")
+    write_cog(out, mosaic, {"FRAGMENTS": len(rasters), "BLEND": how, **(tags or {})})
     return mosaic
 
 

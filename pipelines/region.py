@@ -25,8 +25,10 @@ from majortom_gen.georef import default_grid
 from majortom_gen.selection import summarise_cells
 from majortom_gen.staging import check_output, local_paths, staged_folder
 from majortom_gen.store import LatentStore
+from pipelines.cell_canvas import FRAGMENTS_PER_CELL
+from pipelines.cell_join import NeighbourKnown, cell_grids, cell_waves
 from pipelines.export import export_samples
-from pipelines.model_folder import open_model_for_store
+from pipelines.model_folder import ModelOnStore, open_model_for_store
 from pipelines.sample import SamplingOptions, sample_store
 
 
@@ -36,7 +38,9 @@ class RegionRequest:
     (EPSG:4326) and/or the ``cells`` given; ``condition``: 'auto' (each cell on every modality
     it has, except those generated) or the modalities to condition on; ``source``: a Major TOM
     source to ingest cells the store lacks from; the mosaics in ``dst_crs``; ``reflectance``:
-    also approximate S2 reflectance COGs."""
+    also approximate S2 reflectance COGs; ``join_cells``: generate neighbouring cells so that
+    they agree where their products overlap (:mod:`pipelines.cell_join`; False: every cell on
+    its own, whatever else is requested)."""
 
     generate: tuple[str, ...]
     region: BaseGeometry | None = None
@@ -45,6 +49,7 @@ class RegionRequest:
     source: str | None = None
     dst_crs: str = "EPSG:4326"
     reflectance: bool = False
+    join_cells: bool = True  # neighbours generated in waves, each given what its neighbours made (pipelines.cell_join)
 
 
 @dataclass
@@ -68,15 +73,13 @@ def generate_region(model_dir: str | os.PathLike, store_dir: str | os.PathLike, 
     store = _store_with(store_dir, wanted, request.source)
     groups, skipped = _condition_groups(store, wanted, request)
     with staged_folder(out, overwrite=overwrite, inputs=inputs, kind="generate") as tmp:
-        runs = [sample_store(model_dir, store_dir, group_cells, cond, list(request.generate),
-                             tmp / "samples" / ("+".join(cond) or "unconditional"), options, progress=progress).out
-                for cond, group_cells in groups.items()]
+        runs, waves = sample_groups(model_dir, store_dir, groups, request, options, tmp / "samples", progress)
         merged = _merge_samples(runs, tmp / "samples" / "all")
         result = export_samples(merged, store_dir, tmp / "geotiff", dst_crs=request.dst_crs, region=request.region,
                                 reflectance=request.reflectance, codec_source=options.codec_source)
         summary = {"cells": wanted, "groups": {"+".join(k) or "unconditional": v for k, v in groups.items()},
                    "skipped": skipped, "generate": list(request.generate), "n_samples": options.n_samples,
-                   "seed": options.seed}
+                   "seed": options.seed, "join_cells": request.join_cells, "waves": waves}
         (tmp / "region.json").write_text(json.dumps(summary, indent=1))
     final = Path(out)
     return RegionResult(final, wanted, summary["groups"], skipped, [final / f.relative_to(tmp) for f in result.files])
@@ -123,6 +126,51 @@ def _condition_groups(store: LatentStore, wanted: list[str],
         listing = Path(tempfile.gettempdir()) / f"majortom-gen-skipped-{os.getpid()}.tsv"
         raise MajorTomGenError("no cell of the region can be generated: " + summarise_cells(skipped, full_list=listing))
     return dict(groups), skipped
+
+
+def sample_groups(model_dir: Path, store_dir: str | os.PathLike, groups: dict[tuple[str, ...], list[str]],
+                   request: RegionRequest, options: SamplingOptions, folder: Path,
+                   progress: Callable[[int, int], None] | None) -> tuple[list[Path], list[list[str]]]:
+    """Sample every group of cells (same conditions) into ``folder``; returns the sample runs
+    and the waves. With ``request.join_cells`` the cells go in the waves of
+    :func:`pipelines.cell_join.cell_waves`, each cell given the pictures of its neighbours
+    generated in earlier waves; else all cells at once, as one wave."""
+    generate = list(request.generate)
+    names = {cond: "+".join(cond) or "unconditional" for cond in groups}
+    all_cells = [c for cells in groups.values() for c in cells]
+    if not request.join_cells:
+        return [sample_store(model_dir, store_dir, cells, cond, generate, folder / names[cond], options,
+                             progress=progress).out for cond, cells in groups.items()], [all_cells]
+    bound = ModelOnStore.open(model_dir, store_dir, device=options.device, codec_source=options.codec_source)
+    joiner = NeighbourKnown(bound.require_codec(), cell_grids(bound.store, all_cells), options.n_samples)
+    waves = cell_waves(all_cells)
+    runs = []
+    for k, wave in enumerate(waves):
+        for cond, cells in groups.items():
+            these = [c for c in cells if c in set(wave)]
+            if these:
+                run = sample_store(model_dir, store_dir, these, cond, generate, folder / names[cond] / f"wave{k}", options,
+                                   progress=progress, known=lambda cs, fs: joiner.rows(cs, fs, generate)).out
+                runs.append(run)
+                if k + 1 < len(waves):
+                    _remember(joiner, bound, run, generate, options.seamless)
+    return runs, waves
+
+
+def _remember(joiner: NeighbourKnown, bound: ModelOnStore, run: Path, generate: list[str], seamless: bool) -> None:
+    """Decode a sample run's complete cells as they were generated and add them to ``joiner``."""
+    with np.load(run / "samples.npz") as z:
+        cells, frags, samples = z["grid_cell"], z["fragment_index"], z["sample"]
+        latents = {m: z[f"latent_{m}"] for m in generate}
+    for cell in dict.fromkeys(cells.tolist()):
+        rows = np.flatnonzero(cells == cell)
+        rows = rows[np.lexsort((samples[rows], frags[rows]))]  # (fragment, sample) order
+        if frags[rows].tolist() != [f for f in range(FRAGMENTS_PER_CELL) for _ in range(joiner.n_samples)]:
+            continue  # not a whole cell: it makes nothing known
+        for m in generate:
+            whole = {"cells": cells[rows].tolist(), "frags": frags[rows].tolist(), "samples": samples[rows].tolist()}
+            pictures = bound.pictures(latents[m][rows], m, **(whole if seamless else {}))  # decoded as generated
+            joiner.add(cell, m, pictures)
 
 
 def _merge_samples(runs: list[Path], target: Path) -> Path:

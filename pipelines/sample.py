@@ -332,10 +332,14 @@ def _stored_moments(table: pa.Table, modality: str) -> tuple[np.ndarray, np.ndar
 
 def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cells: Sequence[str], condition: Sequence[str],
                  generate_modalities: Sequence[str], out: str | os.PathLike, options: SamplingOptions = SamplingOptions(), *,
-                 progress: Callable[[int, int], None] | None = None, overwrite: bool = False) -> SampleResult:
+                 progress: Callable[[int, int], None] | None = None, overwrite: bool = False,
+                 known: Callable[[list[str], list[int]], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+                 ) -> SampleResult:
     """Sample ``generate_modalities`` given ``condition`` for the stored fragments of ``cells``
     and write ``out`` (see the module docstring). ``model_dir`` may be a ``train`` run folder;
-    it must fit the store's codec (:class:`pipelines.model_folder.ModelOnStore`)."""
+    it must fit the store's codec (:class:`pipelines.model_folder.ModelOnStore`). ``known(cells,
+    frags)``, when given, returns latents to keep (:attr:`FragmentBatch.known`) for the rows of
+    those fragments, e.g. what generated neighbours make known (:mod:`pipelines.cell_join`)."""
     inputs = (model_dir, store_dir, *local_paths(options.codec_source))
     check_output(out, overwrite=overwrite, inputs=inputs)
     bound = ModelOnStore.open(model_dir, store_dir, device=options.device, codec_source=options.codec_source)
@@ -346,6 +350,8 @@ def sample_store(model_dir: str | os.PathLike, store_dir: str | os.PathLike, cel
     moments = {m: torch.from_numpy(moment_array(table, m, np.float32)) for m in condition}
     batch.cond = condition_latents(moments, bound.norms, batch.cells, batch.frags, options.seed,
                                    options.deterministic_conditions, options.n_samples)
+    if known is not None:
+        batch.known = known(batch.cells, batch.frags)
     arrays = sample_fragments(bound.model_dir, batch, generate_modalities, options, progress)
     with staged_folder(out, overwrite=overwrite, inputs=inputs, kind="sample") as tmp:
         files = _write_samples(tmp, bound, batch, arrays, condition, generate_modalities, options)

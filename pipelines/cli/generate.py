@@ -147,6 +147,11 @@ def generate_region_cmd(
     device: DeviceOption = None,
     workers: WorkersOption = None,
     seamless: SeamlessOption = True,
+    join_cells: Annotated[bool, typer.Option(
+        "--join-cells/--independent-cells",
+        help="Generate neighbouring cells in waves, each given what its generated neighbours put where their products "
+             "overlap, so they agree there (the default); --independent-cells: every cell on its own, the same "
+             "whatever else is requested.")] = True,
     codec_source: CodecSourceOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
@@ -165,7 +170,8 @@ def generate_region_cmd(
         raise MajorTomGenError("give --region FILE|WKT|bbox or --cells IDS")
     request = RegionRequest(generate=parse_modalities(generate), region=geom, cells=tuple(ids),
                             condition="auto" if condition.strip().lower() == "auto" else parse_modalities(condition),
-                            source=source, dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance)
+                            source=source, dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance,
+                            join_cells=join_cells)
     options = SamplingOptions(n_samples=n_samples, steps=steps, guidance=guidance, seed=seed, device=device, workers=workers,
                               codec_source=codec_source, seamless=seamless)
     try:
