@@ -144,6 +144,12 @@ def sample_groups(model_dir: Path, store_dir: str | os.PathLike, groups: dict[tu
     bound = ModelOnStore.open(model_dir, store_dir, device=options.device, codec_source=options.codec_source)
     joiner = NeighbourKnown(bound.require_codec(), cell_grids(bound.store, all_cells), options.n_samples)
     waves = cell_waves(all_cells)
+    grids = joiner.grids
+    # the cells that a later wave's cell overlaps: only these are decoded and remembered
+    needed = {a for k, wave in enumerate(waves) for a in wave
+              if any(grids[a].overlaps(grids[b]) for later in waves[k + 1:] for b in later)}
+    if not needed:  # no two cells overlap: one wave, as independent generation
+        waves = [all_cells]
     runs = []
     for k, wave in enumerate(waves):
         for cond, cells in groups.items():
@@ -152,17 +158,19 @@ def sample_groups(model_dir: Path, store_dir: str | os.PathLike, groups: dict[tu
                 run = sample_store(model_dir, store_dir, these, cond, generate, folder / names[cond] / f"wave{k}", options,
                                    progress=progress, known=lambda cs, fs: joiner.rows(cs, fs, generate)).out
                 runs.append(run)
-                if k + 1 < len(waves):
-                    _remember(joiner, bound, run, generate, options.seamless)
+                if needed & set(these):
+                    _remember(joiner, bound, run, generate, options.seamless, needed)
     return runs, waves
 
 
-def _remember(joiner: NeighbourKnown, bound: ModelOnStore, run: Path, generate: list[str], seamless: bool) -> None:
-    """Decode a sample run's complete cells as they were generated and add them to ``joiner``."""
+def _remember(joiner: NeighbourKnown, bound: ModelOnStore, run: Path, generate: list[str], seamless: bool,
+              needed: set[str]) -> None:
+    """Decode a sample run's complete cells that are ``needed`` as they were generated and add
+    them to ``joiner``."""
     with np.load(run / "samples.npz") as z:
         cells, frags, samples = z["grid_cell"], z["fragment_index"], z["sample"]
         latents = {m: z[f"latent_{m}"] for m in generate}
-    for cell in dict.fromkeys(cells.tolist()):
+    for cell in [c for c in dict.fromkeys(cells.tolist()) if c in needed]:
         rows = np.flatnonzero(cells == cell)
         rows = rows[np.lexsort((samples[rows], frags[rows]))]  # (fragment, sample) order
         if frags[rows].tolist() != [f for f in range(FRAGMENTS_PER_CELL) for _ in range(joiner.n_samples)]:
