@@ -151,12 +151,18 @@ def sample_groups(model_dir: Path, store_dir: str | os.PathLike, groups: dict[tu
     if not needed:  # no two cells overlap: one wave, as independent generation
         waves = [all_cells]
     runs = []
+    total = len(bound.store.lookup(cells=all_cells))  # fragments, for one progress bar over the waves
+    offset = 0
     for k, wave in enumerate(waves):
         for cond, cells in groups.items():
             these = [c for c in cells if c in set(wave)]
             if these:
+                def step(done: int, _: int, start: int = offset) -> None:
+                    if progress:
+                        progress(start + done, max(total, start + done))
                 run = sample_store(model_dir, store_dir, these, cond, generate, folder / names[cond] / f"wave{k}", options,
-                                   progress=progress, known=lambda cs, fs: joiner.rows(cs, fs, generate)).out
+                                   progress=step, known=lambda cs, fs: joiner.rows(cs, fs, generate)).out
+                offset += len(bound.store.lookup(cells=these))
                 runs.append(run)
                 if needed & set(these):
                     _remember(joiner, bound, run, generate, options.seamless, needed)
