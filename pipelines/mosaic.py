@@ -80,10 +80,11 @@ def _vrt_xml(crs: str, items: Sequence[tuple[Path, GeoRaster]], out_dir: Path) -
 
 def _target_grid(rasters: Sequence[GeoRaster], dst_crs: str, region: BaseGeometry | None) -> tuple[Affine, int, int]:
     """Transform, width and height of the output grid: covers the fragments (clipped to the
-    region's bounds; ``region`` in EPSG:4326), at the first fragment's native 10 m resolution
-    expressed in ``dst_crs``."""
+    region's bounds; ``region`` in EPSG:4326), at the native 10 m resolution of the fragment
+    first in (CRS, west, north) order, expressed in ``dst_crs``: the grid does not depend on
+    the order of the fragments."""
     b = np.asarray([transform_bounds(r.crs, dst_crs, *r.bounds, densify_pts=21) for r in rasters])
-    first = rasters[0]
+    first = min(rasters, key=lambda r: (r.crs, r.transform.c, -r.transform.f))  # whatever order they come in
     tr, _, _ = calculate_default_transform(first.crs, dst_crs, first.width, first.height, *first.bounds)
     res = abs(tr.a)
     west, south, east, north = b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()

@@ -3,7 +3,9 @@ cell, the requested modalities generated, exported as GeoTIFFs and mosaics.
 
 With ``condition='auto'`` every cell is conditioned on all the modalities it has (except
 those asked for); cells with the same set of conditions are sampled together. Cells the
-store lacks are ingested first when a ``source`` is given.
+store lacks are ingested first when a ``source`` is given. Neighbouring cells are joined where
+their products overlap (:mod:`pipelines.cell_join`: waves, each cell given what its generated
+neighbours put there), and the mosaics cross-fade overlapping products.
 """
 
 from __future__ import annotations

@@ -169,3 +169,14 @@ def test_sample_groups__joined_cells_agree_where_they_overlap_and_wave_one_is_un
     before, after = pictures(alone), pictures(joined)
     for a, b in (("502U_60R", "501U_60R"), ("501U_60R", "501U_59R")):
         assert disagreement(after, a, b) < 0.6 * disagreement(before, a, b), (a, b)
+
+
+def test_write_mosaic__the_same_grid_and_pixels_whatever_the_order_of_the_fragments(tmp_path):
+    from pipelines.mosaic import write_mosaic
+
+    grids = [_grid(c) for c in ("501U_59R", "501U_60R", "502U_60R")]
+    rasters = [GeoRaster(np.full((1, CELL_PX, CELL_PX), v, np.uint8), g.crs, g.transform, ("x",))
+               for v, g in zip((60, 130, 200), grids)]
+    a = write_mosaic(rasters, tmp_path / "a.tif", groups=["a", "b", "c"])
+    b = write_mosaic(rasters[::-1], tmp_path / "b.tif", groups=["c", "b", "a"])
+    assert a.transform == b.transform and np.array_equal(a.data, b.data)
