@@ -11,6 +11,18 @@ from majortom_gen.synth.world import QUIRKS
 WORLD_CELLS = ("501U_59R", "501U_60R", "502U_60R")
 
 
+def tiny_model(folder):
+    """A random-weight 4-modality U-ViT (32 latents, patch 8, width 32, depth 2) saved to ``folder``."""
+    import torch
+
+    from model.uvit import MultiModalUViT
+
+    torch.manual_seed(0)
+    MultiModalUViT(modalities=("DEM", "S1RTC", "S2L1C", "S2L2A"), img_size=32, in_chans=4, patch_size=8, embed_dim=32,
+                   depth=2, num_heads=4).eval().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """A 3-cell world with every quirk on, two products per shard (so there are 2 shards)."""

@@ -16,7 +16,7 @@ from model.sample import generate
 from pipelines.cell_canvas import canvas_groups, tile, untile
 from pipelines.sample import SamplingOptions, sample_store
 
-from conftest import WORLD_CELLS
+from conftest import WORLD_CELLS, tiny_model
 
 
 # ----------------------------------------------------------------------------- windows
@@ -120,20 +120,13 @@ def test_seam_ratio__about_one_for_a_smooth_field_large_for_a_patchwork_and_the_
         seam_ratio(np.zeros((1, 256, 256)))
 
 
-def _tiny_model(folder):
-    from model.uvit import MultiModalUViT
-
-    torch.manual_seed(0)
-    MultiModalUViT(modalities=("DEM", "S1RTC", "S2L1C", "S2L2A"), img_size=32, in_chans=4, patch_size=8, embed_dim=32,
-                   depth=2, num_heads=4).eval().save_pretrained(folder)
-    return folder
 
 
 def test_sample_store__seamless_cells_are_one_canvas_independent_of_the_other_cells(store, tmp_path):
     """Whole cells are sampled as canvases (not as the independent fragments), a cell's result
     is the same sampled alone or with others, in any chunking, and the decoded quick-look and
     the fragments agree with the latents."""
-    model = _tiny_model(tmp_path / "model")
+    model = tiny_model(tmp_path / "model")
     kwargs = dict(condition=("S2L1C",), generate_modalities=("DEM",))
     options = SamplingOptions(steps=2, n_samples=2, seed=5, device="cpu", batch_size=16)
     both = np.load(sample_store(model, store, list(WORLD_CELLS[:2]), out=tmp_path / "both", options=options,

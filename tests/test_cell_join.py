@@ -7,10 +7,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from affine import Affine
 
-from conftest import WORLD_CELLS
+from conftest import WORLD_CELLS, tiny_model
 from majortom_gen.fragments import MARGIN_PX
 from majortom_gen.georef import product_box
 from majortom_gen.rasters import GeoRaster
@@ -109,13 +108,6 @@ def test_blend__feathered_products_cross_fade_over_their_overlap():
     assert FEATHER_PX >= len(overlap)
 
 
-def _tiny_model(folder):
-    from model.uvit import MultiModalUViT
-
-    torch.manual_seed(0)
-    MultiModalUViT(modalities=("DEM", "S1RTC", "S2L1C", "S2L2A"), img_size=32, in_chans=4, patch_size=8, embed_dim=32,
-                   depth=2, num_heads=4).eval().save_pretrained(folder)
-    return folder
 
 
 def test_sample_groups__joined_cells_agree_where_they_overlap_and_wave_one_is_unchanged(store, tmp_path):
@@ -125,7 +117,7 @@ def test_sample_groups__joined_cells_agree_where_they_overlap_and_wave_one_is_un
     chunking."""
     from pipelines.model_folder import ModelOnStore
 
-    model = _tiny_model(tmp_path / "model")
+    model = tiny_model(tmp_path / "model")
     bound = ModelOnStore.open(model, store, device="cpu")
     cells = list(WORLD_CELLS)
     options = SamplingOptions(steps=3, n_samples=2, seed=3, device="cpu", batch_size=16)
