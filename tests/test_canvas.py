@@ -120,8 +120,6 @@ def test_seam_ratio__about_one_for_a_smooth_field_large_for_a_patchwork_and_the_
         seam_ratio(np.zeros((1, 256, 256)))
 
 
-
-
 def test_sample_store__seamless_cells_are_one_canvas_independent_of_the_other_cells(store, tmp_path):
     """Whole cells are sampled as canvases (not as the independent fragments), a cell's result
     is the same sampled alone or with others, in any chunking, and the decoded quick-look and

@@ -108,8 +108,6 @@ def test_blend__feathered_products_cross_fade_over_their_overlap():
     assert FEATHER_PX >= len(overlap)
 
 
-
-
 def test_sample_groups__joined_cells_agree_where_they_overlap_and_wave_one_is_unchanged(store, tmp_path):
     """Joined in waves, a later cell takes its generated neighbours' pictures where their
     products overlap, so the neighbours disagree there far less than independent cells; the
