@@ -9,6 +9,9 @@
   (``autoencoder_kl.pth``, ``.ckpt``, ``.safetensors``); scale factor 0.18215; optionally
   separate decoder weights (``ENCODE,DECODE``: the official pipeline decodes with
   ``autoencoder_kl_ema.pth``).
+- ``cop-gen-vae``: one of COP-GEN's band-group VAEs (LDM kl-f8 with 8 latent channels, an
+  image of any band count in, its ``scale_factor`` as the normalisation), converted from the
+  official state dict by :func:`from_cop_gen_vae` into a diffusers ``AutoencoderKL``.
 - ``patch-pca``: a linear codec fitted on the data in seconds: PCA over 8x8x3 pixel blocks
   keeps 4 components, whitened, giving 4 x 32 x 32 latents; its log-variance is a fixed small
   constant. Any latent error decodes as an 8 px block, so it is kept for comparison only.
@@ -230,11 +233,12 @@ class CodecKind:
     """What differs between codecs, as data. ``model_cls``: the autoencoder class (both have
     diffusers' ``AutoencoderKL`` interface); ``default_scale``: the :class:`LatentNorm` scale
     of a modality without a fitted one; ``hash_weights``: the prefixes of the weights the
-    identity hash covers (None: all); ``hash_ignores``: config keys left out of the hash;
+    identity hash covers (None: all); ``default_scale`` None: the model config's
+    ``scaling_factor``; ``hash_ignores``: config keys left out of the hash;
     ``half_precision``: whether it may run in fp16/bf16 (else always float32)."""
 
     model_cls: type[torch.nn.Module]
-    default_scale: float = 1.0
+    default_scale: float | None = 1.0
     hash_weights: tuple[str, ...] | None = None
     hash_ignores: tuple[str, ...] = ()
     half_precision: bool = True
@@ -248,6 +252,8 @@ CODEC_KINDS: dict[str, CodecKind] = {
     # 0.18215 is what the published COP-GEN-Beta weights expect.
     "sd-vae": CodecKind(AutoencoderKL, default_scale=SD_SCALE_FACTOR, hash_weights=("encoder.", "quant_conv."),
                         hash_ignores=("scaling_factor", "force_upcast")),
+    # one band group's VAE; its scale is the model's own ``scaling_factor`` (official, per group)
+    "cop-gen-vae": CodecKind(AutoencoderKL, default_scale=None),
 }
 CODEC_NAMES = tuple(CODEC_KINDS)
 
@@ -259,18 +265,25 @@ def codec_kind(name: str) -> CodecKind:
     return CODEC_KINDS[name]
 
 
-def default_norm(name: str, channels: int = 4) -> LatentNorm:
+def default_norm(name: str, channels: int = 4, config: Mapping[str, Any] | None = None) -> LatentNorm:
     """The normalisation of a codec that records none: its kind's default scale (0.18215 for
-    sd-vae), no shift; identity for a name that is no codec kind."""
+    sd-vae; cop-gen-vae: the ``scaling_factor`` of its ``config``), no shift; identity for a
+    name that is no codec kind."""
     kind = CODEC_KINDS.get(name)
-    return LatentNorm((0.0,) * channels, kind.default_scale if kind is not None else 1.0)
+    scale = 1.0 if kind is None else kind.default_scale
+    if scale is None:
+        scale = float((config or {}).get("scaling_factor") or 1.0)
+    return LatentNorm((0.0,) * channels, scale)
 
 
 def latent_norms(codec_info: dict, modalities: Sequence[str]) -> dict[str, LatentNorm]:
     """Each modality's normalisation from a codec record (``Codec.info()``, or a store
     manifest's ``codec``): the fitted ones it holds, or the codec's default."""
     fitted = (codec_info.get("config") or {}).get("latent_norm") or {}
-    return {m: LatentNorm.from_dict(fitted[m]) if m in fitted else default_norm(codec_info["name"]) for m in modalities}
+    config = codec_info.get("config") or {}
+    channels = int(config.get("latent_channels", 4))
+    return {m: LatentNorm.from_dict(fitted[m]) if m in fitted else default_norm(codec_info["name"], channels, config)
+            for m in modalities}
 
 
 class Codec:
@@ -298,7 +311,8 @@ class Codec:
         self.decoder: AutoencoderKL | None = None  # separate decoder weights (see load_codec), else ``model``
 
     def norm(self, modality: str) -> LatentNorm:
-        return self.norms.get(modality) or default_norm(self.name)
+        config = dict(self.model.config)
+        return self.norms.get(modality) or default_norm(self.name, int(config.get("latent_channels", 4)), config)
 
     def config(self) -> dict:
         config = {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}
@@ -354,18 +368,61 @@ def load_sd_vae(source: str, *, device: str = "cpu", dtype: torch.dtype = torch.
     file (``.pth``/``.ckpt``/``.safetensors``, optionally under a ``state_dict`` key)."""
     path = Path(source)
     if path.is_file():
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-        config = dict(SD_VAE_CONFIG)
-        model = vae_from_ldm_state_dict(state, config)
+        model = vae_from_ldm_state_dict(read_state_dict(path), dict(SD_VAE_CONFIG))
     else:
         model = AutoencoderKL.from_pretrained(source)
     return Codec("sd-vae", model, device=device, dtype=dtype, source=str(source))
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.pth``/``.ckpt``/``.safetensors`` file (optionally under a
+    ``state_dict`` key)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state)
+
+
+def ldm_vae_config(ddconfig: Mapping[str, Any], scale_factor: float) -> dict[str, Any]:
+    """The diffusers ``AutoencoderKL`` config of an LDM autoencoder ``ddconfig`` (``ch``,
+    ``ch_mult``, ``num_res_blocks``, ``z_channels``, ``in_channels``, ``out_ch``,
+    ``resolution``, ``double_z``, ``attn_resolutions``): one down/up block per ``ch_mult``
+    level, a mid-block with attention, ``scale_factor`` as ``scaling_factor``."""
+    if not ddconfig.get("double_z", True):
+        raise ValueError("ddconfig: only KL autoencoders (double_z=True) are supported")
+    if ddconfig.get("attn_resolutions"):
+        raise ValueError(f"ddconfig: attention inside the down/up blocks (attn_resolutions "
+                         f"{ddconfig['attn_resolutions']}) has no diffusers AutoencoderKL equivalent")
+    levels = len(ddconfig["ch_mult"])
+    return {"in_channels": int(ddconfig["in_channels"]), "out_channels": int(ddconfig["out_ch"]),
+            "latent_channels": int(ddconfig["z_channels"]), "sample_size": int(ddconfig["resolution"]),
+            "layers_per_block": int(ddconfig["num_res_blocks"]),
+            "block_out_channels": [int(ddconfig["ch"]) * int(m) for m in ddconfig["ch_mult"]],
+            "norm_num_groups": 32, "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * levels,
+            "up_block_types": ["UpDecoderBlock2D"] * levels, "scaling_factor": float(scale_factor)}
+
+
+def from_cop_gen_vae(path: str | os.PathLike, ddconfig: Mapping[str, Any], scale_factor: float, *,
+                     device: str = "cpu", dtype: torch.dtype = torch.float32) -> Codec:
+    """A ``cop-gen-vae`` codec from one of COP-GEN's band-group VAEs: ``path`` a state-dict file
+    (``model-50-ema.pth``) or ``repo_id:filename`` on the hub (``mespinosami/copgen-vaes``);
+    ``ddconfig`` its LDM config (``majortom_gen.native.BandGroup.vae_ddconfig``);
+    ``scale_factor`` the official one. Latents scale as the official ``FrozenAutoencoderKL``:
+    the network sees ``scale_factor * z``."""
+    file = Path(path)
+    if not file.is_file():
+        repo, sep, name = str(path).partition(":")
+        if not sep or not name:
+            raise ValueError(f"{path}: no such file; give a state-dict file or repo_id:filename on the hub")
+        from huggingface_hub import hf_hub_download
+
+        file = Path(hf_hub_download(repo, name))
+    model = vae_from_ldm_state_dict(read_state_dict(file), ldm_vae_config(ddconfig, scale_factor))
+    return Codec("cop-gen-vae", model, device=device, dtype=dtype, source=str(path))
 
 
 def vae_from_ldm_state_dict(state: dict[str, torch.Tensor], config: dict[str, Any]) -> AutoencoderKL:
@@ -374,9 +431,13 @@ def vae_from_ldm_state_dict(state: dict[str, torch.Tensor], config: dict[str, An
 
     converted = convert_ldm_vae_checkpoint(state, config)
     model = AutoencoderKL(**{k: v for k, v in config.items()})
-    missing, unexpected = model.load_state_dict(converted, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(converted, strict=False)
+    except RuntimeError as exc:  # shapes that differ from the config
+        raise ValueError(f"VAE state dict does not match the architecture {config}: {exc}") from None
     if missing or unexpected:
-        raise ValueError(f"VAE state dict does not match the kl-f8 architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"VAE state dict does not match the architecture {config}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     return model
 
 

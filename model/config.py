@@ -17,7 +17,10 @@ CONFIG_DIR = Path(str(resources.files("configs")))  # configs/*.yaml, shipped as
 
 # The keys of the ``nnet`` group and their types: the arguments of model.uvit.MultiModalUViT
 # (kept here so that reading a config needs no torch; a test keeps the two in step).
-NNET_FIELDS = {"modalities": "list[str]", "img_size": "int", "in_chans": "int", "patch_size": "int",
+# img_size / in_chans / patch_size: one value for all modalities, or a mapping with one per
+# modality (the native family); a size is a side or an [H, W] pair (scalars: [1, N]).
+NNET_FIELDS = {"modalities": "list[str]", "img_size": "size or map", "in_chans": "int or map",
+               "patch_size": "int or map",
                "embed_dim": "int", "depth": "int", "num_heads": "int", "mlp_ratio": "float", "qkv_bias": "bool",
                "mlp_time_embed": "bool", "prediction": "str"}
 
@@ -85,7 +88,9 @@ class RunConfig:
         return replace(self, train=replace(self.train, **changes))
 
 
-_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+_KINDS = {"int or map": "an integer, or a mapping of modality names to integers",
+          "size or map": "a side, an [H, W] pair, or a mapping of modality names to either",
+          "int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
           "tuple[float, float]": "a pair of numbers", "list[str]": "a list of names"}
 
 
@@ -95,6 +100,14 @@ def _fits(value: Any, kind: str) -> bool:
         return isinstance(value, bool)
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "size":
+        return _fits(value, "int") or (isinstance(value, (list, tuple)) and len(value) == 2
+                                       and all(_fits(v, "int") for v in value))
+    if kind.endswith(" or map"):
+        one = kind.removesuffix(" or map")
+        if isinstance(value, dict):
+            return bool(value) and all(isinstance(k, str) and _fits(v, one) for k, v in value.items())
+        return _fits(value, one)
     if kind == "float":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind == "str":

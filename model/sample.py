@@ -183,7 +183,7 @@ def _batch_shape(net, condition: Mapping[str, torch.Tensor], initial_noise: Mapp
     if initial_noise:
         first = next(iter(initial_noise.values()))
         return max(first.shape[0] // n_samples, 1), tuple(first.shape[1:])
-    return 1, tuple(latent_shape or (net.config.in_chans, net.config.img_size, net.config.img_size))
+    return 1, tuple(latent_shape or net.latent_shape())
 
 
 def _canvas(net, shape: tuple[int, ...], stride: int | None) -> Canvas | None:

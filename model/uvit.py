@@ -2,14 +2,17 @@
 
 Tokens: one time token per modality, then the patch tokens of every modality (patch size
 p on ``(C, H, W)`` latents), with one learned position embedding over the whole sequence.
+Modalities may differ in latent channels, size and patch size (the COP-GEN design: band
+groups at 24x24, 12x12 and 4x4 latents, and *scalar* modalities such as a location or a date,
+which are ``(C, 1, N)`` latents with patch size 1, i.e. N tokens of C values).
 depth/2 in-blocks, a mid-block, depth/2 out-blocks fed long skips (concat + linear);
 post-LayerNorm blocks as in the released model; attention through
 ``scaled_dot_product_attention`` (flash / memory-efficient kernels where available, q/k/v
 kept in the compute dtype). Submodule names follow the released checkpoint so weights map
 one to one (see :mod:`model.convert`).
 
-Shapes: B batch, M modalities, N = (H/p)(W/p) patches per modality, D embed dim,
-L = M + M*N tokens.
+Shapes: B batch, M modalities, N_m = (H_m/p_m)(W_m/p_m) patches of modality m, D embed dim,
+L = M + sum_m N_m tokens.
 """
 
 from __future__ import annotations
@@ -36,17 +39,18 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
-def sincos_2d(dim: int, side: int) -> torch.Tensor:
-    """2-D sine-cosine position codes of a ``side x side`` patch grid, row-major: (side*side, dim);
-    the first half of the channels encodes the row, the second half the column (as MAE/DiT)."""
+def sincos_2d(dim: int, rows: int, cols: int | None = None) -> torch.Tensor:
+    """2-D sine-cosine position codes of a ``rows x cols`` patch grid (square when ``cols`` is
+    None), row-major: (rows*cols, dim); the first half of the channels encodes the row, the
+    second half the column (as MAE/DiT)."""
     def one_axis(d: int, pos: torch.Tensor) -> torch.Tensor:
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
         out = pos.reshape(-1, 1).double() * omega.view(1, -1)
         return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
-    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(rows if cols is None else cols), indexing="ij")
     half = dim // 2
-    codes = torch.cat([one_axis(half, rows), one_axis(dim - half, cols)], dim=1)
+    codes = torch.cat([one_axis(half, r), one_axis(dim - half, c)], dim=1)
     return codes.float()
 
 
@@ -106,8 +110,33 @@ class PatchEmbed(nn.Module):
 PREDICTIONS = ("epsilon", "v")
 
 
+def per_modality(value, names: Sequence[str], what: str) -> dict:
+    """One value per modality from a network config field: the same value for all, or a
+    mapping that must name every modality (a ValueError names what is missing)."""
+    if isinstance(value, Mapping):
+        missing = [m for m in names if m not in value]
+        extra = sorted(set(value) - set(names))
+        if missing or extra:
+            raise ValueError(f"{what}: give one value per modality; missing {missing}, unknown {extra}")
+        return {m: value[m] for m in names}
+    return {m: value for m in names}
+
+
+def latent_grid(size) -> tuple[int, int]:
+    """A latent size as (H, W): an int is a square side; a pair is (H, W) (scalars: (1, N))."""
+    if isinstance(size, int):
+        return size, size
+    h, w = (int(v) for v in size)
+    return h, w
+
+
 class MultiModalUViT(ModelMixin, ConfigMixin):
     """Denoiser over named modalities: ``forward(latents, timesteps) -> prediction`` per modality.
+
+    ``in_chans``, ``img_size`` and ``patch_size`` are one value for every modality (the
+    thumbnail family: 4 x 32 x 32 latents, patch 2) or a mapping with one value per modality
+    (the native family); ``img_size`` is a side or an (H, W) pair. A scalar modality of N values
+    is an ``(C, 1, N)`` latent with patch size 1.
 
     ``prediction`` says what the heads output: ``epsilon`` (the noise, as the released
     COP-GEN-Beta network) or ``v`` (``sqrt(abar) eps - sqrt(1 - abar) x0``, Salimans & Ho 2022,
@@ -121,9 +150,9 @@ class MultiModalUViT(ModelMixin, ConfigMixin):
     def __init__(
         self,
         modalities: Sequence[str] = ("DEM", "S1RTC", "S2L1C", "S2L2A"),
-        img_size: int = 32,
-        in_chans: int = 4,
-        patch_size: int = 2,
+        img_size: int | Sequence[int] | Mapping[str, int | Sequence[int]] = 32,
+        in_chans: int | Mapping[str, int] = 4,
+        patch_size: int | Mapping[str, int] = 2,
         embed_dim: int = 512,
         depth: int = 12,
         num_heads: int = 8,
@@ -136,39 +165,50 @@ class MultiModalUViT(ModelMixin, ConfigMixin):
         names = list(modalities)
         if not names or len(set(names)) != len(names):
             raise ValueError(f"modalities must be distinct names, got {names!r}")
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
         if depth % 2:
             raise ValueError(f"depth must be even (depth/2 in-blocks, depth/2 out-blocks), got {depth}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
-        m = len(names)
-        self.num_patches = (img_size // patch_size) ** 2
-        self.patch_embeds = nn.ModuleList(PatchEmbed(patch_size, in_chans, embed_dim) for _ in names)
+        chans = per_modality(in_chans, names, "in_chans")
+        sizes = {m: latent_grid(v) for m, v in per_modality(img_size, names, "img_size").items()}
+        patches = per_modality(patch_size, names, "patch_size")
+        for m in names:
+            if sizes[m][0] % patches[m] or sizes[m][1] % patches[m]:
+                raise ValueError(f"{m}: img_size {sizes[m]} is not a multiple of patch_size {patches[m]}")
+        #: per modality: (C, H, W) latents, patch size, patch grid (rows, cols)
+        self.latent_shapes = {m: (chans[m], *sizes[m]) for m in names}
+        self.patch_sizes = patches
+        self.patch_grids = {m: (sizes[m][0] // patches[m], sizes[m][1] // patches[m]) for m in names}
+        self.num_patches = {m: r * c for m, (r, c) in self.patch_grids.items()}
+        self.patch_embeds = nn.ModuleList(PatchEmbed(patches[m], chans[m], embed_dim) for m in names)
         self.time_img_embeds = nn.ModuleList(
             nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim))
             if mlp_time_embed else nn.Identity() for _ in names)
-        self.pos_embed = nn.Parameter(torch.zeros(1, m + m * self.num_patches, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, len(names) + sum(self.num_patches.values()), embed_dim))
         self.in_blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth // 2))
         self.mid_block = Block(embed_dim, num_heads, mlp_ratio, qkv_bias)
         self.out_blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, skip=True) for _ in range(depth // 2))
         self.norm = nn.LayerNorm(embed_dim)
-        self.decoder_preds = nn.ModuleList(nn.Linear(embed_dim, patch_size**2 * in_chans) for _ in names)
+        self.decoder_preds = nn.ModuleList(nn.Linear(embed_dim, patches[m] ** 2 * chans[m]) for m in names)
         self.gradient_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
         """Linear layers truncated-normal (std 0.02) as U-ViT. The position embedding stays a
-        learned parameter (the released layout) but starts from the same 2-D sine-cosine code
-        for every modality's patches, so the same place has the same code in each modality
-        from the first step (time tokens start at small random values)."""
-        m, side = len(self.config.modalities), self.config.img_size // self.config.patch_size
+        learned parameter (the released layout) but starts from a 2-D sine-cosine code of each
+        modality's patch grid, so the same place has the same code in modalities of the same
+        grid from the first step (time tokens start at small random values)."""
+        d = self.config.embed_dim
         with torch.no_grad():
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-            if self.config.embed_dim >= 4:
-                self.pos_embed[0, m:] = sincos_2d(self.config.embed_dim, side).repeat(m, 1)
+            if d >= 4:
+                start = len(self.modalities)
+                for m in self.modalities:
+                    n = self.num_patches[m]
+                    self.pos_embed[0, start:start + n] = sincos_2d(d, *self.patch_grids[m])
+                    start += n
         for mod in self.modules():
             if isinstance(mod, nn.Linear):
                 nn.init.trunc_normal_(mod.weight, std=0.02)
@@ -178,16 +218,26 @@ class MultiModalUViT(ModelMixin, ConfigMixin):
                 nn.init.ones_(mod.weight)
                 nn.init.zeros_(mod.bias)
 
+    def latent_shape(self, modality: str | None = None) -> tuple[int, int, int]:
+        """The (C, H, W) latents of ``modality``; without one, the shape every modality shares
+        (a ValueError when they differ: such a network needs per-modality shapes)."""
+        if modality is not None:
+            return self.latent_shapes[modality]
+        shapes = set(self.latent_shapes.values())
+        if len(shapes) != 1:
+            raise ValueError(f"this network's modalities have different latent shapes {self.latent_shapes}; "
+                             "this operation needs one shape for all (the thumbnail family)")
+        return next(iter(shapes))
+
     @property
     def modalities(self) -> list[str]:
         return list(self.config.modalities)
 
-    def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, p*p*C) -> (B, C, H, W), patch vectors ordered (p1, p2, C)."""
-        p, c = self.config.patch_size, self.config.in_chans
-        b, n, _ = x.shape
-        h = w = int(math.isqrt(n))
-        return x.reshape(b, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h * p, w * p)
+    def _unpatchify(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W) on the modality's patch grid, patch vectors ordered (p1, p2, C)."""
+        p, c = self.patch_sizes[modality], self.latent_shapes[modality][0]
+        h, w = self.patch_grids[modality]
+        return x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, h * p, w * p)
 
     def _block(self, blk: Block, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.gradient_checkpointing and self.training:
@@ -196,12 +246,15 @@ class MultiModalUViT(ModelMixin, ConfigMixin):
 
     def forward(self, latents: Mapping[str, torch.Tensor], timesteps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``latents[m]``: (B, C, H, W); ``timesteps[m]``: (B,) float in 0..1000 (0 = clean).
-        Returns the predicted noise for every modality, same keys and shapes."""
+        Returns the prediction for every modality, same keys and shapes."""
         names = self.modalities
         missing = [m for m in names if m not in latents or m not in timesteps]
         if missing:
             raise ValueError(f"missing latents/timesteps for {missing}; this network models {names} "
                              "(feed a marginalised modality as noise at timestep 1000)")
+        wrong = {m: tuple(latents[m].shape[1:]) for m in names if tuple(latents[m].shape[1:]) != self.latent_shapes[m]}
+        if wrong:
+            raise ValueError(f"latents of the wrong shape {wrong}; this network takes {self.latent_shapes}")
         d = self.config.embed_dim
         # 1. tokens: time tokens (B, 1, D) per modality, then patch tokens (B, N, D) per modality
         time_tokens = [self.time_img_embeds[i](timestep_embedding(timesteps[m].reshape(-1), d)).unsqueeze(1)
@@ -219,9 +272,9 @@ class MultiModalUViT(ModelMixin, ConfigMixin):
             x = self._block(blk, x, skips.pop())
         x = self.norm(x)
         # 3. per-modality heads on the patch tokens
-        m = len(names)
-        out = {}
+        start, out = len(names), {}
         for i, name in enumerate(names):
-            tokens = x[:, m + i * self.num_patches: m + (i + 1) * self.num_patches]  # (B, N, D)
-            out[name] = self._unpatchify(self.decoder_preds[i](tokens))
+            tokens = x[:, start:start + self.num_patches[name]]  # (B, N_m, D)
+            start += self.num_patches[name]
+            out[name] = self._unpatchify(self.decoder_preds[i](tokens), name)
         return out

@@ -208,7 +208,7 @@ def sample_chunk(model_dir: str | os.PathLike, batch: FragmentBatch, generate_mo
     net = _network(str(model_dir), _worker_device(options.device))
     if batch.canvas:
         return _sample_canvases(net, batch, generate_modalities, options)
-    shape = (net.config.in_chans, net.config.img_size, net.config.img_size)
+    shape = net.latent_shape()
     noise = functools.partial(fragment_noise, batch.cells, batch.frags, n_samples, seed=options.seed, shape=shape)
     result = _generate_rows(net, batch.cond, generate_modalities, options, noise, known=batch.known,
                             batch_size=options.batch_size * n_samples)  # a row per fragment sample
@@ -246,8 +246,8 @@ def _sample_canvases(net: MultiModalUViT, batch: FragmentBatch, generate_modalit
     cond = {m: torch.cat([tile(v[idx]) for idx in sample_rows]) for m, v in batch.cond.items()}
     known = {m: tuple(torch.cat([tile(v[idx]) for idx in sample_rows]) for v in pair) for m, pair in batch.known.items()}
     cells = [batch.cells[rows[0]] for rows in groups]
-    size = GRID_SIDE * net.config.img_size
-    shape = (net.config.in_chans, size, size)
+    c, h, w = net.latent_shape()
+    shape = (c, GRID_SIDE * h, GRID_SIDE * w)
     noise = functools.partial(fragment_noise, cells, ["canvas"] * len(cells), n, seed=options.seed, shape=shape)
     result = _generate_rows(net, cond, generate_modalities, options, noise, known=known,
                             batch_size=options.batch_size * n, stride=options.canvas_stride)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from model.codecs import LatentNorm
 from model.config import load_config
-from model.convert import from_cop_gen_beta
+from model.convert import from_cop_gen, from_cop_gen_beta
 from model.diffusion import NOISE_TIMESTEP, alphas_cumprod, draw_timesteps, noisy_inputs
 from model.sample import chain, generate, network_step
 from model.train import train
@@ -84,16 +84,23 @@ def test_uvit__save_load_roundtrip(tmp_path):
 
 # ----------------------------------------------------------------------------- converter
 def official_state_dict(n_mod, embed_dim, depth, num_heads, patch_size, img_size, in_chans, qkv_bias, seed=0):
-    """A random state dict with the published checkpoint's key names and shapes."""
+    """A random state dict with the published COP-GEN-Beta checkpoint's key names and shapes."""
+    return official_state_dict_per_modality([(in_chans, patch_size, (img_size // patch_size) ** 2)] * n_mod,
+                                            embed_dim, depth, qkv_bias, seed)
+
+
+def official_state_dict_per_modality(specs, embed_dim, depth, qkv_bias, seed=0):
+    """A random state dict with the official key names and shapes; ``specs``: one
+    (latent channels, patch size, number of tokens) per modality (COP-GEN: they differ)."""
     g = torch.Generator().manual_seed(seed)
-    d, hid, pd = embed_dim, 4 * embed_dim, patch_size**2 * in_chans
-    n_tok = n_mod + n_mod * (img_size // patch_size) ** 2
+    d, hid = embed_dim, 4 * embed_dim
+    n_tok = len(specs) + sum(n for _, _, n in specs)
     shapes = {"pos_embed": (1, n_tok, d), "norm.weight": (d,), "norm.bias": (d,)}
-    for i in range(n_mod):
-        shapes[f"patch_embeds.{i}.proj.weight"] = (d, in_chans, patch_size, patch_size)
+    for i, (c, p, _) in enumerate(specs):
+        shapes[f"patch_embeds.{i}.proj.weight"] = (d, c, p, p)
         shapes[f"patch_embeds.{i}.proj.bias"] = (d,)
-        shapes[f"decoder_preds.{i}.weight"] = (pd, d)
-        shapes[f"decoder_preds.{i}.bias"] = (pd,)
+        shapes[f"decoder_preds.{i}.weight"] = (p * p * c, d)
+        shapes[f"decoder_preds.{i}.bias"] = (p * p * c,)
 
     def block(prefix, skip):
         for ln in ("norm2", "norm3") + (("norm1",) if skip else ()):
@@ -114,13 +121,21 @@ def official_state_dict(n_mod, embed_dim, depth, num_heads, patch_size, img_size
     return {k: torch.randn(s, generator=g) * 0.1 + (1.0 if k.endswith("norm2.weight") else 0.0) for k, s in shapes.items()}
 
 
-def reference_forward(sd, imgs, ts, embed_dim, depth, num_heads, patch_size, in_chans):
-    """The published network's computation, written out from the paper's description."""
+def reference_forward(sd, imgs, ts, embed_dim, depth, num_heads, patch_size, in_chans, scalar=()):
+    """The published network's computation, written out from the paper's description.
+    ``patch_size``/``in_chans``: one value, or one per modality; modality i in ``scalar`` is a
+    (B, C, 1, N) token row (patch 1) whose output is (B, C, 1, N), as COP-GEN's scalars."""
     d, n_mod = embed_dim, len(imgs)
+    ps = patch_size if isinstance(patch_size, (list, tuple)) else [patch_size] * n_mod
+    cs = in_chans if isinstance(in_chans, (list, tuple)) else [in_chans] * n_mod
     half = d // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
     tok_t = [torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], -1)[:, None] for t in ts]
-    tok_p = [F.conv2d(x, sd[f"patch_embeds.{i}.proj.weight"], sd[f"patch_embeds.{i}.proj.bias"], stride=patch_size)
+    for i, emb in enumerate(tok_t):  # mlp_time_embed: Linear(D, 4D), SiLU, Linear(4D, D) per modality
+        if f"time_img_embeds.{i}.0.weight" in sd:
+            hidden = F.silu(F.linear(emb, sd[f"time_img_embeds.{i}.0.weight"], sd[f"time_img_embeds.{i}.0.bias"]))
+            tok_t[i] = F.linear(hidden, sd[f"time_img_embeds.{i}.2.weight"], sd[f"time_img_embeds.{i}.2.bias"])
+    tok_p = [F.conv2d(x, sd[f"patch_embeds.{i}.proj.weight"], sd[f"patch_embeds.{i}.proj.bias"], stride=ps[i])
              .flatten(2).transpose(1, 2) for i, x in enumerate(imgs)]
     x = torch.cat(tok_t + tok_p, 1) + sd["pos_embed"]
 
@@ -146,18 +161,22 @@ def reference_forward(sd, imgs, ts, embed_dim, depth, num_heads, patch_size, in_
     for k in range(depth // 2):
         x = block(f"out_blocks.{k}", x, skips.pop())
     x = ln(x, "norm")
-    outs = []
-    n = tok_p[0].shape[1]
-    side = int(math.isqrt(n))
+    outs, start = [], n_mod
     for i in range(n_mod):
-        vec = F.linear(x[:, n_mod + i * n: n_mod + (i + 1) * n], sd[f"decoder_preds.{i}.weight"], sd[f"decoder_preds.{i}.bias"])
-        img = torch.zeros(vec.shape[0], in_chans, side * patch_size, side * patch_size)
+        n, p, c = tok_p[i].shape[1], ps[i], cs[i]
+        vec = F.linear(x[:, start:start + n], sd[f"decoder_preds.{i}.weight"], sd[f"decoder_preds.{i}.bias"])
+        start += n
+        if i in scalar:  # (B, N, C) -> (B, C, 1, N)
+            outs.append(vec.transpose(1, 2).unsqueeze(2))
+            continue
+        side = int(math.isqrt(n))
+        img = torch.zeros(vec.shape[0], c, side * p, side * p)
         for hi in range(side):  # patch vectors are ordered (p1, p2, C)
             for wi in range(side):
-                for p1 in range(patch_size):
-                    for p2 in range(patch_size):
-                        for c in range(in_chans):
-                            img[:, c, hi * patch_size + p1, wi * patch_size + p2] = vec[:, hi * side + wi, (p1 * patch_size + p2) * in_chans + c]
+                for p1 in range(p):
+                    for p2 in range(p):
+                        for ci in range(c):
+                            img[:, ci, hi * p + p1, wi * p + p2] = vec[:, hi * side + wi, (p1 * p + p2) * c + ci]
         outs.append(img)
     return outs
 
@@ -185,6 +204,61 @@ def test_converter__mismatch_is_explained():
         from_cop_gen_beta(sd, embed_dim=32, depth=4, num_heads=4, patch_size=2, img_size=16, in_chans=4)
     with pytest.raises(ValueError, match="4 modalities but 2 names"):
         from_cop_gen_beta(sd, modalities=("A", "B"), embed_dim=32, depth=4, num_heads=4, patch_size=2, img_size=8)
+
+
+# COP-GEN base's modality kinds at toy sizes: two scalars, then image groups of three latent sizes
+COP_GEN_TOY = {
+    "3d_cartesian_lat_lon": {"modality_type": "scalar", "latent_channels": 1, "latent_input_resolution": (1, 3), "patch_size": 1},
+    "mean_timestamps": {"modality_type": "scalar", "latent_channels": 1, "latent_input_resolution": (1, 3), "patch_size": 1},
+    "DEM_DEM": {"modality_type": "image", "latent_channels": 8, "latent_input_resolution": (4, 4), "patch_size": 2},
+    "S2L2A_B02_B03_B04_B08": {"modality_type": "image", "latent_channels": 8, "latent_input_resolution": (6, 6), "patch_size": 2},
+    "S2L2A_B01_B09": {"modality_type": "image", "latent_channels": 8, "latent_input_resolution": (2, 2), "patch_size": 1},
+}
+
+
+@pytest.mark.parametrize("mlp_time_embed", [False, True])
+def test_cop_gen_converter__identical_outputs(mlp_time_embed):
+    specs = [(s["latent_channels"], s["patch_size"],
+              s["latent_input_resolution"][1] if s["modality_type"] == "scalar"
+              else (s["latent_input_resolution"][0] // s["patch_size"]) ** 2) for s in COP_GEN_TOY.values()]
+    sd = official_state_dict_per_modality(specs, embed_dim=32, depth=4, qkv_bias=False, seed=5)
+    if mlp_time_embed:  # the official time MLP per modality: Linear(D, 4D), SiLU, Linear(4D, D)
+        g = torch.Generator().manual_seed(6)
+        for i in range(len(specs)):
+            sd[f"time_img_embeds.{i}.0.weight"] = torch.randn(128, 32, generator=g) * 0.1
+            sd[f"time_img_embeds.{i}.0.bias"] = torch.randn(128, generator=g) * 0.1
+            sd[f"time_img_embeds.{i}.2.weight"] = torch.randn(32, 128, generator=g) * 0.1
+            sd[f"time_img_embeds.{i}.2.bias"] = torch.randn(32, generator=g) * 0.1
+    net = from_cop_gen(sd, COP_GEN_TOY, embed_dim=32, depth=4, num_heads=4, mlp_time_embed=mlp_time_embed)
+    g = torch.Generator().manual_seed(3)
+    shapes = {m: (s["latent_channels"], *s["latent_input_resolution"]) for m, s in COP_GEN_TOY.items()}
+    imgs = [torch.randn(2, *shapes[m], generator=g) for m in COP_GEN_TOY]
+    ts = [torch.tensor([0.0, 1000.0]), torch.tensor([1.0, 500.0]), torch.tensor([999.0, 3.0]),
+          torch.tensor([250.0, 0.0]), torch.tensor([7.0, 70.0])]
+    with torch.no_grad():
+        out = net(dict(zip(net.modalities, imgs)), dict(zip(net.modalities, ts)))
+    ref = reference_forward(sd, imgs, ts, 32, 4, 4, [s["patch_size"] for s in COP_GEN_TOY.values()],
+                            [s["latent_channels"] for s in COP_GEN_TOY.values()], scalar=(0, 1))
+    for i, m in enumerate(COP_GEN_TOY):
+        assert out[m].shape == (2, *shapes[m]), m
+        assert torch.allclose(out[m], ref[i], atol=1e-5), m
+
+
+def test_cop_gen_converter__wrong_specs_are_explained():
+    specs = [(1, 1, 3), (8, 2, 4)]
+    sd = official_state_dict_per_modality(specs, embed_dim=32, depth=2, qkv_bias=False)
+    toy = {k: COP_GEN_TOY[k] for k in ("3d_cartesian_lat_lon", "DEM_DEM")}
+    net = from_cop_gen(sd, toy, embed_dim=32, depth=2, num_heads=4)
+    assert net.latent_shape("3d_cartesian_lat_lon") == (1, 1, 3) and net.latent_shape("DEM_DEM") == (8, 4, 4)
+    with pytest.raises(ValueError, match="different latent shapes"):
+        net.latent_shape()
+    wrong = {**toy, "DEM_DEM": {**toy["DEM_DEM"], "latent_input_resolution": (8, 8)}}
+    with pytest.raises(ValueError, match="wrong shapes"):
+        from_cop_gen(sd, wrong, embed_dim=32, depth=2, num_heads=4)
+    with pytest.raises(ValueError, match="modality_type"):
+        from_cop_gen(sd, {**toy, "DEM_DEM": {**toy["DEM_DEM"], "modality_type": "video"}}, embed_dim=32, depth=2, num_heads=4)
+    with pytest.raises(ValueError, match="wrong shape"):
+        net({m: torch.zeros(1, 8, 8, 8) for m in net.modalities}, {m: torch.zeros(1) for m in net.modalities})
 
 
 # ----------------------------------------------------------------------------- schedule

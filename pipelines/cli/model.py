@@ -86,27 +86,45 @@ def train(
 @user_errors
 def convert_weights(
     out: Annotated[Path, typer.Option(help="Folder for the converted model (save_pretrained).")],
-    checkpoint: Annotated[str, typer.Option(help="nnet_ema_114000.pth path, or hub 'repo[:file]'.")] = "mespinosami/COP-GEN-Beta:nnet_ema_114000.pth",
-    config: Annotated[str, typer.Option(help="Network config the checkpoint was trained with.")] = "release",
+    family: Annotated[str, typer.Option(
+        help="beta: COP-GEN-Beta (thumbnails, mespinosami/COP-GEN-Beta); copgen: COP-GEN (native bands, "
+             "mespinosami/copgen-base).")] = "beta",
+    checkpoint: Annotated[Optional[str], typer.Option(
+        help="Checkpoint path, or hub 'repo:file' (default: the family's published one).")] = None,
+    config: Annotated[Optional[str], typer.Option(
+        help="Network config the checkpoint was trained with (default: release / copgen-base).")] = None,
+    vaes: Annotated[Optional[str], typer.Option(
+        help="copgen: also convert the band-group VAEs, from a local copy of mespinosami/copgen-vaes or that hub "
+             "id, into OUT/codecs/<group>.")] = None,
     training_cells: Annotated[Optional[Path], typer.Option(
         help="The cells the weights were trained on: the official train_metadata.parquet (grid_cell column) or a "
              "text file of ids; recorded so that evaluate leaves them out.")] = None,
 ) -> None:
-    """Convert the published COP-GEN-Beta weights into this project's network. The folder
-    records the codec they need (sd-vae, scale 0.18215) and, with --training-cells, the cells
-    they were trained on."""
-    from pipelines.weights import convert_published
+    """Convert published weights into this project's network: COP-GEN-Beta (the folder records
+    the codec they need, sd-vae at scale 0.18215, and with --training-cells the cells they were
+    trained on) or COP-GEN (the network, and with --vaes each band group's VAE as a codec)."""
+    from majortom_gen.native import NETWORK_HUB_FILE
+    from pipelines.weights import convert_cop_gen, convert_published
 
+    if family not in ("beta", "copgen"):
+        raise MajorTomGenError(f"--family must be beta or copgen, got {family!r}")
+    if vaes is not None and family != "copgen":
+        raise MajorTomGenError("--vaes goes with --family copgen (COP-GEN-Beta uses one sd-vae)")
     cells = cells_file(training_cells, "--training-cells") if training_cells else None
+    command = command_line("convert-weights", out=out, family=family, checkpoint=checkpoint, config=config, vaes=vaes,
+                           training_cells=training_cells)
     try:
-        net = convert_published(checkpoint, out, config, training_cells=cells,
-                                command=command_line("convert-weights", out=out, checkpoint=checkpoint, config=config,
-                                                      training_cells=training_cells))
+        if family == "copgen":
+            net = convert_cop_gen(checkpoint or NETWORK_HUB_FILE, out, config or "copgen-base", vaes=vaes,
+                                  command=command)
+        else:
+            net = convert_published(checkpoint or "mespinosami/COP-GEN-Beta:nnet_ema_114000.pth", out,
+                                    config or "release", training_cells=cells, command=command)
     except ValueError as exc:
         raise MajorTomGenError(str(exc)) from None
     n = sum(p.numel() for p in net.parameters())
     console.print(f"[green]converted[/] {n / 1e6:.1f} M parameters, modalities {net.modalities} -> {out}", highlight=False)
-    if cells is None:
+    if cells is None and family == "beta":
         console.print("[yellow]training cells unknown[/]: the published split cannot be recomputed (see the README, "
                       "real data); pass --training-cells train_metadata.parquet, or --exclude-cells to evaluate",
                       highlight=False)

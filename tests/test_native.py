@@ -1,0 +1,335 @@
+"""The native family (#14): COP-GEN's band-group registry, its normalisation, and the official
+band-group VAE converted to diffusers, checked against the official computation written out."""
+
+from __future__ import annotations
+
+import math
+from datetime import date
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from majortom_gen.errors import UnknownModalityError
+from majortom_gen.native import (BAND_GROUPS, COPGEN_BASE_ORDER, decode_date, decode_lat_lon, encode_date,
+                                 encode_lat_lon, from_model, get_band_group, network_modalities, to_model)
+from model.codecs import from_cop_gen_vae, latent_norms, load_codec
+from model.convert import cop_gen_network_config
+
+
+# ----------------------------------------------------------------------------- registry
+def test_registry__cop_gen_base_names_shapes_and_order():
+    assert COPGEN_BASE_ORDER == (
+        "3d_cartesian_lat_lon", "mean_timestamps", "DEM_DEM", "S1RTC_vh_vv", "S2L1C_B02_B03_B04_B08",
+        "S2L1C_B05_B06_B07_B11_B12_B8A", "S2L1C_B01_B09_B10", "S2L2A_B02_B03_B04_B08",
+        "S2L2A_B05_B06_B07_B11_B12_B8A", "S2L2A_B01_B09", "LULC_LULC", "S2L1C_cloud_mask")
+    shapes = {n: g.latent for n, g in BAND_GROUPS.items()}
+    assert shapes["S2L2A_B02_B03_B04_B08"] == (8, 24, 24) and shapes["S2L2A_B05_B06_B07_B11_B12_B8A"] == (8, 12, 12)
+    assert shapes["S2L2A_B01_B09"] == (8, 4, 4) and shapes["DEM_DEM"] == (8, 8, 8)
+    assert shapes["mean_timestamps"] == (1, 1, 3)
+    for g in BAND_GROUPS.values():
+        if not g.is_scalar:  # every patch covers the same ground: 1920 m (DEM: 64 px of 30 m)
+            assert g.patch_px // 8 == g.latent[1]
+            assert g.patch_px * g.resolution_m == 1920.0
+    assert get_band_group("s1rtc_VH_VV").bands == ("vv", "vh")
+    assert get_band_group("S2L2A_B05_B06_B07_B11_B12_B8A").bands == ("B05", "B06", "B07", "B8A", "B11", "B12")
+    with pytest.raises(UnknownModalityError, match="valid"):
+        get_band_group("S2L2A_B02")
+
+
+def test_registry__network_config_of_cop_gen_base():
+    config = cop_gen_network_config(network_modalities())
+    assert config["modalities"] == COPGEN_BASE_ORDER
+    assert config["img_size"]["3d_cartesian_lat_lon"] == [1, 3] and config["patch_size"]["3d_cartesian_lat_lon"] == 1
+    assert config["img_size"]["S1RTC_vh_vv"] == [24, 24] and config["patch_size"]["S1RTC_vh_vv"] == 2
+    # 12 time tokens; lat/lon 3, date 3, DEM 16, S1 144, S2L1C 144 + 36 + 4, S2L2A the same, LULC and cloud mask 144
+    tokens = 12 + sum((h // p) * (w // p) for (h, w), p in
+                      ((config["img_size"][m], config["patch_size"][m]) for m in COPGEN_BASE_ORDER))
+    assert tokens == 12 + 3 + 3 + 16 + 144 + (144 + 36 + 4) * 2 + 144 + 144
+
+
+# ----------------------------------------------------------------------------- normalisation
+def test_normalisation__official_formulas():
+    s2 = to_model("S2L2A_B01_B09", np.array([[[0, 10000]], [[5000, 2500]]], dtype=np.uint16))
+    assert np.allclose(s2, [[[-1.0, 1.0]], [[0.0, -0.5]]])
+    s1 = get_band_group("S1RTC_vh_vv")
+    x = to_model(s1, np.array([[[1.0, 0.0]], [[0.01, -5.0]]], dtype=np.float32))  # 0 dB, nodata, -20 dB, negative
+    floor_db = 10 * math.log10(s1.min_positive)
+    expect = [[(0 - s1.min_db) / (s1.max_db - s1.min_db), (floor_db - s1.min_db) / (s1.max_db - s1.min_db)],
+              [(-20 - s1.min_db) / (s1.max_db - s1.min_db), (floor_db - s1.min_db) / (s1.max_db - s1.min_db)]]
+    assert np.allclose(x[:, 0], np.array(expect) * 2 - 1, atol=1e-6)
+    dem = get_band_group("DEM_DEM")
+    x = to_model(dem, np.array([[[8848.0, -10.0]]]))
+    assert np.allclose(x[0, 0], [(math.log1p(8848) - dem.min_db) / (dem.max_db - dem.min_db) * 2 - 1,
+                                 (math.log1p(dem.min_positive) - dem.min_db) / (dem.max_db - dem.min_db) * 2 - 1], atol=1e-5)
+    mask = to_model("S2L1C_cloud_mask", np.array([[[0, 3], [2, 9]]], dtype=np.uint8))
+    assert mask.shape == (4, 2, 2) and mask[3, 0, 1] == 1 and mask[0, 1, 1] == 1  # 9 is no class: read as class 0
+    assert set(np.unique(mask)) == {-1.0, 1.0}
+    with pytest.raises(ValueError, match=r"\(2, H, W\)"):
+        to_model(s1, np.zeros((1, 4, 4)))
+
+
+def test_normalisation__round_trips_in_physical_units():
+    rng = np.random.default_rng(0)
+    dn = rng.integers(1, 10000, size=(4, 8, 8)).astype(np.uint16)
+    assert np.allclose(from_model("S2L2A_B02_B03_B04_B08", to_model("S2L2A_B02_B03_B04_B08", dn)), dn, atol=0.01)
+    power = 10 ** (rng.uniform(-30, 5, size=(2, 8, 8)) / 10)
+    back = from_model("S1RTC_vh_vv", to_model("S1RTC_vh_vv", power))
+    assert np.allclose(10 * np.log10(back), 10 * np.log10(power), atol=1e-3)  # dB
+    metres = rng.uniform(0.5, 4000, size=(1, 8, 8))
+    assert np.allclose(from_model("DEM_DEM", to_model("DEM_DEM", metres)), metres, rtol=1e-4)
+    classes = rng.choice([0, 1, 2, 4, 5, 7, 8, 9, 10, 11], size=(1, 8, 8))
+    back = from_model("LULC_LULC", to_model("LULC_LULC", classes))
+    assert back.dtype == np.uint8 and np.array_equal(back, classes)
+    # beyond the official range the inverse saturates (it clips to [0, 1] first)
+    assert from_model("DEM_DEM", np.full((1, 1, 1), 1.5))[0, 0, 0] == pytest.approx(math.expm1(9.088), rel=1e-4)
+
+
+def test_scalars__location_and_date_tokens():
+    xyz = encode_lat_lon(45.0, 7.5)
+    assert xyz.shape == (1, 1, 3) and np.linalg.norm(xyz) == pytest.approx(1.0, abs=1e-6)
+    assert np.allclose(decode_lat_lon(xyz)[0, 0], [45.0, 7.5], atol=1e-4)
+    assert np.allclose(decode_lat_lon(np.array([0.0, -2.0, 0.0])), [0.0, -90.0])  # any length: direction only
+    for when in (date(2020, 1, 1), date(2020, 2, 29), date(2021, 7, 14), date(2023, 12, 31)):
+        enc = encode_date(when)
+        assert enc.shape == (1, 1, 3) and decode_date(enc) == when
+    assert np.allclose(encode_date("2000-01-01T10:00:00Z")[0, 0, 2], 2 * 50 / 100 - 1)
+    assert np.array_equal(to_model("mean_timestamps", date(2021, 7, 14)), encode_date(date(2021, 7, 14)))
+    assert from_model("mean_timestamps", encode_date(date(2021, 7, 14))) == date(2021, 7, 14)
+    with pytest.raises(ValueError, match="out of range"):
+        encode_lat_lon(95.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- band-group VAE
+def ldm_vae_state_dict(dd: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights with the official LDM autoencoder's names and shapes (libs/autoencoder.py)."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+
+    def conv(name, cin, cout, k):
+        sd[f"{name}.weight"] = torch.randn(cout, cin, k, k, generator=g) * (1.0 / math.sqrt(cin * k * k))
+        sd[f"{name}.bias"] = torch.randn(cout, generator=g) * 0.05
+
+    def norm(name, c):
+        sd[f"{name}.weight"] = 1 + 0.1 * torch.randn(c, generator=g)
+        sd[f"{name}.bias"] = 0.1 * torch.randn(c, generator=g)
+
+    def res(name, cin, cout):
+        norm(f"{name}.norm1", cin)
+        conv(f"{name}.conv1", cin, cout, 3)
+        norm(f"{name}.norm2", cout)
+        conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.nin_shortcut", cin, cout, 1)
+
+    def mid(prefix, c):
+        res(f"{prefix}.mid.block_1", c, c)
+        norm(f"{prefix}.mid.attn_1.norm", c)
+        for part in ("q", "k", "v", "proj_out"):
+            conv(f"{prefix}.mid.attn_1.{part}", c, c, 1)
+        res(f"{prefix}.mid.block_2", c, c)
+
+    ch, mult, nrb, z = dd["ch"], dd["ch_mult"], dd["num_res_blocks"], dd["z_channels"]
+    conv("encoder.conv_in", dd["in_channels"], ch, 3)
+    block_in = ch
+    for i, m in enumerate(mult):
+        for j in range(nrb):
+            res(f"encoder.down.{i}.block.{j}", block_in, ch * m)
+            block_in = ch * m
+        if i != len(mult) - 1:
+            conv(f"encoder.down.{i}.downsample.conv", block_in, block_in, 3)
+    mid("encoder", block_in)
+    norm("encoder.norm_out", block_in)
+    conv("encoder.conv_out", block_in, 2 * z, 3)
+    conv("quant_conv", 2 * z, 2 * z, 1)
+    conv("post_quant_conv", z, z, 1)
+    block_in = ch * mult[-1]
+    conv("decoder.conv_in", z, block_in, 3)
+    mid("decoder", block_in)
+    for i in reversed(range(len(mult))):
+        for j in range(nrb + 1):
+            res(f"decoder.up.{i}.block.{j}", block_in, ch * mult[i])
+            block_in = ch * mult[i]
+        if i != 0:
+            conv(f"decoder.up.{i}.upsample.conv", block_in, block_in, 3)
+    norm("decoder.norm_out", block_in)
+    conv("decoder.conv_out", block_in, dd["out_ch"], 3)
+    return sd
+
+
+def ldm_reference(sd: dict, dd: dict):
+    """The official FrozenAutoencoderKL's encode_moments and decode (before scaling), written out."""
+    def gn(x, p):
+        return F.group_norm(x, 32, sd[f"{p}.weight"], sd[f"{p}.bias"], eps=1e-6)
+
+    def conv(x, p, stride=1, pad=1):
+        return F.conv2d(x, sd[f"{p}.weight"], sd[f"{p}.bias"], stride=stride, padding=pad)
+
+    def res(x, p):
+        h = conv(F.silu(gn(x, f"{p}.norm1")), f"{p}.conv1")
+        h = conv(F.silu(gn(h, f"{p}.norm2")), f"{p}.conv2")
+        return (conv(x, f"{p}.nin_shortcut", pad=0) if f"{p}.nin_shortcut.weight" in sd else x) + h
+
+    def attn(x, p):
+        h = gn(x, f"{p}.norm")
+        q, k, v = (conv(h, f"{p}.{n}", pad=0).flatten(2) for n in "qkv")  # (B, C, N)
+        w = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(q.shape[1]), dim=-1)  # (B, Nq, Nk)
+        return x + conv((v @ w.transpose(1, 2)).reshape(x.shape), f"{p}.proj_out", pad=0)
+
+    def middle(h, prefix):
+        return res(attn(res(h, f"{prefix}.mid.block_1"), f"{prefix}.mid.attn_1"), f"{prefix}.mid.block_2")
+
+    levels, nrb = len(dd["ch_mult"]), dd["num_res_blocks"]
+
+    def encode_moments(x):
+        h = conv(x, "encoder.conv_in")
+        for i in range(levels):
+            for j in range(nrb):
+                h = res(h, f"encoder.down.{i}.block.{j}")
+            if i != levels - 1:  # asymmetric padding, stride 2
+                h = conv(F.pad(h, (0, 1, 0, 1)), f"encoder.down.{i}.downsample.conv", stride=2, pad=0)
+        h = conv(F.silu(gn(middle(h, "encoder"), "encoder.norm_out")), "encoder.conv_out")
+        return conv(h, "quant_conv", pad=0)
+
+    def decode(z):
+        h = conv(conv(z, "post_quant_conv", pad=0), "decoder.conv_in")
+        h = middle(h, "decoder")
+        for i in reversed(range(levels)):
+            for j in range(nrb + 1):
+                h = res(h, f"decoder.up.{i}.block.{j}")
+            if i != 0:
+                h = conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), f"decoder.up.{i}.upsample.conv")
+        return conv(F.silu(gn(h, "decoder.norm_out")), "decoder.conv_out")
+
+    return encode_moments, decode
+
+
+def test_cop_gen_vae__converted_equals_official(tmp_path):
+    group = get_band_group("S1RTC_vh_vv")
+    dd = {**group.vae_ddconfig(), "ch": 32, "resolution": 32}  # the official layout, narrower for speed
+    assert dd["ch_mult"] == [1, 2, 4, 4] and dd["z_channels"] == 8 and dd["in_channels"] == 2
+    sd = ldm_vae_state_dict(dd)
+    torch.save(sd, tmp_path / "model-50-ema.pth")
+    codec = from_cop_gen_vae(tmp_path / "model-50-ema.pth", dd, group.vae_scale_factor)
+    encode_moments, decode = ldm_reference(sd, dd)
+    x = torch.from_numpy(to_model(group, 10 ** (np.random.default_rng(1).uniform(-25, 0, (2, 2, 32, 32)) / 10)))
+    with torch.no_grad():
+        ref_moments = encode_moments(x)
+        moments = codec.encode_moments(x)
+        assert moments.shape == (2, 16, 4, 4)
+        assert torch.allclose(moments, ref_moments, atol=1e-4), (moments - ref_moments).abs().max()
+        # the network's latents: the official ``scale_factor * z`` (the posterior mean here)
+        net_latents = codec.to_network(moments, group.name, sample=False)
+        assert torch.allclose(net_latents, group.vae_scale_factor * ref_moments[:, :8], atol=1e-5)
+        ref_images = decode(net_latents / group.vae_scale_factor)
+        assert torch.allclose(codec.decode_network(net_latents, group.name), ref_images.clamp(-1, 1), atol=1e-4)
+    # saved and loaded as a codec folder: same identity, same scale
+    codec.save(tmp_path / "codec")
+    again = load_codec(source=tmp_path / "codec")
+    assert again.name == "cop-gen-vae" and again.info()["config_hash"] == codec.info()["config_hash"]
+    assert again.norm(group.name).scale == pytest.approx(group.vae_scale_factor)
+    assert latent_norms(codec.info(), [group.name])[group.name].scale == pytest.approx(group.vae_scale_factor)
+
+
+def test_cop_gen_vae__errors_name_the_problem(tmp_path):
+    dd = {**get_band_group("DEM_DEM").vae_ddconfig(), "ch": 32, "resolution": 16}
+    with pytest.raises(ValueError, match="no such file"):
+        from_cop_gen_vae(tmp_path / "missing.pth", dd, 0.4)
+    sd = ldm_vae_state_dict(dd)
+    torch.save(sd, tmp_path / "dem.pth")
+    with pytest.raises(ValueError, match="missing|size mismatch|shape"):
+        from_cop_gen_vae(tmp_path / "dem.pth", {**dd, "in_channels": 3, "out_ch": 3}, 0.4)
+    with pytest.raises(ValueError, match="attn_resolutions"):
+        from_cop_gen_vae(tmp_path / "dem.pth", {**dd, "attn_resolutions": [4]}, 0.4)
+
+
+# ----------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("name", ["copgen-base", "native-tiny"])
+def test_native_configs__shapes_match_the_registry(name):
+    from model.config import load_config
+    from model.uvit import MultiModalUViT
+
+    nnet = load_config(name).nnet
+    for m in nnet["modalities"]:
+        group = get_band_group(m)
+        assert [nnet["in_chans"][m], *nnet["img_size"][m]] == list(group.latent), m
+        assert nnet["patch_size"][m] == 1 or not group.is_scalar, m
+    if name == "copgen-base":
+        assert tuple(nnet["modalities"]) == COPGEN_BASE_ORDER
+        assert {m: nnet["patch_size"][m] for m in nnet["modalities"]} == cop_gen_network_config(network_modalities())["patch_size"]
+    net = MultiModalUViT(**{**nnet, "embed_dim": 32, "depth": 2, "num_heads": 4})
+    x = {m: torch.randn(2, *net.latent_shape(m)) for m in net.modalities}
+    out = net(x, {m: torch.full((2,), 500.0) for m in net.modalities})
+    assert all(out[m].shape == x[m].shape for m in net.modalities)
+
+
+def test_native_configs__bad_per_modality_values_are_named(tmp_path):
+    from model.config import CONFIG_DIR, load_config
+    from model.uvit import MultiModalUViT
+
+    text = (CONFIG_DIR / "native-tiny.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("    DEM_DEM: 8\n", "    DEM_DEM: eight\n", 1))
+    with pytest.raises(ValueError, match=r"bad.yaml: nnet.in_chans"):
+        load_config(bad)
+    nnet = load_config("native-tiny").nnet
+    with pytest.raises(ValueError, match=r"in_chans: give one value per modality; missing \['DEM_DEM'\]"):
+        MultiModalUViT(**{**nnet, "in_chans": {k: v for k, v in nnet["in_chans"].items() if k != "DEM_DEM"}})
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        MultiModalUViT(**{**nnet, "patch_size": {**nnet["patch_size"], "S2L2A_B01_B09": 3}})
+
+
+# ----------------------------------------------------------------------------- convert-weights --family copgen
+def test_convert_weights_copgen__network_and_band_group_vaes(tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from model.uvit import MultiModalUViT
+    from pipelines.cli import app
+    from pipelines.weights import convert_cop_gen
+    from test_model import official_state_dict_per_modality, reference_forward
+
+    names = ["3d_cartesian_lat_lon", "DEM_DEM", "S2L2A_B01_B09"]
+    nnet = {"modalities": names, "img_size": {"3d_cartesian_lat_lon": [1, 3], "DEM_DEM": [8, 8], "S2L2A_B01_B09": [4, 4]},
+            "in_chans": {"3d_cartesian_lat_lon": 1, "DEM_DEM": 8, "S2L2A_B01_B09": 8},
+            "patch_size": {"3d_cartesian_lat_lon": 1, "DEM_DEM": 2, "S2L2A_B01_B09": 2},
+            "embed_dim": 32, "depth": 2, "num_heads": 4, "mlp_ratio": 4.0, "qkv_bias": False, "mlp_time_embed": False}
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump({"nnet": nnet}))
+    sd = official_state_dict_per_modality([(1, 1, 3), (8, 2, 16), (8, 2, 4)], embed_dim=32, depth=2, qkv_bias=False)
+    torch.save(sd, tmp_path / "500000_nnet_ema.pth")
+    r = CliRunner().invoke(app, ["convert-weights", "--family", "copgen", "--checkpoint", str(tmp_path / "500000_nnet_ema.pth"),
+                                 "--config", str(tmp_path / "toy.yaml"), "--out", str(tmp_path / "net")])
+    assert r.exit_code == 0, r.output
+    net = MultiModalUViT.from_pretrained(tmp_path / "net")
+    assert net.modalities == names and net.latent_shape("DEM_DEM") == (8, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.randn(1, *net.latent_shape(m), generator=g) for m in names]
+    ts = [torch.tensor([0.0]), torch.tensor([500.0]), torch.tensor([1000.0])]
+    with torch.no_grad():
+        out = net(dict(zip(names, imgs)), dict(zip(names, ts)))
+    ref = reference_forward(sd, imgs, ts, 32, 2, 4, [1, 2, 2], [1, 8, 8], scalar=(0,))
+    assert all(torch.allclose(out[m], ref[i], atol=1e-5) for i, m in enumerate(names))
+    record = json.loads((tmp_path / "net" / "training_data.json").read_text())
+    assert record["family"] == "native" and record["codec"]["hub"]["DEM_DEM"].endswith("DEM_64x64_DEM_latent_8/model-50-ema.pth")
+
+    # --vaes: a local copy of the VAE repo (narrow VAEs here), one codec folder per image group
+    vaes = tmp_path / "copgen-vaes"
+    for name in ("DEM_DEM", "S2L2A_B01_B09"):
+        group = get_band_group(name)
+        (vaes / group.vae_file).parent.mkdir(parents=True)
+        torch.save(ldm_vae_state_dict({**group.vae_ddconfig(), "ch": 32}, seed=1), vaes / group.vae_file)
+    convert_cop_gen(str(tmp_path / "500000_nnet_ema.pth"), tmp_path / "net2", str(tmp_path / "toy.yaml"),
+                    vaes=str(vaes), vae_channels=32)
+    dem = load_codec(source=tmp_path / "net2" / "codecs" / "DEM_DEM")
+    assert dem.name == "cop-gen-vae" and dem.norm("DEM_DEM").scale == pytest.approx(0.404247)
+    x = torch.from_numpy(to_model("DEM_DEM", np.random.default_rng(0).uniform(10, 900, (1, 1, 64, 64))))
+    assert dem.encode_moments(x).shape == (1, 16, 8, 8)
+    record = json.loads((tmp_path / "net2" / "training_data.json").read_text())
+    assert set(record["codec"]["per_modality"]) == {"DEM_DEM", "S2L2A_B01_B09"}
+
+    bad = CliRunner().invoke(app, ["convert-weights", "--family", "copgen", "--checkpoint", str(tmp_path / "500000_nnet_ema.pth"),
+                                   "--config", "copgen-base", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "3 modalities but 12" in bad.output, bad.output
