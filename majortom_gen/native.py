@@ -23,6 +23,12 @@ normalisation itself (``ddm/pre_post_process_data.py``):
 - ``mean_timestamps``: a date -> (sin, cos) of 2 pi doy / days-in-year, and
   ``2 (year - 1950) / 100 - 1``, as is.
 
+Patch layout (the official ``ddm/data.py`` rule): a band raster of ``S`` px is cut into
+``n = S // patch_px + 1`` (= 6) patches per side starting at ``k * patch_px`` for ``k < n - 1``
+and at ``S - patch_px`` for the last, so the last row and column overlap their neighbours.
+On the ground every group has the same layout: patches start at 0, 1920, ..., 7680 and
+8760 m from the product's upper-left corner, each 1920 m wide.
+
 No torch here: arrays are numpy, ``(bands, H, W)`` images, ``(1, 1, 3)`` scalars.
 """
 
@@ -33,8 +39,11 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 import numpy as np
+from affine import Affine
 
 from majortom_gen.errors import UnknownModalityError
+from majortom_gen.fragments import fragment_transform
+from majortom_gen.modalities import PRODUCT_BOX_M
 
 NETWORK_HUB_FILE = "mespinosami/copgen-base:500000_nnet_ema.pth"  # the published network (EMA, 500k steps)
 VAE_HUB_REPO = "mespinosami/copgen-vaes"  # one folder per band group: <folder>/model-50-ema.pth
@@ -153,6 +162,70 @@ def network_modalities(names=COPGEN_BASE_ORDER, patch_size: int = 2) -> dict[str
     """``{name: network_spec}`` in the given order: the ``modalities`` argument of
     ``model.convert.from_cop_gen`` (COP-GEN base's twelve by default)."""
     return {n: get_band_group(n).network_spec(patch_size) for n in names}
+
+
+# -- patch layout -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NativePatch:
+    """One patch of a band group: its place in the 6 x 6 layout, its pixel window in the band
+    raster (``row_off``, ``col_off``, ``size_px`` at the group's resolution), its affine
+    transform (CRS units, the product's UTM zone) and CRS."""
+
+    group: str
+    patch_row: int
+    patch_col: int
+    row_off: int
+    col_off: int
+    size_px: int
+    transform: Affine
+    crs: str
+
+    @property
+    def index(self) -> int:
+        return self.patch_row * PATCHES_PER_SIDE + self.patch_col
+
+
+def raster_px(group: BandGroup | str) -> int:
+    """The side, in pixels, of the group's band raster in a Core product (1068 at 10 m, 534 at
+    20 m, 178 at 60 m, 356 for the 30 m DEM)."""
+    g = get_band_group(group) if isinstance(group, str) else group
+    if g.is_scalar:
+        raise ValueError(f"{g.name} is a scalar modality: it has no raster")
+    return round(PRODUCT_BOX_M / g.resolution_m)
+
+
+def patch_offsets(image_px: int, patch_px: int) -> list[int]:
+    """Pixel offsets of the patches along one side (the official rule, see the module docstring)."""
+    if image_px < patch_px:
+        raise ValueError(f"a {image_px} px raster is smaller than one {patch_px} px patch")
+    n = image_px // patch_px + 1
+    return [k * patch_px for k in range(n - 1)] + [image_px - patch_px]
+
+
+def patch_layout(group: BandGroup | str, band_transform: Affine, crs: str) -> list[NativePatch]:
+    """The 6 x 6 patches of ``group`` in a product whose band raster (at the group's
+    resolution) has ``band_transform``, row-major (index = row * 6 + col)."""
+    g = get_band_group(group) if isinstance(group, str) else group
+    offsets = patch_offsets(raster_px(g), g.patch_px)
+    if len(offsets) != PATCHES_PER_SIDE:
+        raise ValueError(f"{g.name}: {len(offsets)} patches per side, COP-GEN uses {PATCHES_PER_SIDE}")
+    return [NativePatch(g.name, r, c, r0, c0, g.patch_px, fragment_transform(band_transform, r0, c0), crs)
+            for r, r0 in enumerate(offsets) for c, c0 in enumerate(offsets)]
+
+
+def cut_patches(values, group: BandGroup | str, band_transform: Affine, crs: str) -> list[tuple[NativePatch, np.ndarray]]:
+    """Cut a product's band stack ``(bands, S, S)`` (physical values, the group's band order)
+    into its georeferenced patches ``(bands, patch_px, patch_px)`` (views). A raster one pixel
+    too large (S1 rasters of 1069 px) is cropped to the product grid first, as the official code."""
+    g = get_band_group(group) if isinstance(group, str) else group
+    v = np.asarray(values)
+    side = raster_px(g)
+    if v.ndim != 3 or v.shape[0] != len(g.bands) or min(v.shape[1:]) < side:
+        raise ValueError(f"{g.name}: expected ({len(g.bands)}, {side}, {side}) values ({', '.join(g.bands)}), got {v.shape}")
+    v = v[:, :side, :side]
+    return [(p, v[:, p.row_off:p.row_off + p.size_px, p.col_off:p.col_off + p.size_px])
+            for p in patch_layout(g, band_transform, crs)]
 
 
 # -- values <-> model inputs ------------------------------------------------------------------

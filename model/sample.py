@@ -86,8 +86,8 @@ def generate(
     names = list(net.config.modalities)
     guidance = _check_request(names, condition, generate, guidance)
     device = next(net.parameters()).device
-    b, shape = _batch_shape(net, condition, initial_noise, n_samples, latent_shape)
-    full_shape = (b * n_samples, *shape)
+    b, shapes = _batch_shapes(net, condition, initial_noise, n_samples, latent_shape)
+    full = {m: (b * n_samples, *shape) for m, shape in shapes.items()}
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed if seed is not None else torch.seed())
     free = [m for m in names if m not in condition and m not in generate]
@@ -95,21 +95,21 @@ def generate(
     guided = sorted(guidance, key=lambda group: sorted(names.index(m) for m in group))
     dropped = [m for m in names if any(m in group for group in guided)]
     # the draw order (marginal noise, then starting noise) is part of what a seed means
-    fixed_noise = _noise(marginal_noise, free + dropped, "marginal noise", full_shape, gen, device)
-    start = _noise(initial_noise, generate, "initial noise", full_shape, gen, device)
-    canvas = _canvas(net, shape, stride)
+    fixed_noise = _noise(marginal_noise, free + dropped, "marginal noise", full, gen, device)
+    start = _noise(initial_noise, generate, "initial noise", full, gen, device)
+    canvas = _canvas(net, shapes, stride)
     cond = {m: _expand(x.to(device, torch.float32), n_samples) for m, x in condition.items()}
     if canvas is not None:  # the network sees windows: the fixed inputs are cut once
         cond = {m: canvas.crop(x) for m, x in cond.items()}
         fixed_noise = {m: canvas.crop(x) for m, x in fixed_noise.items()}
     call = _NetworkCall(net, names, list(generate), cond, fixed_noise, batch_size, canvas)
     result = {m: _expand(condition[m], n_samples) for m in condition}  # the inputs, untouched
-    impose = _known_part(known or {}, list(generate), start, full_shape, device)
+    impose = _known_part(known or {}, list(generate), start, full, device)
     sched = sampling_scheduler(steps, spacing)
     if resample > 0 and impose is not None:
         def fresh(i: int) -> dict[str, torch.Tensor]:
             given = resample_noise(i) if resample_noise is not None else None
-            return _noise(given, list(generate), "resampling noise", full_shape, gen, device)
+            return _noise(given, list(generate), "resampling noise", full, gen, device)
 
         result.update(_solve_resampling(call, start, guided, guidance, sched, impose, resample, fresh, guidance_min_sigma))
     else:
@@ -118,10 +118,10 @@ def generate(
 
 
 def _known_part(known: Mapping[str, tuple[torch.Tensor, torch.Tensor]], generate: list[str],
-                start: Mapping[str, torch.Tensor], shape: tuple[int, ...], device: torch.device):
+                start: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], device: torch.device):
     """The function ``impose(x_flat, alpha, sigma)`` that puts the known latents, noised to
-    the level (alpha, sigma) with each modality's starting noise, where they are kept (the
-    generated modalities concatenated along channels, as :func:`_solve` holds them); None
+    the level (alpha, sigma) with each modality's starting noise, where they are kept (on
+    the generated modalities flattened and concatenated, as :func:`_solve` holds them); None
     when nothing is known."""
     bad = [m for m in known if m not in generate]
     if bad:
@@ -130,6 +130,7 @@ def _known_part(known: Mapping[str, tuple[torch.Tensor, torch.Tensor]], generate
         return None
     x0s, keeps = [], []
     for m in generate:
+        shape = shapes[m]
         if m in known:
             x0, keep = (v.to(device, torch.float32) for v in known[m])
             if tuple(x0.shape) != tuple(shape) or keep.ndim != 4 or keep.shape[1] != 1 or keep.shape[0] not in (1, shape[0]) \
@@ -140,16 +141,28 @@ def _known_part(known: Mapping[str, tuple[torch.Tensor, torch.Tensor]], generate
                 raise ValueError(f"the keep mask of {m} must lie in [0, 1]")
         else:
             x0, keep = torch.zeros(shape, device=device), torch.zeros((1, 1, *shape[-2:]), device=device)
-        x0s.append(x0)
-        keeps.append(keep.expand(shape[0], shape[1], -1, -1))
+        x0s.append(x0.flatten(1))
+        keeps.append(keep.expand(shape[0], shape[1], -1, -1).flatten(1))
     x0_flat, keep_flat = torch.cat(x0s, dim=1), torch.cat(keeps, dim=1)
-    noise_flat = torch.cat([start[m] for m in generate], dim=1)
+    noise_flat = _flat(start, generate)
 
     def impose(x_flat: torch.Tensor, alpha: float, sigma: float, noise: torch.Tensor | None = None) -> torch.Tensor:
         noise = noise_flat if noise is None else noise
         return keep_flat * (alpha * x0_flat + sigma * noise) + (1 - keep_flat) * x_flat
 
     return impose
+
+
+def _flat(x: Mapping[str, torch.Tensor], order: Sequence[str]) -> torch.Tensor:
+    """The modalities ``order`` of ``x``, each (B, C, H, W) flattened to (B, C*H*W), side by side:
+    the solver's state, whatever each modality's shape."""
+    return torch.cat([x[m].flatten(1) for m in order], dim=1)
+
+
+def _unflat(x_flat: torch.Tensor, like: Mapping[str, torch.Tensor], order: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_flat`: {modality: tensor of ``like[modality]``'s shape}."""
+    parts = x_flat.split([like[m][0].numel() for m in order], dim=1)
+    return {m: part.reshape(like[m].shape) for m, part in zip(order, parts)}
 
 
 def _check_request(names: Sequence[str], condition: Mapping[str, torch.Tensor], generate: Sequence[str],
@@ -172,40 +185,52 @@ def _check_request(names: Sequence[str], condition: Mapping[str, torch.Tensor], 
     return groups
 
 
-def _batch_shape(net, condition: Mapping[str, torch.Tensor], initial_noise: Mapping[str, torch.Tensor] | None,
-                 n_samples: int, latent_shape: tuple[int, int, int] | None) -> tuple[int, tuple[int, ...]]:
-    """The number of inputs B and the latent shape (C, H, W): from the conditions, else from
-    the starting noise given (unconditional), else one input of ``latent_shape`` (default:
-    the network's)."""
-    if condition:
-        first = next(iter(condition.values()))
-        return first.shape[0], tuple(first.shape[1:])
-    if initial_noise:
-        first = next(iter(initial_noise.values()))
-        return max(first.shape[0] // n_samples, 1), tuple(first.shape[1:])
-    return 1, tuple(latent_shape or net.latent_shape())
+def _batch_shapes(net, condition: Mapping[str, torch.Tensor], initial_noise: Mapping[str, torch.Tensor] | None,
+                  n_samples: int, latent_shape: tuple[int, int, int] | None) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """The number of inputs B and each modality's latent shape (C, H, W). A network whose
+    modalities share one shape: that of the conditions (a canvas may be larger than the
+    network), else of the starting noise given (unconditional), else ``latent_shape``
+    (default: the network's). A network of per-modality shapes (the native family): its own."""
+    shapes = getattr(net, "latent_shapes", None)
+    first = next(iter(condition.values()), None)
+    noise = next(iter((initial_noise or {}).values()), None)
+    b = first.shape[0] if first is not None else max(noise.shape[0] // n_samples, 1) if noise is not None else 1
+    names = list(net.config.modalities)
+    if shapes is not None and len(set(shapes.values())) > 1:
+        return b, {m: tuple(shapes[m]) for m in names}
+    if first is not None:
+        shape = tuple(first.shape[1:])
+    elif noise is not None:
+        shape = tuple(noise.shape[1:])
+    else:
+        shape = tuple(latent_shape or net.latent_shape())
+    return b, {m: shape for m in names}
 
 
-def _canvas(net, shape: tuple[int, ...], stride: int | None) -> Canvas | None:
-    """The windows of latents of ``shape`` (C, H, W) larger than the network's input; None
-    when they are the network's size."""
+def _canvas(net, shapes: Mapping[str, tuple[int, ...]], stride: int | None) -> Canvas | None:
+    """The windows of latents of the shared shape (C, H, W) larger than the network's input;
+    None when they are the network's size (or the modalities' shapes differ: no canvas)."""
+    if len(set(shapes.values())) > 1:
+        return None
+    shape = next(iter(shapes.values()))
     size = net.config.img_size
     if tuple(shape[-2:]) == (size, size):
         return None
     return Canvas(shape[-2], shape[-1], size, stride or max(size * 3 // 4, 1))
 
 
-def _noise(given: Mapping[str, torch.Tensor] | None, modalities: Sequence[str], what: str, shape: tuple[int, ...],
-           gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-    """Float32 noise ``shape`` = (B * n_samples, C, H, W) on ``device`` for each of
+def _noise(given: Mapping[str, torch.Tensor] | None, modalities: Sequence[str], what: str,
+           shapes: Mapping[str, tuple[int, ...]], gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """Float32 noise of ``shapes[m]`` = (B * n_samples, C, H, W) on ``device`` for each of
     ``modalities``, in their order: the one ``given``, else a draw from ``gen``; a given one of
     another shape is refused (``what`` names it)."""
     out = {}
     for m in modalities:
         fixed = given.get(m) if given is not None else None
+        shape = tuple(shapes[m])
         out[m] = fixed.to(device, torch.float32) if fixed is not None else torch.randn(shape, generator=gen).to(device)
-        if tuple(out[m].shape) != tuple(shape):
-            raise ValueError(f"{what} of {m} has shape {tuple(out[m].shape)}; expected {tuple(shape)}")
+        if tuple(out[m].shape) != shape:
+            raise ValueError(f"{what} of {m} has shape {tuple(out[m].shape)}; expected {shape}")
     return out
 
 
@@ -264,26 +289,25 @@ def _solve(call: _NetworkCall, start: Mapping[str, torch.Tensor], guided: Sequen
     the known latents put back before every step and after the last (``impose``, see
     :func:`_known_part`); returns {generated modality: (B * n_samples, C, H, W)}."""
     generate = call.generate
-    x_flat = torch.cat([start[m] for m in generate], dim=1)
-    split = [start[m].shape[1] for m in generate]
+    x_flat = _flat(start, generate)
     for i, k in enumerate(sched.timesteps):
         k = int(k)
         if impose is not None:
             x_flat = impose(x_flat, *state_scales(sched, i))
         guide = guided if float(sched.sigmas[i]) >= guidance_min_sigma else ()
-        x_flat = sched.step(_eps_flat(call, x_flat, split, k, guide, guidance), k, x_flat).prev_sample
+        x_flat = sched.step(_eps_flat(call, x_flat, start, k, guide, guidance), k, x_flat).prev_sample
     if impose is not None:
         x_flat = impose(x_flat, *state_scales(sched, len(sched.timesteps)))
-    return dict(zip(generate, x_flat.split(split, dim=1)))
+    return _unflat(x_flat, start, generate)
 
 
-def _eps_flat(call: _NetworkCall, x_flat: torch.Tensor, split: list[int], k: int, guided: Sequence[tuple[str, ...]],
-              guidance: Mapping[tuple[str, ...], float]) -> torch.Tensor:
+def _eps_flat(call: _NetworkCall, x_flat: torch.Tensor, like: Mapping[str, torch.Tensor], k: int,
+              guided: Sequence[tuple[str, ...]], guidance: Mapping[tuple[str, ...], float]) -> torch.Tensor:
     """The guided noise prediction for the state ``x_flat`` (the generated modalities
-    concatenated along channels, ``split`` channels each) at diffusers step ``k``, laid out the same way."""
-    xg = dict(zip(call.generate, x_flat.split(split, dim=1)))
+    flattened side by side, each of ``like[m]``'s shape) at diffusers step ``k``, laid out the same way."""
+    xg = _unflat(x_flat, like, call.generate)
     eps = _guided(call.eps(xg, k), {group: call.eps(xg, k, group) for group in guided}, guidance)
-    return torch.cat([eps[m] for m in call.generate], dim=1)
+    return _flat(eps, call.generate)
 
 
 RESAMPLE_UNTIL = 0.6  # the share of the solver steps (the noisy ones) that are resampled
@@ -299,15 +323,14 @@ def _solve_resampling(call: _NetworkCall, start: Mapping[str, torch.Tensor], gui
     alpha')^2) z``, and taken again; the known part is put back (freshly noised) before every
     network call. ``fresh(i)`` gives the i-th fresh noise draw."""
     generate = call.generate
-    split = [start[m].shape[1] for m in generate]
-    x_flat = torch.cat([start[m] for m in generate], dim=1)
+    x_flat = _flat(start, generate)
     draws = 0
 
     def next_noise() -> torch.Tensor:
         nonlocal draws
         noise = fresh(draws)
         draws += 1
-        return torch.cat([noise[m] for m in generate], dim=1)
+        return _flat(noise, generate)
 
     steps = len(sched.timesteps)
     for i, k in enumerate(sched.timesteps):
@@ -318,14 +341,14 @@ def _solve_resampling(call: _NetworkCall, start: Mapping[str, torch.Tensor], gui
         guide = guided if float(sched.sigmas[i]) >= guidance_min_sigma else ()
         for j in range(repeats + 1):
             x_flat = impose(x_flat, alpha, sigma, None if i == 0 and j == 0 else next_noise())
-            eps = _eps_flat(call, x_flat, split, k, guide, guidance)
+            eps = _eps_flat(call, x_flat, start, k, guide, guidance)
             x_flat = alpha_next * (x_flat - sigma * eps) / alpha + sigma_next * eps
             if j < repeats:
                 ratio = alpha / alpha_next
                 spread = max(sigma ** 2 - (ratio * sigma_next) ** 2, 0.0) ** 0.5
                 x_flat = ratio * x_flat + spread * next_noise()
     x_flat = impose(x_flat, *state_scales(sched, steps))
-    return dict(zip(generate, x_flat.split(split, dim=1)))
+    return _unflat(x_flat, start, generate)
 
 
 def _guided(full: dict[str, torch.Tensor], dropped: Mapping[tuple[str, ...], dict[str, torch.Tensor]],

@@ -333,3 +333,74 @@ def test_convert_weights_copgen__network_and_band_group_vaes(tmp_path):
     bad = CliRunner().invoke(app, ["convert-weights", "--family", "copgen", "--checkpoint", str(tmp_path / "500000_nnet_ema.pth"),
                                    "--config", "copgen-base", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "3 modalities but 12" in bad.output, bad.output
+
+
+# ----------------------------------------------------------------------------- patch layout
+def test_patch_layout__official_rule_and_same_ground_in_every_group(world):
+    from majortom_gen.native import cut_patches, patch_offsets
+    from majortom_gen.sources import dataset_root, decode_band, read_metadata, read_product_of
+
+    assert patch_offsets(1068, 192) == [0, 192, 384, 576, 768, 876]  # the last patch overlaps by 84 px
+    assert patch_offsets(356, 64) == [0, 64, 128, 192, 256, 292] and patch_offsets(178, 32)[-1] == 146
+    meta = read_metadata(dataset_root("S2L2A", world), "S2L2A")
+    row = meta.iloc[0]
+    ten, twenty = get_band_group("S2L2A_B02_B03_B04_B08"), get_band_group("S2L2A_B05_B06_B07_B11_B12_B8A")
+    product = read_product_of(row, list(ten.bands + twenty.bands))
+    stacks, transforms = {}, {}
+    for g in (ten, twenty):
+        rasters = [decode_band(product, b) for b in g.bands]
+        stacks[g.name] = np.stack([r.array for r in rasters])
+        transforms[g.name] = rasters[0].transform
+        assert rasters[0].crs == row["crs"]
+    cut = {g.name: cut_patches(stacks[g.name], g, transforms[g.name], row["crs"]) for g in (ten, twenty)}
+    assert [len(v) for v in cut.values()] == [36, 36]
+    for (p10, a10), (p20, a20) in zip(cut[ten.name], cut[twenty.name]):
+        assert p10.index == p20.index and a10.shape == (4, 192, 192) and a20.shape == (6, 96, 96)
+        # the same ground: same upper-left corner, 1920 m wide, in the product's UTM zone
+        assert p10.transform.c == p20.transform.c and p10.transform.f == p20.transform.f
+        assert p10.transform.a * p10.size_px == p20.transform.a * p20.size_px == 1920.0
+        assert np.array_equal(a10, stacks[ten.name][:, p10.row_off:p10.row_off + 192, p10.col_off:p10.col_off + 192])
+    last = cut[ten.name][-1][0]
+    assert (last.patch_row, last.patch_col, last.row_off) == (5, 5, 876)
+    assert last.transform.f + 876 * 10 == transforms[ten.name].f  # its north edge lies 8760 m south of the product's
+    # an S1 raster of 1069 px is cropped to the 1068 grid; a raster too small is refused by name
+    s1 = get_band_group("S1RTC_vh_vv")
+    patches = cut_patches(np.ones((2, 1069, 1069), np.float32), s1, transforms[ten.name], row["crs"])
+    assert patches[-1][1].shape == (2, 192, 192)
+    with pytest.raises(ValueError, match=r"S1RTC_vh_vv: expected \(2, 1068, 1068\)"):
+        cut_patches(np.ones((2, 1000, 1000), np.float32), s1, transforms[ten.name], row["crs"])
+
+
+# ----------------------------------------------------------------------------- sampling with per-modality shapes
+def test_generate__any_subset_from_any_other_with_per_modality_shapes():
+    from model.sample import generate
+    from model.uvit import MultiModalUViT
+
+    names = ["3d_cartesian_lat_lon", "mean_timestamps", "DEM_DEM", "S2L2A_B02_B03_B04_B08"]
+    specs = network_modalities(names)
+    specs["S2L2A_B02_B03_B04_B08"]["patch_size"] = 4
+    torch.manual_seed(0)
+    net = MultiModalUViT(**cop_gen_network_config(specs), embed_dim=32, depth=2, num_heads=4, prediction="v").eval()
+    g = torch.Generator().manual_seed(1)
+    s2 = torch.randn(2, 8, 24, 24, generator=g)
+    where = torch.from_numpy(np.concatenate([encode_lat_lon(45.0, 7.5), encode_lat_lon(-33.9, 18.4)]))[:, None]  # (2, 1, 1, 3)
+    when = torch.from_numpy(np.concatenate([encode_date("2021-01-15"), encode_date("2021-07-15")]))[:, None]
+    cond = {"S2L2A_B02_B03_B04_B08": s2, "3d_cartesian_lat_lon": where}
+    out = generate(net, cond, ["DEM_DEM", "mean_timestamps"], n_samples=2, steps=4, seed=3,
+                   guidance={"S2L2A_B02_B03_B04_B08": 1.0})
+    assert out["DEM_DEM"].shape == (4, 8, 8, 8) and out["mean_timestamps"].shape == (4, 1, 1, 3)
+    assert torch.equal(out["S2L2A_B02_B03_B04_B08"], s2.repeat_interleave(2, 0))
+    again = generate(net, cond, ["DEM_DEM", "mean_timestamps"], n_samples=2, steps=4, seed=3,
+                     guidance={"S2L2A_B02_B03_B04_B08": 1.0})
+    assert torch.equal(out["DEM_DEM"], again["DEM_DEM"])
+    other = generate(net, {**cond, "3d_cartesian_lat_lon": where.flip(0)}, ["DEM_DEM", "mean_timestamps"], n_samples=2,
+                     steps=4, seed=3, guidance={"S2L2A_B02_B03_B04_B08": 1.0})
+    assert not torch.allclose(out["DEM_DEM"], other["DEM_DEM"])  # the location token reaches the DEM
+    # a date as the condition ("this place in January"), S2 generated; part of the S2 known (gap filling)
+    keep = torch.zeros(1, 1, 24, 24)
+    keep[..., :12] = 1
+    filled = generate(net, {"mean_timestamps": when, "3d_cartesian_lat_lon": where}, ["S2L2A_B02_B03_B04_B08"], steps=4,
+                      seed=3, known={"S2L2A_B02_B03_B04_B08": (s2, keep)})
+    assert torch.allclose(filled["S2L2A_B02_B03_B04_B08"][..., :12], s2[..., :12], atol=1e-5)
+    with pytest.raises(ValueError, match="wrong shape"):
+        generate(net, {"DEM_DEM": torch.zeros(1, 8, 24, 24)}, ["mean_timestamps"], steps=2, seed=0)
