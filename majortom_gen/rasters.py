@@ -89,14 +89,23 @@ def cog_profile(raster: GeoRaster) -> dict:
 
 
 def write_cog(path: str | os.PathLike, raster: GeoRaster, tags: Mapping[str, object] | None = None, *,
-              rgb: bool = False) -> Path:
+              rgb: bool = False, scales: Sequence[float] | None = None, offsets: Sequence[float] | None = None,
+              units: Sequence[str] | None = None,
+              colormap: Mapping[int, tuple[int, int, int, int]] | None = None) -> Path:
     """Write ``raster`` as a Cloud-Optimized GeoTIFF at ``path`` (atomically: a temporary
     sibling renamed on success; parent folders are created). ``tags`` become dataset metadata
     with upper-case keys and ``str`` values; ``rgb`` marks a 3-band raster's bands as red,
-    green, blue. Returns ``path``."""
+    green, blue. ``scales``/``offsets``: per band, physical = stored * scale + offset (GDAL's,
+    which QGIS applies); ``units``: per band unit text; ``colormap``: {value: RGBA} for a
+    one-band class raster (paletted in QGIS). Returns ``path``."""
     path = Path(path)
     if rgb and raster.count != 3:
         raise ValueError(f"RGB colour interpretation needs 3 bands, not {raster.count}")
+    for what, values in (("scales", scales), ("offsets", offsets), ("units", units)):
+        if values is not None and len(values) != raster.count:
+            raise ValueError(f"{len(values)} {what} for {raster.count} bands")
+    if colormap is not None and (raster.count != 1 or raster.data.dtype != np.uint8):
+        raise ValueError("a colour table needs a one-band uint8 raster")
     with atomic_path(path) as tmp:
         with rasterio.open(tmp, "w", **cog_profile(raster)) as ds:
             ds.write(raster.data)
@@ -104,6 +113,14 @@ def write_cog(path: str | os.PathLike, raster: GeoRaster, tags: Mapping[str, obj
             ds.update_tags(**{str(k).upper(): str(v) for k, v in (tags or {}).items()})
             if rgb:
                 ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+            if scales is not None:
+                ds.scales = tuple(float(v) for v in scales)
+            if offsets is not None:
+                ds.offsets = tuple(float(v) for v in offsets)
+            if units is not None:
+                ds.units = tuple(units)
+            if colormap is not None:
+                ds.write_colormap(1, dict(colormap))
     return path
 
 

@@ -404,3 +404,63 @@ def test_generate__any_subset_from_any_other_with_per_modality_shapes():
     assert torch.allclose(filled["S2L2A_B02_B03_B04_B08"][..., :12], s2[..., :12], atol=1e-5)
     with pytest.raises(ValueError, match="wrong shape"):
         generate(net, {"DEM_DEM": torch.zeros(1, 8, 24, 24)}, ["mean_timestamps"], steps=2, seed=0)
+
+
+# ----------------------------------------------------------------------------- export in physical units
+def test_export__physical_units_band_names_and_grid(world, tmp_path):
+    import rasterio
+
+    from majortom_gen.native import cut_patches
+    from majortom_gen.native_export import assemble_patches, write_physical
+    from majortom_gen.sources import dataset_root, decode_band, read_metadata, read_product_of
+
+    outs = {}
+    for source, group in (("S2L2A", "S2L2A_B05_B06_B07_B11_B12_B8A"), ("S1RTC", "S1RTC_vh_vv"), ("DEM", "DEM_DEM")):
+        g = get_band_group(group)
+        row = read_metadata(dataset_root(source, world), source).iloc[0]
+        rasters = [decode_band(read_product_of(row, list(g.bands)), b) for b in g.bands]
+        stack = np.stack([r.array for r in rasters]).astype(np.float32)
+        # the generation path: patches -> model space -> back to units -> one product raster
+        patches = [(p, from_model(g, to_model(g, a))) for p, a in cut_patches(stack, g, rasters[0].transform, row["crs"])]
+        values, transform = assemble_patches(g, patches)
+        assert transform == rasters[0].transform and values.shape == stack.shape
+        valid = stack > 0  # the official encodings floor values <= 0 (nodata included)
+        assert np.allclose(values[valid], stack[valid], rtol=1e-3, atol=0.6), group  # the last row/col overlap averages back
+        outs[group] = write_physical(tmp_path / f"{group}.tif", g, values, transform, row["crs"])
+        with rasterio.open(outs[group]) as ds:
+            assert ds.crs.to_string() == row["crs"] and ds.transform == rasters[0].transform
+            assert ds.descriptions == tuple(b.upper() if source == "S1RTC" else b for b in g.bands)
+            if source == "S2L2A":
+                assert ds.dtypes[0] == "uint16" and ds.nodata == 0 and ds.scales == (1e-4,) * 6 and ds.units[0] == "reflectance"
+                assert np.abs(ds.read().astype(np.float32) - stack).max() <= 1.0  # Core DN, rounded
+            elif source == "S1RTC":
+                assert ds.dtypes[0] == "float32" and ds.units == ("linear power (gamma0)",) * 2
+            else:
+                assert ds.dtypes[0] == "float32" and ds.units == ("m",) and ds.tags()["MODALITY"] == "DEM_DEM"
+    db = write_physical(tmp_path / "s1_db.tif", "S1RTC_vh_vv", np.full((2, 4, 4), 0.01, np.float32),
+                        rasterio.Affine(10, 0, 0, 0, -10, 0), "EPSG:32632", db=True)
+    with rasterio.open(db) as ds:
+        assert np.allclose(ds.read(), -20.0) and ds.units == ("dB", "dB")
+
+
+def test_export__class_rasters_are_paletted_and_partial_products_are_nan(tmp_path):
+    import rasterio
+    from affine import Affine as A
+
+    from majortom_gen.native import patch_layout
+    from majortom_gen.native_export import assemble_patches, write_physical
+
+    g = get_band_group("S2L1C_cloud_mask")
+    layout = patch_layout(g, A(10, 0, 500000, 0, -10, 5000000), "EPSG:32632")
+    patches = [(p, np.full((1, 192, 192), p.index % 4, np.uint8)) for p in layout]
+    classes, transform = assemble_patches(g, patches)
+    assert classes.dtype == np.uint8 and classes[0, -1, -1] == 35 % 4  # the later patch wins in the overlap
+    path = write_physical(tmp_path / "mask.tif", g, classes, transform, "EPSG:32632")
+    with rasterio.open(path) as ds:
+        assert ds.colormap(1)[1] == (255, 255, 255, 255) and ds.tags()["CLASSES"] == "0,1,2,3"
+    dem = get_band_group("DEM_DEM")
+    some = [(p, np.ones((1, 64, 64), np.float32)) for p in patch_layout(dem, A(30, 0, 0, 0, -30, 0), "EPSG:32632")[:3]]
+    values, _ = assemble_patches(dem, some)
+    assert values[0, 0, 0] == 1.0 and np.isnan(values[0, -1, -1])
+    with pytest.raises(ValueError, match="does not belong"):
+        assemble_patches(dem, [(layout[0], np.zeros((1, 192, 192), np.uint8))])
