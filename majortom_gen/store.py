@@ -25,6 +25,12 @@ row/col offsets): ``grid_cell``, ``grid_row_u``, ``grid_col_r``, ``fragment_row`
 ``<M>_product_id``, ``<M>_timestamp`` and ``<M>`` for each modality M in DEM, S1RTC, S2L1C,
 S2L2A: latent moments (mean and log-variance stacked, ``(8, 32, 32)``) as float16.
 
+A native-family store (``fragment_mode`` ``copgen``) holds COP-GEN's band groups instead: 6 x 6
+patches per cell (``fragment_index`` = row*6+col, windows of 192 px in the 10 m grid, the last
+row and column overlapping), one column per band group with its own moment shape
+(``moment_shapes`` in the manifest, e.g. ``(16, 24, 24)`` for the 10 m S2 bands), and
+``<group>_product_id``/``<group>_timestamp`` from the Core product it was cut from.
+
 Writes are atomic: a shard is written to a temporary name and renamed; the manifest is
 rewritten the same way. Shards present on disk but missing from the manifest (a run killed
 between the two renames) are adopted when the store is opened, temporary files removed,
@@ -91,10 +97,12 @@ FORMAT = "majortom-gen-latent-store"
 VERSION = 1
 MOMENT_SHAPE = (8, 32, 32)  # mean (4) and log-variance (4) of a kl-f8 style latent, 32x32
 CODEC_DIR = "codec"  # STORE/codec: the codec's own files, when the store keeps them
-MOMENT_SIZE = int(np.prod(MOMENT_SHAPE))
 
 
-def store_schema(modalities: Sequence[str] = MODALITY_NAMES) -> pa.Schema:
+def store_schema(modalities: Sequence[str] = MODALITY_NAMES,
+                 moment_shapes: dict[str, Sequence[int]] | None = None) -> pa.Schema:
+    """The shard schema; each modality's moments are a fixed-size float16 list of
+    ``prod(moment_shapes[m])`` values (default :data:`MOMENT_SHAPE`)."""
     fields = [
         ("grid_cell", pa.string()), ("grid_row_u", pa.int32()), ("grid_col_r", pa.int32()),
         ("fragment_row", pa.int8()), ("fragment_col", pa.int8()), ("fragment_index", pa.int8()),
@@ -104,8 +112,13 @@ def store_schema(modalities: Sequence[str] = MODALITY_NAMES) -> pa.Schema:
     ]
     for m in modalities:
         fields += [(f"{m}_product_id", pa.string()), (f"{m}_timestamp", pa.timestamp("us", tz="UTC")),
-                   (m, pa.list_(pa.float16(), MOMENT_SIZE))]
+                   (m, pa.list_(pa.float16(), int(np.prod(_shape(moment_shapes, m)))))]
     return pa.schema(fields)
+
+
+def _shape(moment_shapes: dict[str, Sequence[int]] | None, modality: str) -> tuple[int, ...]:
+    """A modality's moment shape: from ``moment_shapes``, else :data:`MOMENT_SHAPE`."""
+    return tuple(int(v) for v in (moment_shapes or {}).get(modality, MOMENT_SHAPE))
 
 
 @dataclass(frozen=True)
@@ -128,14 +141,17 @@ class CodecInfo:
 class CellLatents:
     """One cell's fragments ready to store.
 
-    ``moments[m]`` is float16/float32 ``(n_fragments, 8, 32, 32)`` for each modality the cell
-    has; ``products[m]`` is ``(product_id, timestamp)``; ``windows`` the fragments'
-    ``(fragment_row, fragment_col, row_off, col_off)`` in the 1068 grid."""
+    ``moments[m]`` is float16/float32 ``(n_fragments, *moment_shape)`` (``(8, 32, 32)`` for
+    the thumbnail family) for each modality the cell has; ``products[m]`` is ``(product_id,
+    timestamp)``; ``windows`` the fragments' ``(fragment_row, fragment_col, row_off, col_off)``
+    in the 1068 grid, each ``fragment_px`` wide, ``grid_side`` per side (native patches: 192, 6)."""
 
     grid_cell: str
     windows: list[tuple[int, int, int, int]]
     moments: dict[str, np.ndarray]
     products: dict[str, tuple[str | None, pd.Timestamp | None]]
+    fragment_px: int = FRAGMENT_PX
+    grid_side: int = 4
 
 
 def fragment_geometry(cell_id: str, windows: Sequence[tuple[int, int, int, int]], size: int = FRAGMENT_PX) -> dict[str, list]:
@@ -161,26 +177,27 @@ def fragment_geometry(cell_id: str, windows: Sequence[tuple[int, int, int, int]]
     return out
 
 
-def cells_table(cells: Iterable[CellLatents], modalities: Sequence[str] = MODALITY_NAMES) -> pa.Table:
+def cells_table(cells: Iterable[CellLatents], modalities: Sequence[str] = MODALITY_NAMES,
+                moment_shapes: dict[str, Sequence[int]] | None = None) -> pa.Table:
     """Arrow table (store schema) of cells' fragments."""
-    schema = store_schema(modalities)
+    schema = store_schema(modalities, moment_shapes)
     cols: dict[str, list] = {f.name: [] for f in schema}
     for cell in cells:
         n = len(cell.windows)
         row_u, col_r = parse_cell_id(cell.grid_cell)
         epsg = product_box(cell.grid_cell).epsg
-        geo = fragment_geometry(cell.grid_cell, cell.windows)
+        geo = fragment_geometry(cell.grid_cell, cell.windows, cell.fragment_px)
         cols["grid_cell"] += [cell.grid_cell] * n
         cols["grid_row_u"] += [row_u] * n
         cols["grid_col_r"] += [col_r] * n
         for fr, fc, r0, c0 in cell.windows:
             cols["fragment_row"].append(fr)
             cols["fragment_col"].append(fc)
-            cols["fragment_index"].append(fr * 4 + fc if fr >= 0 else -1)
+            cols["fragment_index"].append(fr * cell.grid_side + fc if fr >= 0 else -1)
             cols["row_off"].append(r0)
             cols["col_off"].append(c0)
-            cols["height"].append(FRAGMENT_PX)
-            cols["width"].append(FRAGMENT_PX)
+            cols["height"].append(cell.fragment_px)
+            cols["width"].append(cell.fragment_px)
         cols["utm_crs"] += [f"EPSG:{epsg}"] * n
         for k, v in geo.items():
             cols[k] += v
@@ -192,9 +209,10 @@ def cells_table(cells: Iterable[CellLatents], modalities: Sequence[str] = MODALI
             if mom is None:
                 cols[m] += [None] * n
             else:
-                if mom.shape != (n,) + MOMENT_SHAPE:
-                    raise StoreError(f"{cell.grid_cell} {m}: moments of shape {mom.shape}, expected {(n,) + MOMENT_SHAPE}")
-                cols[m].append(np.asarray(mom, dtype=np.float16).reshape(n, MOMENT_SIZE))
+                shape = (n,) + _shape(moment_shapes, m)
+                if mom.shape != shape:
+                    raise StoreError(f"{cell.grid_cell} {m}: moments of shape {mom.shape}, expected {shape}")
+                cols[m].append(np.asarray(mom, dtype=np.float16).reshape(n, -1))
     arrays = []
     for f in schema:
         if f.name in modalities:
@@ -211,7 +229,7 @@ def _moment_column(parts: list, typ: pa.DataType) -> pa.Array:
         if p is None:
             chunks.append(pa.nulls(1, typ))
         else:
-            chunks.append(pa.FixedSizeListArray.from_arrays(pa.array(p.ravel(), pa.float16()), MOMENT_SIZE))
+            chunks.append(pa.FixedSizeListArray.from_arrays(pa.array(p.ravel(), pa.float16()), typ.list_size))
     if not chunks:
         return pa.array([], typ)
     return pa.concat_arrays([c.cast(typ) for c in chunks])
@@ -235,8 +253,8 @@ _META_KEY = b"majortom_gen"  # footer key-value metadata of a shard: the store h
 
 def _store_header(manifest: dict) -> dict:
     """What a shard records of its store, so that a lost manifest can be rebuilt from shards."""
-    return {k: manifest[k] for k in ("format", "version", "codec", "fragment_mode", "modalities", "moment_shape")
-            if k in manifest}
+    return {k: manifest[k] for k in ("format", "version", "codec", "fragment_mode", "modalities", "moment_shape",
+                                     "moment_shapes") if k in manifest}
 
 
 def cells_index(table: pa.Table, modalities: Sequence[str]) -> dict[str, set[str]]:
@@ -397,9 +415,11 @@ class LatentStore:
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def create(cls, root: str | os.PathLike, codec: CodecInfo, fragment_mode: str = "grid",
-               modalities: Sequence[str] = MODALITY_NAMES) -> "LatentStore":
-        """Open the store at ``root``, creating it if absent; refuses a different codec or
-        fragment mode than the existing store's."""
+               modalities: Sequence[str] = MODALITY_NAMES,
+               moment_shapes: dict[str, Sequence[int]] | None = None) -> "LatentStore":
+        """Open the store at ``root``, creating it if absent; refuses a different codec,
+        fragment mode or moment shapes than the existing store's. ``moment_shapes``: per
+        modality (the native family); default :data:`MOMENT_SHAPE` for all."""
         root = Path(root)
         if (root / "manifest.json").exists():
             store = cls.open(root)
@@ -411,11 +431,18 @@ class LatentStore:
                 )
             if store.manifest["fragment_mode"] != fragment_mode:
                 raise StoreError(f"{root}: the store holds '{store.manifest['fragment_mode']}' fragments, not '{fragment_mode}'")
+            wanted = {m: list(_shape(moment_shapes, m)) for m in modalities}
+            have = {m: list(store.moment_shape(m)) for m in modalities if m in store.modalities}
+            if any(have[m] != wanted[m] for m in have) or set(modalities) - set(store.modalities):
+                raise StoreError(f"{root}: the store holds {store.modalities} with moment shapes "
+                                 f"{ {m: list(store.moment_shape(m)) for m in store.modalities} }; refusing {wanted}")
             return store
         _refuse_unlisted_folder(root)
         (root / "shards").mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT, "version": VERSION, "codec": codec.as_dict(), "fragment_mode": fragment_mode,
                     "modalities": list(modalities), "moment_shape": list(MOMENT_SHAPE), "shards": []}
+        if moment_shapes:
+            manifest["moment_shapes"] = {m: list(_shape(moment_shapes, m)) for m in modalities}
         store = cls(root, manifest)
         store._write_manifest()
         return store
@@ -487,6 +514,10 @@ class LatentStore:
     @property
     def modalities(self) -> list[str]:
         return list(self.manifest["modalities"])
+
+    def moment_shape(self, modality: str) -> tuple[int, ...]:
+        """The shape of one fragment's moments of ``modality`` (``(8, 32, 32)`` for thumbnails)."""
+        return _shape(self.manifest.get("moment_shapes"), modality)
 
     @property
     def codec(self) -> dict:
@@ -709,7 +740,7 @@ def _refuse_unlisted_folder(root: Path) -> None:
 
 @dataclass
 class AlignedArrays:
-    """Aligned latent moments for training: ``moments[m]`` float16 ``(N, 8, 32, 32)`` for
+    """Aligned latent moments for training: ``moments[m]`` float16 ``(N, *moment_shape)`` for
     each requested modality (row i of every array is the same fragment), ``grid_cell`` (N,)."""
 
     moments: dict[str, np.ndarray]
@@ -724,12 +755,12 @@ class AlignedArrays:
         return {m: a[idx] for m, a in self.moments.items()}
 
 
-def moment_array(table: pa.Table, column: str, dtype=np.float16) -> np.ndarray:
-    """A modality column without nulls as an array ``(rows, 8, 32, 32)``."""
+def moment_array(table: pa.Table, column: str, dtype=np.float16, shape: Sequence[int] = MOMENT_SHAPE) -> np.ndarray:
+    """A modality column without nulls as an array ``(rows, *shape)`` (default ``(8, 32, 32)``)."""
     if table.column(column).null_count:
         raise StoreError(f"column {column} has {table.column(column).null_count} missing fragments; filter them first")
     flat = table.column(column).combine_chunks().flatten() if table.num_rows else pa.array([], pa.float16())
-    return np.asarray(flat.to_numpy(zero_copy_only=False), dtype=dtype).reshape((-1,) + MOMENT_SHAPE)
+    return np.asarray(flat.to_numpy(zero_copy_only=False), dtype=dtype).reshape((-1,) + tuple(shape))
 
 
 def has_all(table: pa.Table, modalities: Sequence[str]) -> np.ndarray:
@@ -783,7 +814,7 @@ def load_aligned(store: LatentStore, modalities: Sequence[str], *, split: str | 
     # rows by (cell, fragment): what a store holds, not the order its shards happened to be written in
     # (parallel ingest finishes them in any order), decides the arrays, hence training and evaluation
     t = t.sort_by([("grid_cell", "ascending"), ("fragment_index", "ascending")])
-    moments = {m: moment_array(t, m) for m in modalities}
+    moments = {m: moment_array(t, m, shape=store.moment_shape(m)) for m in modalities}
     cells = np.asarray(t.column("grid_cell").to_pylist(), dtype=str)
     frag = t.column("fragment_index").to_numpy()
     if cache:

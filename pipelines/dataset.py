@@ -71,7 +71,8 @@ def build_dataset(store_dir: str | os.PathLike, out: str | os.PathLike, *, cells
     counts = {s: int(pc.sum(pc.equal(table.column("split"), s)).as_py() or 0) for s in SPLITS}
     final = Path(out)
     with staged_folder(final, overwrite=overwrite, inputs=(store_dir,), kind="dataset build") as tmp:
-        subset = LatentStore.create(tmp, _codec_info(store), store.manifest["fragment_mode"], modalities=mods)
+        subset = LatentStore.create(tmp, _codec_info(store), store.manifest["fragment_mode"], modalities=mods,
+                                    moment_shapes=store.manifest.get("moment_shapes"))
         if store.codec_dir.is_dir():
             shutil.copytree(store.codec_dir, subset.codec_dir)
         subset.write_shard(table)
@@ -96,7 +97,8 @@ def _codec_info(store: LatentStore):
 
 def export_hf(table: pa.Table, folder: Path, modalities: Sequence[str], manifest: dict) -> Path:
     """A ``datasets.DatasetDict`` (train / test) saved with ``save_to_disk``. Latent moments
-    are ``Array3D((8, 32, 32), float16)`` (mean: channels 0-3, log-variance: 4-7); the
+    are ``Array3D((8, 32, 32), float16)`` (mean: channels 0-3, log-variance: 4-7; a native
+    store: each band group's moment shape, means first); the
     footprint is WKB in EPSG:4326 and the fragment's UTM transform is kept."""
     import datasets
 
@@ -105,10 +107,11 @@ def export_hf(table: pa.Table, folder: Path, modalities: Sequence[str], manifest
                 "centre_lat": datasets.Value("float64"), "centre_lon": datasets.Value("float64"),
                 "utm_crs": datasets.Value("string"), "utm_transform": datasets.Sequence(datasets.Value("float64"), length=6),
                 "geometry": datasets.Value("binary")}
+    shapes = {m: tuple((manifest.get("moment_shapes") or {}).get(m, MOMENT_SHAPE)) for m in modalities}
     for m in modalities:
         keep += [f"{m}_product_id", m]
         features[f"{m}_product_id"] = datasets.Value("string")
-        features[m] = datasets.Array3D(shape=MOMENT_SHAPE, dtype="float16")
+        features[m] = datasets.Array3D(shape=shapes[m], dtype="float16")
     info = datasets.DatasetInfo(description=f"Major TOM latent moments ({manifest['codec']['name']} codec), "
                                 "split by grid cell (spatially blocked) with majortom-gen",
                                 features=datasets.Features(features))
@@ -119,7 +122,7 @@ def export_hf(table: pa.Table, folder: Path, modalities: Sequence[str], manifest
         data = {k: rows.column(k).to_pylist() for k in keep if k not in modalities}
         for m in modalities:
             flat = rows.column(m).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            data[m] = np.asarray(flat, np.float16).reshape((-1,) + MOMENT_SHAPE)
+            data[m] = np.asarray(flat, np.float16).reshape((-1,) + shapes[m])
         parts[s] = datasets.Dataset.from_dict(data, features=info.features, info=info, split=s)
     dd = datasets.DatasetDict(parts)
     dd.save_to_disk(str(folder))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -31,11 +32,18 @@ from pipelines.cli.common import (
 )
 
 
-def run_ingest(source: str, ids: list[str], store: Path, options, *, modalities: tuple[str, ...], filters, rule: str):
+def run_ingest(source: str, ids: list[str], store: Path, options, *, modalities: tuple[str, ...], filters, rule: str,
+               groups: tuple[str, ...] | None = None):
+    """The thumbnail ingest, or with ``groups`` the native family's (COP-GEN band groups)."""
     from pipelines.ingest import ingest
+    from pipelines.ingest_native import ingest_native
 
     with progress_bar("ingesting cells", "cells") as update:
-        report = ingest(source, ids, store, options, modalities=modalities, filters=filters, rule=rule, progress=update)
+        if groups is not None:
+            report = ingest_native(source, ids, store, options, groups=groups, filters=filters, rule=rule, progress=update)
+        else:
+            report = ingest(source, ids, store, options, modalities=modalities, filters=filters, rule=rule,
+                            progress=update)
     console.print(f"[green]stored[/] {report.cells_written} cells, {report.fragments_written} fragments in "
                   f"{report.shards_written} shard(s) -> {report.store} ({report.seconds:.1f} s); "
                   f"{report.cells_already_stored} cells were already stored")
@@ -85,8 +93,14 @@ def ingest(
     cells_per_shard: Annotated[int, typer.Option(min=1, help="Cells per store shard (one Dask encode task each).")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (sd-vae).")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32, fp16 or bf16 (sd-vae on GPU).")] = "fp32",
+    family: Annotated[str, typer.Option(
+        help="thumbnails (COP-GEN-Beta: 4x4 fragments of the thumbnails) or native (COP-GEN: band groups at their "
+             "native resolution, 6x6 patches; --codec patch-pca or cop-gen-vae).")] = "thumbnails",
+    groups: Annotated[Optional[str], typer.Option(
+        help="native: comma-separated band groups (default: DEM_DEM, S1RTC_vh_vv and the three S2L2A groups).")] = None,
 ) -> None:
-    """Ingest Major TOM shards into a grid-indexed latent store (Dask)."""
+    """Ingest Major TOM shards into a grid-indexed latent store (Dask): thumbnail fragments,
+    or (``--family native``) COP-GEN band groups in their official normalisation."""
     from majortom_gen.modalities import parse_modalities
     from majortom_gen.selection import Filters
     from pipelines.ingest import IngestOptions
@@ -95,7 +109,19 @@ def ingest(
     options = IngestOptions(codec=codec, codec_source=codec_source, fragment_mode=fragments, cells_per_shard=cells_per_shard,
                             scheduler=scheduler, workers=workers or None, threads=threads, device=device, precision=precision)
     filters = Filters(start, end, max_cloud_cover, max_nodata)
-    report = run_ingest(source, ids, store, options, modalities=parse_modalities(modalities), filters=filters, rule=rule)
+    if family not in ("thumbnails", "native"):
+        raise MajorTomGenError(f"--family must be thumbnails or native, got {family!r}")
+    if family == "thumbnails" and groups:
+        raise MajorTomGenError("--groups goes with --family native")
+    chosen = None
+    if family == "native":
+        from pipelines.ingest_native import DEFAULT_GROUPS
+
+        chosen = tuple(g.strip() for g in groups.split(",") if g.strip()) if groups else DEFAULT_GROUPS
+        if codec == "small-vae":  # the default of the thumbnail family: the native family's offline codec instead
+            options = replace(options, codec="patch-pca")
+    report = run_ingest(source, ids, store, options, modalities=parse_modalities(modalities), filters=filters, rule=rule,
+                        groups=chosen)
     if report.completed_with_errors:
         err_console.print(Text("completed with errors", style="bold yellow"))
         raise typer.Exit(EXIT_COMPLETED_WITH_ERRORS)
