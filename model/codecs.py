@@ -276,9 +276,17 @@ def default_norm(name: str, channels: int = 4, config: Mapping[str, Any] | None 
     return LatentNorm((0.0,) * channels, scale)
 
 
+# The scalar tokens of the native family (location, date) have no codec: the network sees them as they are.
+SCALAR_NORM = LatentNorm((0.0,), 1.0)
+
+
 def latent_norms(codec_info: dict, modalities: Sequence[str]) -> dict[str, LatentNorm]:
     """Each modality's normalisation from a codec record (``Codec.info()``, or a store
-    manifest's ``codec``): the fitted ones it holds, or the codec's default."""
+    manifest's ``codec``): the fitted ones it holds, or the codec's default. A codec set (a
+    native store) gives each band group its member's, and the scalar tokens the identity."""
+    if codec_info.get("name") == "codec-set":  # the native family: one codec per band group
+        members = (codec_info.get("config") or {}).get("members") or {}
+        return {m: latent_norms(members[m], [m])[m] if m in members else SCALAR_NORM for m in modalities}
     fitted = (codec_info.get("config") or {}).get("latent_norm") or {}
     config = codec_info.get("config") or {}
     channels = int(config.get("latent_channels", 4))

@@ -310,13 +310,13 @@ def _run_steps(run: _Run, out: Path, arrays: Mapping[str, np.ndarray], norms: Ma
 
 def _batch(arrays: Mapping[str, np.ndarray], norms: Mapping[str, LatentNorm], idx: np.ndarray, hflip: bool,
            gen: torch.Generator, device) -> dict[str, torch.Tensor]:
-    """The clean latents of rows ``idx``: {modality: (B, 4, H, W)} drawn from the moments and
+    """The clean latents of rows ``idx``: {modality: (B, C, H, W)} drawn from the moments and
     normalised, each tuple mirrored left-right with probability 1/2 (``hflip``), on ``device``."""
     x0 = {m: norms[m].to_network(sample_latents(torch.from_numpy(np.asarray(a[idx], dtype=np.float32)), 1.0, gen))
           for m, a in arrays.items()}
-    if hflip:
+    if hflip:  # scalar tokens ((C, 1, N) latents: a location, a date) are values, not images: never mirrored
         flip = torch.rand(len(idx), generator=gen) < 0.5
-        x0 = {m: torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x) for m, x in x0.items()}
+        x0 = {m: torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x) if x.shape[-2] > 1 else x for m, x in x0.items()}
     return {m: x.to(device) for m, x in x0.items()}
 
 

@@ -159,6 +159,21 @@ def load_codec_set(folder: str | Path, groups: Sequence[str], *, device: str = "
     return {g: load_codec(source=Path(folder) / g, device=device, dtype=dtype) for g in groups}
 
 
+def store_codec_set(store: LatentStore, groups: Sequence[str], *, device: str = "cpu") -> dict:
+    """The codecs of a native store's ``groups``: its own folder (``STORE/codec``, patch-pca) or
+    the one it records (cop-gen-vae); each checked against the identity the store recorded."""
+    record = store.codec
+    if record.get("name") != "codec-set":
+        raise MajorTomGenError(f"{store.root}: not a native store (codec {record.get('name')})")
+    folder = Path(record["source"]) if record.get("source") else store.codec_dir
+    codecs = load_codec_set(folder, groups, device=device)
+    members = record["config"]["members"]
+    wrong = [g for g in groups if g not in members or codecs[g].info()["config_hash"] != members[g]["config_hash"]]
+    if wrong:
+        raise MajorTomGenError(f"{folder}: the codecs of {wrong} are not those that made the store's latents")
+    return codecs
+
+
 def codec_set_info(name: str, codecs: dict, source: str | None = None) -> CodecInfo:
     """The store's record of a codec set: each member's identity, and one hash over them."""
     members = {g: c.info() for g, c in sorted(codecs.items())}

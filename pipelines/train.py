@@ -13,10 +13,13 @@ from pathlib import Path
 
 from majortom_gen.errors import MajorTomGenError
 from majortom_gen.staging import write_text_atomic
+from majortom_gen.native import get_band_group
 from majortom_gen.store import LatentStore, load_aligned
 from model.codecs import latent_norms
 from model.config import load_config
+from pipelines.ingest_native import NATIVE_MODE
 from pipelines.model_folder import model_record, open_model_for_store
+from pipelines.native_scalars import scalar_moments
 from model.train import (  # noqa: F401 (the demo's model and the warning class, for the CLI)
     SHIPPED_DEMO_MODEL,
     TrainingWarning,
@@ -70,10 +73,15 @@ def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out:
                  if options.init_from is not None else None)
     inherited = _inherited_cells(Path(out), options.resume, init_from)
     modalities = list(cfg.nnet.get("modalities", store.modalities))
-    arrays = load_aligned(store, modalities, split="train", test_fraction=options.test_fraction, seed=options.split_seed,
+    native = store.manifest["fragment_mode"] == NATIVE_MODE
+    scalars = [m for m in modalities if native and m not in store.modalities and get_band_group(m).is_scalar]
+    stored = [m for m in modalities if m not in scalars]
+    arrays = load_aligned(store, stored, split="train", test_fraction=options.test_fraction, seed=options.split_seed,
                           cache=True)
     if len(arrays) == 0:
-        raise MajorTomGenError(f"{store_dir}: no training fragment has all of {modalities}")
+        raise MajorTomGenError(f"{store_dir}: no training fragment has all of {stored}")
+    for m in scalars:  # location and date tokens: from each patch's place and its products' dates
+        arrays.moments[m] = scalar_moments(store, m, arrays.grid_cell, arrays.fragment_index)
 
     def record(folder: Path, result: TrainResult) -> None:
         meta = {"store": str(Path(store_dir).resolve()), "codec": store.codec, "test_fraction": options.test_fraction,
@@ -88,7 +96,8 @@ def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out:
 
     result = train(cfg, arrays.moments, out, norms=latent_norms(store.codec, modalities), max_steps=options.max_steps,
                    resume=options.resume, progress=progress, device=options.device, init_from=init_from,
-                   on_checkpoint=_sample_grid_callback(store, Path(store_dir), Path(out) / "samples", cfg.sample.steps),
+                   on_checkpoint=None if native else _sample_grid_callback(store, Path(store_dir), Path(out) / "samples",
+                                                                            cfg.sample.steps),
                    data={"codec": _codec_id(store.codec)}, finish_model=record)
     plot_losses(Path(out) / "log.jsonl", Path(out) / "loss.png")
     return result

@@ -578,3 +578,47 @@ def test_ingest_native__with_cop_gen_vaes(world, tmp_path):
     assert store.codec["source"] == str(folder.resolve()) and not (tmp_path / "store" / "codec").exists()
     assert set(store.codec["config"]["members"]) == {"DEM_DEM", "S2L2A_B01_B09"}
     assert store.codec["config"]["members"]["DEM_DEM"]["name"] == "cop-gen-vae"
+
+
+# ----------------------------------------------------------------------------- train and sample on a native store
+def test_train_and_sample_native__geotiffs_in_metres_independent_of_other_cells(world, tmp_path):
+    import rasterio
+    import yaml
+
+    from majortom_gen.errors import MajorTomGenError
+    from majortom_gen.georef import product_box
+    from pipelines.ingest import IngestOptions
+    from pipelines.ingest_native import ingest_native
+    from pipelines.native_sample import NativeSampling, sample_native
+    from pipelines.train import TrainOptions, train_on_store
+    from conftest import WORLD_CELLS
+
+    groups = ("DEM_DEM", "S2L2A_B01_B09")
+    ingest_native(world, list(WORLD_CELLS), tmp_path / "store", IngestOptions(codec="patch-pca", scheduler="synchronous"),
+                  groups=groups)
+    names = ["3d_cartesian_lat_lon", "mean_timestamps", *groups]
+    spec = network_modalities(names)
+    nnet = {**cop_gen_network_config(spec), "embed_dim": 32, "depth": 2, "num_heads": 4, "prediction": "v"}
+    nnet["modalities"] = list(nnet["modalities"])
+    config = {"nnet": nnet, "optimizer": {"lr": 1.0e-3, "warmup_steps": 1},
+              "train": {"batch_size": 8, "max_steps": 2, "checkpoint_every": 2, "log_every": 1, "hflip": False}}
+    (tmp_path / "native.yaml").write_text(yaml.safe_dump(config))
+    result = train_on_store(tmp_path / "native.yaml", tmp_path / "store", tmp_path / "run",
+                            TrainOptions(test_fraction=0.0, device="cpu"))
+    assert result.steps == 2 and np.isfinite(result.last_loss)
+    options = NativeSampling(steps=2, seed=1, n_samples=2, guidance=1.0)
+    cond = ["S2L2A_B01_B09", "3d_cartesian_lat_lon", "mean_timestamps"]
+    both = sample_native(tmp_path / "run" / "model", tmp_path / "store", list(WORLD_CELLS[:2]), cond, ["DEM_DEM"],
+                         tmp_path / "out", options)
+    alone = sample_native(tmp_path / "run" / "model", tmp_path / "store", [WORLD_CELLS[1]], cond, ["DEM_DEM"], None, options)
+    a, b = alone.rasters[(WORLD_CELLS[1], "DEM_DEM", 1)][0], both.rasters[(WORLD_CELLS[1], "DEM_DEM", 1)][0]
+    assert np.allclose(a, b, atol=1e-4)  # a cell's result does not depend on the other cells asked for
+    assert not np.allclose(both.rasters[(WORLD_CELLS[1], "DEM_DEM", 0)][0], b)  # two different samples
+    path = tmp_path / "out" / WORLD_CELLS[0] / "DEM_DEM_s0.tif"
+    assert path in both.files
+    with rasterio.open(path) as ds:
+        box = product_box(WORLD_CELLS[0])
+        assert ds.crs.to_string() == box.crs and ds.units == ("m",) and ds.width == 356
+        assert ds.transform.almost_equals(box.transform(30.0)) and np.isfinite(ds.read()).all()
+    with pytest.raises(MajorTomGenError, match="does not model"):
+        sample_native(tmp_path / "run" / "model", tmp_path / "store", [WORLD_CELLS[0]], cond, ["S1RTC_vh_vv"])

@@ -52,11 +52,17 @@ def sample(
     codec_source: CodecSourceOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Generate any subset of modalities from any other subset, for fragments of a store."""
+    """Generate any subset of modalities from any other subset, for fragments of a store. On a
+    native store (``ingest --family native``): band groups and location/date tokens, written
+    as GeoTIFFs in physical units per cell (OUT/<cell>/<group>_s<k>.tif)."""
     from majortom_gen.modalities import parse_modalities
+    from majortom_gen.store import LatentStore
     from pipelines.sample import SamplingOptions, sample_store
 
     ids = cells_from_options((cells or []) + list(ctx.args), region)
+    if LatentStore.open(store).manifest["fragment_mode"] == "copgen":
+        _sample_native(model, store, out, ids, condition, generate, n_samples, steps, guidance, seed, device, overwrite)
+        return
     cond = () if condition.strip().lower() in ("", "none") else parse_modalities(condition)
     options = SamplingOptions(n_samples=n_samples, steps=steps, guidance=guidance, seed=seed, deterministic_conditions=deterministic_conditions,
                               device=device, workers=workers, codec_source=codec_source, seamless=seamless)
@@ -68,6 +74,23 @@ def sample(
         raise MajorTomGenError(str(exc)) from None
     console.print(f"[green]sampled[/] {result.fragments} fragments x {n_samples} -> {result.out} "
                   f"({len(result.files)} files)", highlight=False)
+
+
+def _sample_native(model: Path, store: Path, out: Path, ids: list[str], condition: str, generate: str, n_samples: int,
+                   steps: int, guidance: float, seed: int, device: str | None, overwrite: bool) -> None:
+    """``sample`` on a native store: every patch of the cells, physical-unit GeoTIFFs per cell."""
+    from majortom_gen.native import get_band_group
+    from majortom_gen.staging import staged_folder
+    from pipelines.native_sample import NativeSampling, sample_native
+
+    def names(text: str) -> list[str]:
+        return [] if text.strip().lower() in ("", "none") else [get_band_group(x).name for x in text.split(",") if x.strip()]
+
+    options = NativeSampling(steps=steps, seed=seed, n_samples=n_samples, guidance=guidance, device=device or "cpu")
+    with staged_folder(out, overwrite=overwrite, inputs=(store, model), kind="sample") as tmp:
+        result = sample_native(model, store, ids, names(condition), names(generate), tmp, options)
+    console.print(f"[green]sampled[/] {len(ids)} cells x 36 patches x {n_samples} -> {out} "
+                  f"({len(result.files)} GeoTIFFs in physical units)", highlight=False)
 
 
 @app.command(context_settings={"allow_extra_args": True})
