@@ -15,8 +15,10 @@ Codecs, one per band group (a *codec set*, recorded in the manifest as ``codec-s
 each member's identity):
 
 - ``patch-pca`` (offline, seconds): a linear 8x8-block codec per group with 8 latent channels
-  (the latent shape of COP-GEN's VAEs: 192 px -> 8 x 24 x 24), fitted on the first
-  ``fit_cells`` cells' patches and saved in ``STORE/codec/<group>``;
+  (the latent shape of COP-GEN's VAEs: 192 px -> 8 x 24 x 24), fitted on 9 patches of each of
+  at least :data:`FIT_CELLS` cells spread over the selection (a whitened linear codec fitted on
+  a few neighbouring cells gives other places latents of a far larger spread: DEM channels of
+  std 5-23 when fitted on 4 neighbouring cells) and saved in ``STORE/codec/<group>``;
 - ``cop-gen-vae``: the published band-group VAEs, ``codec_source`` a folder holding one codec
   folder per group (``majortom-gen convert-weights --family copgen --vaes ...`` writes
   ``OUT/codecs``), recorded by path.
@@ -48,6 +50,8 @@ NATIVE_MODE = "copgen"  # the store's fragment mode: COP-GEN's 6 x 6 patches
 PATCH_PX_10M = 192  # a patch's side in the 10 m grid (1920 m)
 DEFAULT_GROUPS = ("DEM_DEM", "S1RTC_vh_vv", "S2L2A_B02_B03_B04_B08", "S2L2A_B05_B06_B07_B11_B12_B8A", "S2L2A_B01_B09")
 NATIVE_CODECS = ("patch-pca", "cop-gen-vae")
+FIT_CELLS = 16  # patch-pca: at least this many cells, spread over the selection, fit each group's codec
+FIT_PATCH_STEP = 4  # ... and every 4th of their 36 patches (9 per cell)
 
 
 def native_windows() -> list[tuple[int, int, int, int]]:
@@ -195,8 +199,8 @@ def _worker_codecs(spec: CodecSetSpec, groups: Sequence[str]) -> dict:
 
 def _fit_patch_pca(store_root: Path, selection, batches: list[list[str]], groups: Sequence[str], by_source: dict,
                    options: IngestOptions) -> Path:
-    """Fit one patch-pca codec per group on the first ``fit_cells`` cells and save them in
-    ``STORE/codec/<group>`` (kept when the store already has them)."""
+    """Fit one patch-pca codec per group on cells spread over the selection (see the module
+    docstring) and save them in ``STORE/codec/<group>`` (kept when the store already has them)."""
     import torch
 
     from model.codecs import fit_latent_norms, fit_patch_pca
@@ -204,13 +208,15 @@ def _fit_patch_pca(store_root: Path, selection, batches: list[list[str]], groups
     folder = store_root / CODEC_DIR
     if all((folder / g).is_dir() for g in groups):
         return folder
-    first = [c for b in batches for c in b][:options.fit_cells]
+    pool = [c for b in batches for c in b]
+    count = max(options.fit_cells, FIT_CELLS)
+    first = pool[::max(len(pool) // count, 1)][:count]  # spread over the selection: neighbours look alike
     samples: dict[str, list[np.ndarray]] = defaultdict(list)
     for (modality, shard), items in _decode_items(selection, first).items():
         for value in decode_native_task(modality, by_source.get(modality, []), shard, items).values():
             if not isinstance(value, str):
                 for g, patches in value.items():
-                    samples[g].append(patches)
+                    samples[g].append(patches[::FIT_PATCH_STEP])
     absent = [g for g in groups if not samples.get(g)]
     if absent:
         raise MajorTomGenError(f"cannot fit patch-pca for {absent}: none of the first {len(first)} cells has a "

@@ -622,3 +622,15 @@ def test_train_and_sample_native__geotiffs_in_metres_independent_of_other_cells(
         assert ds.transform.almost_equals(box.transform(30.0)) and np.isfinite(ds.read()).all()
     with pytest.raises(MajorTomGenError, match="does not model"):
         sample_native(tmp_path / "run" / "model", tmp_path / "store", [WORLD_CELLS[0]], cond, ["S1RTC_vh_vv"])
+
+
+def test_native_evaluate__errors_in_metres_db_and_reflectance(world):
+    from pipelines.native_evaluate import physical_error, real_product
+
+    dem = real_product(world, "501U_60R", "DEM_DEM")
+    assert dem.shape == (1, 356, 356) and physical_error("DEM_DEM", dem + 2.5, dem) == pytest.approx(2.5)
+    s1 = real_product(world, "501U_60R", "S1RTC_vh_vv")  # the 1069 px quirk is cropped to the grid
+    assert s1.shape == (2, 1068, 1068)
+    assert physical_error("S1RTC_vh_vv", s1 * 10 ** 0.3, s1) == pytest.approx(3.0, abs=1e-4)  # dB
+    s2 = np.full((2, 178, 178), 1000.0)
+    assert physical_error("S2L2A_B01_B09", s2 + 100, s2) == pytest.approx(0.01)  # reflectance
