@@ -622,6 +622,18 @@ def test_train_and_sample_native__geotiffs_in_metres_independent_of_other_cells(
         assert ds.transform.almost_equals(box.transform(30.0)) and np.isfinite(ds.read()).all()
     with pytest.raises(MajorTomGenError, match="does not model"):
         sample_native(tmp_path / "run" / "model", tmp_path / "store", [WORLD_CELLS[0]], cond, ["S1RTC_vh_vv"])
+    # the same through `majortom-gen sample`, which sees a native store
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    r = CliRunner().invoke(app, ["sample", "--model", str(tmp_path / "run" / "model"), "--store", str(tmp_path / "store"),
+                                 "--out", str(tmp_path / "cli"), "--cells", WORLD_CELLS[1], "--condition", ",".join(cond),
+                                 "--generate", "DEM_DEM", "--steps", "2", "--seed", "1", "--n-samples", "2",
+                                 "--guidance", "1"])
+    assert r.exit_code == 0 and "GeoTIFFs in physical units" in " ".join(r.output.split()), r.output
+    with rasterio.open(tmp_path / "cli" / WORLD_CELLS[1] / "DEM_DEM_s1.tif") as ds:
+        assert np.allclose(ds.read(), b, atol=1e-4)
 
 
 def test_native_evaluate__errors_in_metres_db_and_reflectance(world):
