@@ -119,12 +119,37 @@ def sample_native(model_dir: str | os.PathLike, store_dir: str | os.PathLike, ce
             box = product_box(cell)
             layout = {p.index: p for p in patch_layout(g, box.transform(g.resolution_m), box.crs)}
             rows = np.flatnonzero(grid_cell == cell)
+            tags = {"generated_from": ",".join(condition) or "nothing", "seed": options.seed, "steps": options.steps}
             for s in range(n):
                 patches = [(layout[int(frags[r])], values[r * n + s]) for r in rows]
                 raster, transform = assemble_patches(g, patches)
                 res.rasters[(cell, m, s)] = (raster, transform, box.crs)
                 if out_root is not None:
                     res.files.append(write_physical(out_root / cell / f"{m}_s{s}.tif", g, raster, transform, box.crs,
-                                                    tags={"generated_from": ",".join(condition) or "nothing",
-                                                          "seed": options.seed, "steps": options.steps}))
+                                                    tags=tags))
+            if out_root is not None and n > 1 and g.encoding != "one_hot":
+                samples = [res.rasters[(cell, m, s)][0] for s in range(n)]
+                res.files += _write_statistics(out_root / cell, g, samples, transform, box.crs, tags)
     return res
+
+
+def _write_statistics(folder: Path, group, samples: list[np.ndarray], transform, crs: str, tags: dict) -> list[Path]:
+    """``<group>_mean.tif`` and ``<group>_std.tif`` of a cell's samples, per pixel: DEM in
+    metres, S2 in reflectance (the mean as DN like the samples, the spread in DN), S1 in dB
+    (both taken over the samples' dB values)."""
+    from majortom_gen.rasters import GeoRaster, write_cog
+
+    db = group.encoding == "log_db"
+    stack = np.stack(samples).astype(np.float64)
+    if db:
+        stack = 10.0 * np.log10(np.maximum(stack, group.min_positive))
+    mean, std = stack.mean(axis=0), stack.std(axis=0)
+    n = len(samples)
+    mean_path = write_physical(folder / f"{group.name}_mean.tif", group, 10.0 ** (mean / 10.0) if db else mean,
+                               transform, crs, db=db, tags={**tags, "statistic": f"mean of {n} samples"})
+    unit = {"log1p": "m", "log_db": "dB", "reflectance": "reflectance x 10000"}[group.encoding]
+    raster = GeoRaster(std.astype(np.float32), crs, transform, descriptions=tuple(f"{b} std" for b in group.bands),
+                       nodata=float("nan"))
+    std_path = write_cog(folder / f"{group.name}_std.tif", raster, units=[unit] * len(group.bands),
+                         tags={**tags, "modality": group.name, "units": unit, "statistic": f"std of {n} samples"})
+    return [mean_path, std_path]

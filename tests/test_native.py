@@ -634,6 +634,11 @@ def test_train_and_sample_native__geotiffs_in_metres_independent_of_other_cells(
     assert r.exit_code == 0 and "GeoTIFFs in physical units" in " ".join(r.output.split()), r.output
     with rasterio.open(tmp_path / "cli" / WORLD_CELLS[1] / "DEM_DEM_s1.tif") as ds:
         assert np.allclose(ds.read(), b, atol=1e-4)
+    samples = np.stack([both.rasters[(WORLD_CELLS[1], "DEM_DEM", s)][0] for s in range(2)])
+    with rasterio.open(tmp_path / "cli" / WORLD_CELLS[1] / "DEM_DEM_mean.tif") as ds:
+        assert np.allclose(ds.read(), samples.mean(axis=0), atol=1e-3) and ds.units == ("m",)
+    with rasterio.open(tmp_path / "cli" / WORLD_CELLS[1] / "DEM_DEM_std.tif") as ds:
+        assert np.allclose(ds.read(), samples.std(axis=0), atol=1e-3) and ds.tags()["STATISTIC"] == "std of 2 samples"
 
 
 def test_native_evaluate__errors_in_metres_db_and_reflectance(world):
