@@ -101,7 +101,7 @@ def product_patches(modality: str, groups: Sequence[str], cell: str, product: di
             patches = cut_patches(stack, g, rasters[0].transform, box.crs)
         except ValueError as exc:
             raise ShardError(f"{item}: {exc}") from None
-        if not stack.any():
+        if g.encoding in ("reflectance", "log_db") and not (stack > 0).any():  # (a DEM of 0 m is sea, not nodata)
             raise ShardError(f"{item}: {name} is entirely nodata")
         out[name] = np.stack([to_model(g, a) for _, a in patches])
     return out

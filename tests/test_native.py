@@ -538,6 +538,18 @@ def test_ingest_native__bad_input_and_wrong_requests_are_named(world, tmp_path):
     report = ingest_native(w, cells, tmp_path / "store", options, groups=("DEM_DEM",), )
     assert set(report.quarantined) == {cells[0]} and "not a GeoTIFF" in report.quarantined[cells[0]]
     assert report.cells_written == 1
+    # an all-sea DEM (0 m everywhere) is stored; an all-zero S2 product is nodata
+    from majortom_gen.formats import decode_geotiff, encode_geotiff
+    from pipelines.ingest_native import product_patches
+
+    raster = decode_geotiff(pq.read_table(w / "Core-DEM" / md[md.grid_cell == cells[1]].iloc[0]["parquet_url"])
+                            .column("DEM")[0].as_py())
+    sea = encode_geotiff(np.zeros_like(raster.array), crs=raster.crs, transform=raster.transform, nodata=raster.nodata)
+    assert product_patches("DEM", ["DEM_DEM"], cells[1], {"DEM": sea}, "sea")["DEM_DEM"].min() == -1.0
+    zero = encode_geotiff(np.zeros((178, 178), np.uint16), crs=raster.crs, transform=raster.transform @ raster.transform.scale(2),
+                          nodata=0)
+    with pytest.raises(MajorTomGenError, match="entirely nodata"):
+        product_patches("S2L2A", ["S2L2A_B01_B09"], cells[1], {"B01": zero, "B09": zero}, "zero")
     with pytest.raises(MajorTomGenError, match="thumbnail codec"):
         ingest_native(w, cells, tmp_path / "s2", IngestOptions(codec="small-vae"), groups=("DEM_DEM",))
     with pytest.raises(MajorTomGenError, match="scalar modalities"):
