@@ -663,3 +663,58 @@ def test_native_evaluate__errors_in_metres_db_and_reflectance(world):
     assert physical_error("S1RTC_vh_vv", s1 * 10 ** 0.3, s1) == pytest.approx(3.0, abs=1e-4)  # dB
     s2 = np.full((2, 178, 178), 1000.0)
     assert physical_error("S2L2A_B01_B09", s2 + 100, s2) == pytest.approx(0.01)  # reflectance
+
+
+def test_generate_native_region__cell_files_vrts_and_mosaics_in_units(world, tmp_path):
+    import json
+
+    import rasterio
+    import yaml
+    from shapely.geometry import box as shapely_box
+    from typer.testing import CliRunner
+
+    from majortom_gen.georef import product_box
+    from pipelines.cli import app
+    from pipelines.ingest import IngestOptions
+    from pipelines.ingest_native import ingest_native
+    from pipelines.train import TrainOptions, train_on_store
+    from conftest import WORLD_CELLS
+
+    groups = ("DEM_DEM", "S2L2A_B01_B09")
+    ingest_native(world, list(WORLD_CELLS[:2]), tmp_path / "store", IngestOptions(codec="patch-pca", scheduler="synchronous"),
+                  groups=groups)
+    nnet = {**cop_gen_network_config(network_modalities(["3d_cartesian_lat_lon", *groups])), "embed_dim": 32, "depth": 2,
+            "num_heads": 4}
+    nnet["modalities"] = list(nnet["modalities"])
+    (tmp_path / "n.yaml").write_text(yaml.safe_dump({"nnet": nnet, "train": {"batch_size": 4, "max_steps": 1}}))
+    train_on_store(tmp_path / "n.yaml", tmp_path / "store", tmp_path / "run", TrainOptions(test_fraction=0.0, device="cpu"))
+    # a polygon over the two neighbouring cells (WGS84), a little inside their outer edges
+    boxes = [product_box(c) for c in WORLD_CELLS[:2]]
+    from pyproj import Transformer
+
+    to_wgs = Transformer.from_crs(boxes[0].crs, "EPSG:4326", always_xy=True)
+    xs = [b.transform(10.0).c for b in boxes] + [b.transform(10.0).c + 10680 for b in boxes]
+    ys = [b.transform(10.0).f for b in boxes] + [b.transform(10.0).f - 10680 for b in boxes]
+    (w, s), (e, n) = to_wgs.transform(min(xs) + 500, min(ys) + 500), to_wgs.transform(max(xs) - 500, max(ys) - 500)
+    r = CliRunner().invoke(app, ["generate", "--store", str(tmp_path / "store"), "--model", str(tmp_path / "run" / "model"),
+                                 "--out", str(tmp_path / "out"), "--generate", "DEM_DEM", "--cells", ",".join(WORLD_CELLS[:2]),
+                                 "--steps", "2", "--guidance", "0"])
+    assert r.exit_code == 0 and "mosaics in physical units" in " ".join(r.output.split()), r.output
+    record = json.loads((tmp_path / "out" / "region.json").read_text())
+    assert record["condition"] == ["S2L2A_B01_B09", "3d_cartesian_lat_lon"]  # auto: what the cells have, and the tokens
+    with rasterio.open(tmp_path / "out" / "mosaic" / "DEM_DEM_s0_EPSG4326.tif") as ds:
+        assert ds.crs.to_string() == "EPSG:4326" and ds.units == ("m",)
+        data = ds.read(1)
+        assert np.isfinite(data).mean() > 0.9 and np.nanmin(data) >= 0
+        west, south, east, north = ds.bounds
+        assert west < (w + e) / 2 < east and south < (s + n) / 2 < north
+    assert (tmp_path / "out" / "vrt" / f"DEM_DEM_s0_{boxes[0].crs.replace(':', '')}.vrt").is_file()
+    # clipped to a region: nodata outside it
+    from pipelines.native_region import generate_native_region
+    from pipelines.native_sample import NativeSampling
+
+    region = shapely_box(w, s, (w + e) / 2, n)
+    generate_native_region(tmp_path / "run" / "model", tmp_path / "store", tmp_path / "clip", generate=["DEM_DEM"],
+                           region=region, cells=list(WORLD_CELLS[:2]), options=NativeSampling(steps=2))
+    with rasterio.open(tmp_path / "clip" / "mosaic" / "DEM_DEM_s0_EPSG4326.tif") as ds:
+        assert ds.bounds.right <= (w + e) / 2 + 1e-3 and np.isfinite(ds.read(1)).any()

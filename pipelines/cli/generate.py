@@ -191,6 +191,25 @@ def generate_region_cmd(
     ids = parse_cell_list((cells or []) + list(ctx.args))
     if geom is None and not ids:
         raise MajorTomGenError("give --region FILE|WKT|bbox or --cells IDS")
+    from majortom_gen.store import LatentStore
+
+    if LatentStore.open(store).manifest["fragment_mode"] == "copgen":  # the native family
+        from majortom_gen.native import get_band_group
+        from pipelines.native_region import generate_native_region
+        from pipelines.native_sample import NativeSampling
+
+        def names(text: str) -> list[str]:
+            return [get_band_group(x).name for x in text.split(",") if x.strip()]
+
+        record = generate_native_region(
+            model, store, out, generate=names(generate), region=geom, cells=ids,
+            condition="auto" if condition.strip().lower() == "auto" else names(condition),
+            dst_crs=normalise_crs(crs, item="--crs"), overwrite=overwrite,
+            options=NativeSampling(steps=steps, seed=seed, n_samples=n_samples, guidance=guidance, device=device or "cpu"))
+        console.print(f"[green]generated[/] {', '.join(record['generate'])} for {len(record['cells'])} cells from "
+                      f"{', '.join(record['condition']) or 'nothing'} -> {out} ({len(record['files']['mosaic'])} mosaics "
+                      "in physical units)", highlight=False)
+        return
     request = RegionRequest(generate=parse_modalities(generate), region=geom, cells=tuple(ids),
                             condition="auto" if condition.strip().lower() == "auto" else parse_modalities(condition),
                             source=source, dst_crs=normalise_crs(crs, item="--crs"), reflectance=reflectance,
