@@ -718,3 +718,44 @@ def test_generate_native_region__cell_files_vrts_and_mosaics_in_units(world, tmp
                            region=region, cells=list(WORLD_CELLS[:2]), options=NativeSampling(steps=2))
     with rasterio.open(tmp_path / "clip" / "mosaic" / "DEM_DEM_s0_EPSG4326.tif") as ds:
         assert ds.bounds.right <= (w + e) / 2 + 1e-3 and np.isfinite(ds.read(1)).any()
+
+
+def test_evaluate_on_a_native_store__table_in_physical_units(world, tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.ingest import IngestOptions
+    from pipelines.ingest_native import ingest_native
+    from majortom_gen.errors import MajorTomGenError
+    from pipelines.native_evaluate import parse_native_conditions
+    from pipelines.train import TrainOptions, train_on_store
+    from conftest import WORLD_CELLS
+
+    groups = ("DEM_DEM", "S2L2A_B01_B09")
+    ingest_native(world, [WORLD_CELLS[0]], tmp_path / "store", IngestOptions(codec="patch-pca", scheduler="synchronous"),
+                  groups=groups)
+    names = ["3d_cartesian_lat_lon", "mean_timestamps", *groups]
+    assert parse_native_conditions("none,S2L2A+location,date", names) == {
+        "S2L2A+location": ["S2L2A_B01_B09", "3d_cartesian_lat_lon"], "date": ["mean_timestamps"]}
+    with pytest.raises(MajorTomGenError, match="does not take"):
+        parse_native_conditions("S1RTC_vh_vv", names)
+    nnet = {**cop_gen_network_config(network_modalities(names)), "embed_dim": 32, "depth": 2, "num_heads": 4}
+    nnet["modalities"] = list(nnet["modalities"])
+    (tmp_path / "n.yaml").write_text(yaml.safe_dump({"nnet": nnet, "train": {"batch_size": 4, "max_steps": 1}}))
+    train_on_store(tmp_path / "n.yaml", tmp_path / "store", tmp_path / "run", TrainOptions(test_fraction=0.0, device="cpu"))
+    args = ["evaluate", "--model", str(tmp_path / "run" / "model"), "--store", str(tmp_path / "store"),
+            "--out", str(tmp_path / "eval"), "--steps", "2", "--guidance", "0"]
+    r = CliRunner().invoke(app, args + ["--real-source", str(world)])
+    assert r.exit_code == 2 and "no cell to evaluate" in r.output, r.output  # its one cell was seen in training
+    r = CliRunner().invoke(app, args + ["--split", "all"])
+    assert r.exit_code == 2 and "--real-source" in r.output, r.output
+    r = CliRunner().invoke(app, args + ["--split", "all", "--real-source", str(world), "--conditions", "none,S2L2A+location"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["cells"] == [WORLD_CELLS[0]] and set(metrics["results"]) == {"DEM_DEM"}
+    rows = metrics["results"]["DEM_DEM"]
+    assert set(rows) == {"none", "S2L2A+location"} and rows["none"]["error"] > 0 and rows["none"]["change"] == 0
+    assert "| DEM_DEM | S2L2A+location |" in (tmp_path / "eval" / "table.md").read_text()

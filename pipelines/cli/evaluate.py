@@ -80,7 +80,23 @@ def evaluate(
     """Evaluate a model the COP-GEN-Beta way: FID, precision, recall, F-score per condition
     and generated modality (Table 1), plus PSNR/SSIM/MAE against the paired real fragment."""
     from majortom_gen.modalities import parse_modalities
+    from majortom_gen.store import LatentStore
     from pipelines.evaluate import EvalOptions, parse_conditions
+
+    if LatentStore.open(store).manifest["fragment_mode"] == "copgen":  # the native family: errors in physical units
+        from majortom_gen.native import get_band_group
+        from pipelines.native_evaluate import run_native_evaluate
+        from pipelines.native_sample import NativeSampling
+
+        native = conditions if conditions != "none,DEM,S1RTC,S2L1C,S2L2A" else "none,location+date,S2L2A+location+date"
+        result = run_native_evaluate(
+            model, store, out, conditions=native, real_source=real_source, split=split,
+            max_cells=-(-max_fragments // 36) if max_fragments else None,
+            generate=[get_band_group(g).name for g in generate.split(",") if g.strip()] if generate else None,
+            options=NativeSampling(steps=steps, seed=seed, n_samples=n_samples, guidance=guidance, device=device or "cpu"),
+            overwrite=overwrite)
+        console.print(result["table"], highlight=False)
+        return
 
     options = EvalOptions(conditions=parse_conditions(conditions), generate=parse_modalities(generate) if generate else None,
                           split=split, n_samples=n_samples, steps=steps, guidance=guidance,
