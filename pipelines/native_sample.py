@@ -74,7 +74,8 @@ def sample_native(model_dir: str | os.PathLike, store_dir: str | os.PathLike, ce
     absent = [m for m in images if m not in store.modalities]
     if absent:
         raise MajorTomGenError(f"the store has no {absent}; it holds {store.modalities}")
-    table = store.table(["grid_cell", "fragment_index", *images], cells=list(cells))
+    stored_targets = [m for m in generate_groups if m in store.modalities]  # shown beside the samples
+    table = store.table(["grid_cell", "fragment_index", *images, *stored_targets], cells=list(cells))
     table = table.sort_by([("grid_cell", "ascending"), ("fragment_index", "ascending")])
     mask = np.ones(table.num_rows, bool)
     for m in images:
@@ -104,7 +105,8 @@ def sample_native(model_dir: str | os.PathLike, store_dir: str | os.PathLike, ce
                       marginal_noise=noise(free + (images if guided else []), tag="marginal:"),
                       guidance={tuple(images): options.guidance} if guided else None,
                       batch_size=options.batch_size)
-    codecs = store_codec_set(store, [m for m in generate_groups if not get_band_group(m).is_scalar])
+    codecs = store_codec_set(store, list(dict.fromkeys(
+        [m for m in generate_groups if not get_band_group(m).is_scalar] + (images if out is not None else []))))
     out_root = Path(out) if out is not None else None
     res = NativeResult()
     for m in generate_groups:
@@ -130,7 +132,48 @@ def sample_native(model_dir: str | os.PathLike, store_dir: str | os.PathLike, ce
             if out_root is not None and n > 1 and g.encoding != "one_hot":
                 samples = [res.rasters[(cell, m, s)][0] for s in range(n)]
                 res.files += _write_statistics(out_root / cell, g, samples, transform, box.crs, tags)
+    if out_root is not None:
+        res.files += _quicklooks(out_root, table, grid_cell, frags, images, stored_targets, generate_groups, res, codecs,
+                                 store, n)
     return res
+
+
+def _stored_product(table, rows: np.ndarray, group, codec, shape) -> np.ndarray | None:
+    """A group's stored product for the rows of one cell (its codec's reconstruction of the
+    latent means, physical units on the product grid), or None where a patch lacks it."""
+    column = table.column(group.name)
+    if not all(column[int(r)].is_valid for r in rows):
+        return None
+    mom = torch.from_numpy(moment_array(table.take(rows.tolist()), group.name, np.float32, shape))
+    return codec.decode(moment_means(mom)).numpy()
+
+
+def _quicklooks(out_root: Path, table, grid_cell: np.ndarray, frags: np.ndarray, images: list[str],
+                stored_targets: list[str], generate_groups: Sequence[str], res: NativeResult, codecs: dict,
+                store: LatentStore, n: int) -> list[Path]:
+    """``OUT/<cell>/quicklook.png`` per cell (:mod:`pipelines.native_quicklook`)."""
+    from pipelines.native_quicklook import write_native_quicklook
+
+    files = []
+    for cell in sorted(set(grid_cell.tolist())):
+        rows = np.flatnonzero(grid_cell == cell)
+        box = product_box(cell)
+
+        def product(name: str) -> np.ndarray | None:
+            g = get_band_group(name)
+            decoded = _stored_product(table, rows, g, codecs[name], store.moment_shape(name))
+            if decoded is None:
+                return None
+            layout = {p.index: p for p in patch_layout(g, box.transform(g.resolution_m), box.crs)}
+            return assemble_patches(g, [(layout[int(frags[r])], v) for r, v in zip(rows, from_model(g, decoded))])[0]
+
+        conditions = {m: (get_band_group(m), product(m)) for m in images}
+        generated = {m: (get_band_group(m), [res.rasters[(cell, m, s)][0] for s in range(n)],
+                         product(m) if m in stored_targets else None)
+                     for m in generate_groups if not get_band_group(m).is_scalar}
+        files.append(write_native_quicklook(out_root / cell / "quicklook.png", cell,
+                                            {k: v for k, v in conditions.items() if v[1] is not None}, generated))
+    return files
 
 
 def _write_statistics(folder: Path, group, samples: list[np.ndarray], transform, crs: str, tags: dict) -> list[Path]:

@@ -628,6 +628,12 @@ def test_train_and_sample_native__geotiffs_in_metres_independent_of_other_cells(
     assert not np.allclose(both.rasters[(WORLD_CELLS[1], "DEM_DEM", 0)][0], b)  # two different samples
     path = tmp_path / "out" / WORLD_CELLS[0] / "DEM_DEM_s0.tif"
     assert path in both.files
+    from PIL import Image
+
+    from pipelines.quicklook import LABEL_PX, PANEL_PX
+
+    with Image.open(tmp_path / "out" / WORLD_CELLS[0] / "quicklook.png") as png:  # conditions; stored DEM, 2 samples, mean
+        assert png.size == (4 * PANEL_PX, LABEL_PX + 2 * (PANEL_PX + LABEL_PX))
     with rasterio.open(path) as ds:
         box = product_box(WORLD_CELLS[0])
         assert ds.crs.to_string() == box.crs and ds.units == ("m",) and ds.width == 356
