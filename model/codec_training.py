@@ -57,16 +57,28 @@ def _augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def crop_batch(images: np.ndarray, step: int, config: CodecTrainConfig) -> torch.Tensor:
-    """The batch of step ``step``: random crops of uint8 ``(N, H, W, 3)`` images as float
-    ``(B, 3, crop, crop)`` in [-1, 1], augmented."""
+    """The batch of step ``step``: random crops of uint8 ``(N, H, W, 3)`` images, or of float
+    ``(N, C, H, W)`` model inputs in [-1, 1] (the native family's band groups), as float
+    ``(B, C, crop, crop)`` in [-1, 1], augmented."""
     gen = torch.Generator().manual_seed(int(np.random.default_rng([config.seed, step]).integers(0, 2**62)))
-    n, h, w, _ = images.shape
+    channels_last = images.dtype == np.uint8
+    n, h, w = (images.shape[:3] if channels_last else (images.shape[0], *images.shape[2:]))
     idx = torch.randint(0, n, (config.batch_size,), generator=gen).tolist()
     rows = torch.randint(0, h - config.crop + 1, (config.batch_size,), generator=gen).tolist()
     cols = torch.randint(0, w - config.crop + 1, (config.batch_size,), generator=gen).tolist()
-    crops = np.stack([images[i, r:r + config.crop, c:c + config.crop] for i, r, c in zip(idx, rows, cols)])
-    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if channels_last:
+        crops = np.stack([images[i, r:r + config.crop, c:c + config.crop] for i, r, c in zip(idx, rows, cols)])
+        x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    else:
+        crops = np.stack([images[i, :, r:r + config.crop, c:c + config.crop] for i, r, c in zip(idx, rows, cols)])
+        x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
     return _augment(x, gen)
+
+
+def native_vae_config(channels: int) -> dict:
+    """The small learned codec for a native band group: the shipped small-vae's architecture
+    with ``channels`` in and out and 8 latent channels (the latent shape of COP-GEN's VAEs)."""
+    return {**SMALL_VAE_CONFIG, "in_channels": channels, "out_channels": channels, "latent_channels": 8}
 
 
 def _lr_factor(step: int, config: CodecTrainConfig) -> float:
@@ -79,12 +91,17 @@ def _lr_factor(step: int, config: CodecTrainConfig) -> float:
 def train_small_vae(images: np.ndarray, config: CodecTrainConfig = CodecTrainConfig(), *,
                     vae_config: dict | None = None,
                     progress: Callable[[int, int, float], None] | None = None) -> tuple[AutoencoderKL, list[float]]:
-    """Train an ``AutoencoderKL`` on uint8 fragments ``(N, H, W, 3)``; returns it (eval mode)
-    and the loss of every step. ``progress(step, total, loss)`` is called after each step."""
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
-    if config.crop % 8 or config.crop > min(images.shape[1:3]):
-        raise ValueError(f"crop {config.crop} must be a multiple of 8 and fit the {images.shape[1]} px images")
+    """Train an ``AutoencoderKL`` on uint8 fragments ``(N, H, W, 3)`` or float model inputs
+    ``(N, C, H, W)`` in [-1, 1] (then give a ``vae_config`` with C channels, e.g.
+    :func:`native_vae_config`); returns it (eval mode) and the loss of every step.
+    ``progress(step, total, loss)`` is called after each step."""
+    uint8 = images.ndim == 4 and images.shape[-1] == 3 and images.dtype == np.uint8
+    floats = images.ndim == 4 and np.issubdtype(images.dtype, np.floating)
+    if not (uint8 or floats):
+        raise ValueError(f"expected uint8 images (N, H, W, 3) or float (N, C, H, W), got {images.dtype} {images.shape}")
+    side = min(images.shape[1:3]) if uint8 else min(images.shape[2:])
+    if config.crop % 8 or config.crop > side:
+        raise ValueError(f"crop {config.crop} must be a multiple of 8 and fit the {side} px images")
     torch.manual_seed(config.seed)
     vae = AutoencoderKL(**(vae_config or SMALL_VAE_CONFIG))
     opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.99))

@@ -21,7 +21,9 @@ each member's identity):
   std 5-23 when fitted on 4 neighbouring cells) and saved in ``STORE/codec/<group>``;
 - ``cop-gen-vae``: the published band-group VAEs, ``codec_source`` a folder holding one codec
   folder per group (``majortom-gen convert-weights --family copgen --vaes ...`` writes
-  ``OUT/codecs``), recorded by path.
+  ``OUT/codecs``), recorded by path;
+- ``small-vae``: learned offline codecs, one per group (``majortom-gen codec train --family
+  native --group G --out DIR``), ``codec_source`` their folder, recorded by path.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from pipelines.ingest import (IngestOptions, IngestReport, _client, _decode_item
 NATIVE_MODE = "copgen"  # the store's fragment mode: COP-GEN's 6 x 6 patches
 PATCH_PX_10M = 192  # a patch's side in the 10 m grid (1920 m)
 DEFAULT_GROUPS = ("DEM_DEM", "S1RTC_vh_vv", "S2L2A_B02_B03_B04_B08", "S2L2A_B05_B06_B07_B11_B12_B8A", "S2L2A_B01_B09")
-NATIVE_CODECS = ("patch-pca", "cop-gen-vae")
+NATIVE_CODECS = ("patch-pca", "cop-gen-vae", "small-vae")
 FIT_CELLS = 16  # patch-pca: at least this many cells, spread over the selection, fit each group's codec
 FIT_PATCH_STEP = 4  # ... and every 4th of their 36 patches (9 per cell)
 
@@ -282,16 +284,17 @@ def ingest_native(source, cells: list[str], store_root, options: IngestOptions =
                   progress: Callable[[int, int], None] | None = None) -> IngestReport:
     """Ingest the band ``groups`` of ``cells`` under ``source`` into the native store at
     ``store_root`` (created if absent), holding its write lock; ``options.codec``:
-    ``patch-pca`` or ``cop-gen-vae`` (``options.codec_source``: the folder of its per-group
-    codec folders). ``progress(cells_done, cells_total)`` as batches finish."""
+    ``patch-pca``, ``cop-gen-vae`` or ``small-vae`` (``options.codec_source``: the folder of
+    the per-group codec folders). ``progress(cells_done, cells_total)`` as batches finish."""
     start = time.perf_counter()
     groups = _check_groups(groups)
     if options.codec not in NATIVE_CODECS:
         raise MajorTomGenError(f"--codec {options.codec!r} is a thumbnail codec; the native family takes "
                                f"{' or '.join(NATIVE_CODECS)}")
-    if options.codec == "cop-gen-vae" and not options.codec_source:
-        raise MajorTomGenError("--codec cop-gen-vae needs --codec-source: the folder of the band groups' codec folders "
-                               "(convert-weights --family copgen --vaes ... writes OUT/codecs)")
+    if options.codec != "patch-pca" and not options.codec_source:
+        raise MajorTomGenError(f"--codec {options.codec} needs --codec-source: the folder of the band groups' codec "
+                               "folders (convert-weights --family copgen --vaes ... writes OUT/codecs; codec train "
+                               "--family native writes OUT/<group>)")
     by_source: dict[str, list[str]] = defaultdict(list)
     for g in groups:
         by_source[get_band_group(g).source].append(g)

@@ -765,3 +765,33 @@ def test_evaluate_on_a_native_store__table_in_physical_units(world, tmp_path):
     rows = metrics["results"]["DEM_DEM"]
     assert set(rows) == {"none", "S2L2A+location"} and rows["none"]["error"] > 0 and rows["none"]["change"] == 0
     assert "| DEM_DEM | S2L2A+location |" in (tmp_path / "eval" / "table.md").read_text()
+
+
+def test_native_codec__train_a_group_codec_and_ingest_with_it(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from majortom_gen.store import LatentStore
+    from pipelines.cli import app
+    from pipelines.ingest import IngestOptions
+    from pipelines.ingest_native import ingest_native
+    from model.codecs import load_codec
+    from conftest import WORLD_CELLS
+
+    r = CliRunner().invoke(app, ["codec", "train", "--family", "native", "--group", "DEM_DEM", "--source", str(world),
+                                 "--cells", ",".join(WORLD_CELLS[:2]), "--out", str(tmp_path / "codecs"), "--steps", "3",
+                                 "--batch-size", "4", "--crop", "32"])
+    assert r.exit_code == 0 and "reconstruction error on them" in " ".join(r.output.split()), r.output
+    codec = load_codec(source=tmp_path / "codecs" / "DEM_DEM")
+    assert codec.name == "small-vae" and codec.model.config.in_channels == 1 and codec.model.config.latent_channels == 8
+    assert codec.provenance["patches"] == 72 and codec.provenance["reconstruction_mae"]["unit"] == "m"
+    assert "DEM_DEM" in codec.norms
+    r = CliRunner().invoke(app, ["codec", "train", "--family", "native", "--group", "DEM_DEM", "--source", str(world),
+                                 "--cells", WORLD_CELLS[0], "--out", str(tmp_path / "codecs"), "--steps", "1"])
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    report = ingest_native(world, [WORLD_CELLS[2]], tmp_path / "store",
+                           IngestOptions(codec="small-vae", codec_source=str(tmp_path / "codecs"), scheduler="synchronous"),
+                           groups=("DEM_DEM",))
+    assert report.cells_written == 1
+    store = LatentStore.open(tmp_path / "store")
+    assert store.moment_shape("DEM_DEM") == (16, 8, 8)
+    assert store.codec["config"]["members"]["DEM_DEM"]["config_hash"] == codec.info()["config_hash"]

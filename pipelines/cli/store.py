@@ -118,7 +118,7 @@ def ingest(
         from pipelines.ingest_native import DEFAULT_GROUPS
 
         chosen = tuple(g.strip() for g in groups.split(",") if g.strip()) if groups else DEFAULT_GROUPS
-        if codec == "small-vae":  # the default of the thumbnail family: the native family's offline codec instead
+        if codec == "small-vae" and not codec_source:  # the thumbnail default; natively: patch-pca fitted on the data
             options = replace(options, codec="patch-pca")
     report = run_ingest(source, ids, store, options, modalities=parse_modalities(modalities), filters=filters, rule=rule,
                         groups=chosen)
@@ -142,14 +142,33 @@ def codec_train(
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, cosine decay).")] = 1e-3,
     seed: Annotated[int, typer.Option(min=0, help="Seed of every random choice (crops, flips, init).")] = 0,
     overwrite: OverwriteOption = False,
+    family: Annotated[str, typer.Option(help="thumbnails, or native: one band group's codec (--group) into "
+                                             "OUT/<group>/, for ingest --family native --codec small-vae "
+                                             "--codec-source OUT.")] = "thumbnails",
+    group: Annotated[Optional[str], typer.Option(help="native: the band group, e.g. DEM_DEM.")] = None,
 ) -> None:
     """Train the small-vae codec (a small kl-f8 AutoencoderKL, 4 x 32 x 32 latents) on the
     thumbnail fragments of every modality of the given cells, with one latent normalisation
-    per modality. The shipped codec was made this way (see its codec.json)."""
+    per modality. The shipped codec was made this way (see its codec.json). With --family
+    native: the same architecture with 8 latent channels for one band group, on its patches
+    in the official normalisation."""
     from pipelines.codec import CodecTrainConfig, train_codec
 
     ids = cells_from_options(cells, region)
     config = CodecTrainConfig(steps=steps, batch_size=batch_size, crop=crop, lr=lr, seed=seed)
+    if family not in ("thumbnails", "native") or (family == "native") != bool(group):
+        raise MajorTomGenError("--family native goes with --group G (a band group); --family thumbnails without")
+    if family == "native":
+        from pipelines.native_codec import train_native_codec
+
+        command = command_line("codec train", source=source, cells=cells, region=region, out=out, steps=steps,
+                               batch_size=batch_size, crop=crop, lr=lr, seed=seed, family=family, group=group)
+        with progress_bar("training codec", "steps") as update:
+            result = train_native_codec(source, ids, group, out, config=config, command=command, overwrite=overwrite,
+                                        progress=lambda s, t, loss: update(s, t, note=f"loss {loss:.4f}, "))
+        console.print(f"[green]codec[/] -> {result.folder} ({result.seconds:.0f} s, {result.patches} patches); "
+                      f"reconstruction error on them {result.mae:.3f} {result.unit}", highlight=False)
+        return
     with progress_bar("training codec", "steps") as update:
         def tick(step: int, total: int, loss: float) -> None:
             update(step, total, note=f"loss {loss:.4f}, ")
