@@ -551,6 +551,8 @@ def test_ingest_native__bad_input_and_wrong_requests_are_named(world, tmp_path):
     with pytest.raises(MajorTomGenError, match="entirely nodata"):
         product_patches("S2L2A", ["S2L2A_B01_B09"], cells[1], {"B01": zero, "B09": zero}, "zero")
     with pytest.raises(MajorTomGenError, match="thumbnail codec"):
+        ingest_native(w, cells, tmp_path / "s2", IngestOptions(codec="sd-vae"), groups=("DEM_DEM",))
+    with pytest.raises(MajorTomGenError, match="small-vae needs --codec-source"):
         ingest_native(w, cells, tmp_path / "s2", IngestOptions(codec="small-vae"), groups=("DEM_DEM",))
     with pytest.raises(MajorTomGenError, match="scalar modalities"):
         ingest_native(w, cells, tmp_path / "s3", options, groups=("DEM_DEM", "mean_timestamps"))
