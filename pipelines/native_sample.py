@@ -63,6 +63,10 @@ def sample_native(model_dir: str | os.PathLike, store_dir: str | os.PathLike, ce
     """Generate ``generate_groups`` of ``cells`` given ``condition`` (stored band groups and/or
     the scalar tokens ``3d_cartesian_lat_lon``, ``mean_timestamps``; the network's other
     modalities are marginalised). With ``out``, write the COGs there."""
+    if not cells:
+        raise MajorTomGenError("no cells to generate: give --cells or --region")
+    if not generate_groups:
+        raise MajorTomGenError("nothing to generate: give --generate")
     store = LatentStore.open(store_dir)
     if store.manifest["fragment_mode"] != NATIVE_MODE:
         raise MajorTomGenError(f"{store_dir} is a thumbnail store; native generation needs a --family native store")
