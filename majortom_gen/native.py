@@ -158,6 +158,14 @@ def get_band_group(name: str) -> BandGroup:
     raise UnknownModalityError(f"unknown native modality {name!r}; valid: {', '.join(BAND_GROUPS)}")
 
 
+def parse_band_groups(text: str) -> list[str]:
+    """Native modality names from comma-separated text (case-insensitive; ``none`` or empty:
+    none), each checked against the registry."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    return [get_band_group(name).name for name in text.split(",") if name.strip()]
+
+
 def network_modalities(names=COPGEN_BASE_ORDER, patch_size: int = 2) -> dict[str, dict]:
     """``{name: network_spec}`` in the given order: the ``modalities`` argument of
     ``model.convert.from_cop_gen`` (COP-GEN base's twelve by default)."""

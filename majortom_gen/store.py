@@ -96,6 +96,7 @@ from majortom_gen.store_lock import (  # noqa: F401 (re-exported: the store's wr
 FORMAT = "majortom-gen-latent-store"
 VERSION = 1
 MOMENT_SHAPE = (8, 32, 32)  # mean (4) and log-variance (4) of a kl-f8 style latent, 32x32
+NATIVE_MODE = "copgen"  # the fragment mode of a native-family store: COP-GEN's 6 x 6 patches per cell
 CODEC_DIR = "codec"  # STORE/codec: the codec's own files, when the store keeps them
 
 
@@ -514,6 +515,11 @@ class LatentStore:
     @property
     def modalities(self) -> list[str]:
         return list(self.manifest["modalities"])
+
+    @property
+    def native(self) -> bool:
+        """Whether the store holds the native family (COP-GEN band groups), not thumbnails."""
+        return self.manifest["fragment_mode"] == NATIVE_MODE
 
     def moment_shape(self, modality: str) -> tuple[int, ...]:
         """The shape of one fragment's moments of ``modality`` (``(8, 32, 32)`` for thumbnails)."""

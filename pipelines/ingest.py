@@ -469,24 +469,30 @@ def _start_report(source, selection: Selection, cells: list[str], store_root: Pa
 
 def _run_encode_tasks(tasks: list[tuple[list[str], dict, dict]], settings: EncodeSettings, options: IngestOptions):
     """Decode and encode every batch (``(cells, their products to store, {(modality, shard):
-    items} to decode)``): in this process (``scheduler='synchronous'``) or on Dask, decodes
-    feeding the encode task of their batch; yields each batch's result as it finishes."""
+    items} to decode)``): see :func:`run_batches`."""
     mode = settings.fragment_mode
+    jobs = [((settings, batch, wanted), [(m, shard, its, mode) for (m, shard), its in items.items()])
+            for batch, wanted, items in tasks]
+    yield from run_batches(jobs, options, encode_task, _tagged_decode)
+
+
+def run_batches(jobs: list[tuple[tuple, list[tuple]]], options: IngestOptions, encode: Callable, decode: Callable):
+    """For each job ``(encode_args, [decode_args, ...])``: ``encode(*encode_args, [decode(*a)
+    for a in decode_args])``, in this process (``scheduler='synchronous'``) or on Dask (the
+    decodes feeding the encode task of their batch); yields each result as it finishes."""
     if options.scheduler == "synchronous":
-        for batch, wanted, items in tasks:
-            decoded = [(m, decode_task(m, shard, its, mode)) for (m, shard), its in items.items()]
-            yield encode_task(settings, batch, wanted, decoded)
+        for encode_args, decodes in jobs:
+            yield encode(*encode_args, [decode(*args) for args in decodes])
         return
-    if not tasks:
+    if not jobs:
         return
     from dask.distributed import as_completed
 
     client, cluster = _client(options)
     try:
-        futures = [client.submit(encode_task, settings, batch, wanted,
-                                 [client.submit(_tagged_decode, m, shard, its, mode, pure=False)
-                                  for (m, shard), its in items.items()], pure=False)
-                   for batch, wanted, items in tasks]
+        futures = [client.submit(encode, *encode_args, [client.submit(decode, *args, pure=False) for args in decodes],
+                                 pure=False)
+                   for encode_args, decodes in jobs]
         for fut in as_completed(futures):
             yield fut.result()
     finally:

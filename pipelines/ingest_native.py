@@ -44,11 +44,11 @@ from majortom_gen.georef import product_box
 from majortom_gen.native import PATCHES_PER_SIDE, cut_patches, get_band_group, patch_offsets, to_model
 from majortom_gen.selection import Filters, select
 from majortom_gen.staging import swap_in
-from majortom_gen.store import CODEC_DIR, CellLatents, CodecInfo, LatentStore, cells_table, store_lock, write_shard_file
-from pipelines.ingest import (IngestOptions, IngestReport, _client, _decode_items, _device, _on_dask_worker,
-                              _products_of, _write_errors, plan_batches, split_missing)
+from majortom_gen.store import (CODEC_DIR, NATIVE_MODE, CellLatents, CodecInfo, LatentStore, cells_table, store_lock,
+                                write_shard_file)
+from pipelines.ingest import (IngestOptions, IngestReport, _decode_items, _device, _on_dask_worker, _products_of,
+                              _start_report, _write_errors, plan_batches, run_batches)
 
-NATIVE_MODE = "copgen"  # the store's fragment mode: COP-GEN's 6 x 6 patches
 PATCH_PX_10M = 192  # a patch's side in the 10 m grid (1920 m)
 DEFAULT_GROUPS = ("DEM_DEM", "S1RTC_vh_vv", "S2L2A_B02_B03_B04_B08", "S2L2A_B05_B06_B07_B11_B12_B8A", "S2L2A_B01_B09")
 NATIVE_CODECS = ("patch-pca", "cop-gen-vae", "small-vae")
@@ -318,7 +318,7 @@ def ingest_native(source, cells: list[str], store_root, options: IngestOptions =
 def _ingest_locked(source, selection, cells, store_root: Path, options: IngestOptions, groups: list[str],
                    by_source: dict[str, list[str]], progress) -> IngestReport:
     existing = LatentStore.open(store_root) if (store_root / "manifest.json").exists() else None
-    if existing is not None and existing.manifest["fragment_mode"] != NATIVE_MODE:
+    if existing is not None and not existing.native:
         raise MajorTomGenError(f"{store_root} is a thumbnail store ({existing.manifest['fragment_mode']} fragments); "
                                "ingest the native family into another --store")
     stored = existing.cell_modalities() if existing else {}
@@ -327,14 +327,7 @@ def _ingest_locked(source, selection, cells, store_root: Path, options: IngestOp
         if any(g not in stored.get(cell, ()) for g in by_source.get(modality, ())):
             todo[cell].add(modality)
     batches = plan_batches(todo, options.cells_per_shard)
-    failed, absent = split_missing(source, selection.missing)
-    already = [c for c in dict.fromkeys(cells) if c in stored and c not in todo]
-    report = IngestReport(str(store_root), len(cells), len(already), coverage=selection.coverage(),
-                          missing_modalities=absent, failed_modalities=failed)
-    with_products = set(selection.products["grid_cell"])
-    for c in cells:
-        if c not in with_products:
-            report.quarantined[c] = "no product of any modality matches this cell and the filters"
+    report = _start_report(source, selection, cells, store_root, stored, todo)
     if existing is None and not batches:
         raise MajorTomGenError("nothing to ingest: none of the selected cells has a product")
     device = _device(options.device)
@@ -372,25 +365,6 @@ def _ingest_locked(source, selection, cells, store_root: Path, options: IngestOp
 
 
 def _run(tasks, settings: NativeEncodeSettings, options: IngestOptions):
-    """Decode and encode every batch, in this process (``scheduler='synchronous'``) or on Dask."""
-    if options.scheduler == "synchronous":
-        for batch, products, decodes in tasks:
-            yield encode_native_task(settings, batch, products, [decode_native_task(m, gs, shard, its)
-                                                                 for m, gs, shard, its in decodes])
-        return
-    if not tasks:
-        return
-    from dask.distributed import as_completed
-
-    client, cluster = _client(options)
-    try:
-        futures = [client.submit(encode_native_task, settings, batch, products,
-                                 [client.submit(decode_native_task, m, gs, shard, its, pure=False)
-                                  for m, gs, shard, its in decodes], pure=False)
-                   for batch, products, decodes in tasks]
-        for fut in as_completed(futures):
-            yield fut.result()
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    """Decode and encode every batch, in this process or on Dask (:func:`pipelines.ingest.run_batches`)."""
+    jobs = [((settings, batch, products), list(decodes)) for batch, products, decodes in tasks]
+    yield from run_batches(jobs, options, encode_native_task, decode_native_task)

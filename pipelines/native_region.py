@@ -84,8 +84,10 @@ def generate_native_region(model_dir: str | os.PathLike, store_dir: str | os.Pat
             if g.is_scalar:
                 continue
             for s in range(options.n_samples):
-                items = [(tmp / "cells" / c / f"{m}_s{s}.tif", GeoRaster(*_raster(result.rasters[(c, m, s)])))
-                         for c in wanted]
+                items = []
+                for c in wanted:
+                    values, transform, crs = result.rasters[(c, m, s)]
+                    items.append((tmp / "cells" / c / f"{m}_s{s}.tif", GeoRaster(values, crs, transform)))
                 files["vrt"] += [str(p.relative_to(tmp)) for p in vrts_per_zone(items, tmp / "vrt", f"{m}_s{s}")]
                 path = _mosaic(g, [r for _, r in items], wanted, tmp / "mosaic" / f"{m}_s{s}_{_crs_tag(dst_crs)}.tif",
                                dst_crs, region)
@@ -94,11 +96,6 @@ def generate_native_region(model_dir: str | os.PathLike, store_dir: str | os.Pat
                   "sampling": asdict(options), "files": files}
         (tmp / "region.json").write_text(json.dumps(record, indent=1))
     return record
-
-
-def _raster(item: tuple[np.ndarray, object, str]) -> tuple[np.ndarray, str, object]:
-    values, transform, crs = item
-    return values, crs, transform
 
 
 def _mosaic(group, rasters: list[GeoRaster], cells: list[str], path: Path, dst_crs: str,

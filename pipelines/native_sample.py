@@ -29,7 +29,7 @@ from majortom_gen.store import LatentStore, moment_array
 from model.codecs import latent_norms, moment_means
 from model.sample import generate
 from model.uvit import MultiModalUViT
-from pipelines.ingest_native import NATIVE_MODE, store_codec_set
+from pipelines.ingest_native import store_codec_set
 from pipelines.native_scalars import scalar_moments
 from pipelines.sample import fragment_noise
 
@@ -68,7 +68,7 @@ def sample_native(model_dir: str | os.PathLike, store_dir: str | os.PathLike, ce
     if not generate_groups:
         raise MajorTomGenError("nothing to generate: give --generate")
     store = LatentStore.open(store_dir)
-    if store.manifest["fragment_mode"] != NATIVE_MODE:
+    if not store.native:
         raise MajorTomGenError(f"{store_dir} is a thumbnail store; native generation needs a --family native store")
     net = MultiModalUViT.from_pretrained(model_dir).to(options.device).eval()
     unknown = [m for m in list(condition) + list(generate_groups) if m not in net.modalities]

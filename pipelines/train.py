@@ -17,7 +17,6 @@ from majortom_gen.native import get_band_group
 from majortom_gen.store import LatentStore, load_aligned
 from model.codecs import latent_norms
 from model.config import load_config
-from pipelines.ingest_native import NATIVE_MODE
 from pipelines.model_folder import model_record, open_model_for_store
 from pipelines.native_scalars import scalar_moments
 from model.train import (  # noqa: F401 (the demo's model and the warning class, for the CLI)
@@ -73,7 +72,7 @@ def train_on_store(config: str | os.PathLike, store_dir: str | os.PathLike, out:
                  if options.init_from is not None else None)
     inherited = _inherited_cells(Path(out), options.resume, init_from)
     modalities = list(cfg.nnet.get("modalities", store.modalities))
-    native = store.manifest["fragment_mode"] == NATIVE_MODE
+    native = store.native
     scalars = [m for m in modalities if native and m not in store.modalities and get_band_group(m).is_scalar]
     stored = [m for m in modalities if m not in scalars]
     arrays = load_aligned(store, stored, split="train", test_fraction=options.test_fraction, seed=options.split_seed,

@@ -83,8 +83,8 @@ def evaluate(
     from majortom_gen.store import LatentStore
     from pipelines.evaluate import EvalOptions, parse_conditions
 
-    if LatentStore.open(store).manifest["fragment_mode"] == "copgen":  # the native family: errors in physical units
-        from majortom_gen.native import get_band_group
+    if LatentStore.open(store).native:  # the native family: errors in physical units
+        from majortom_gen.native import parse_band_groups
         from pipelines.native_evaluate import run_native_evaluate
         from pipelines.native_sample import NativeSampling
 
@@ -92,7 +92,7 @@ def evaluate(
         result = run_native_evaluate(
             model, store, out, conditions=native, real_source=real_source, split=split,
             max_cells=-(-max_fragments // 36) if max_fragments else None,
-            generate=[get_band_group(g).name for g in generate.split(",") if g.strip()] if generate else None,
+            generate=parse_band_groups(generate) if generate else None,
             options=NativeSampling(steps=steps, seed=seed, n_samples=n_samples, guidance=guidance, device=device or "cpu"),
             overwrite=overwrite)
         console.print(result["table"], highlight=False)

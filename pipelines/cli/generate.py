@@ -60,7 +60,7 @@ def sample(
     from pipelines.sample import SamplingOptions, sample_store
 
     ids = cells_from_options((cells or []) + list(ctx.args), region)
-    if LatentStore.open(store).manifest["fragment_mode"] == "copgen":
+    if LatentStore.open(store).native:
         _sample_native(model, store, out, ids, condition, generate, n_samples, steps, guidance, seed, device, overwrite)
         return
     cond = () if condition.strip().lower() in ("", "none") else parse_modalities(condition)
@@ -79,16 +79,13 @@ def sample(
 def _sample_native(model: Path, store: Path, out: Path, ids: list[str], condition: str, generate: str, n_samples: int,
                    steps: int, guidance: float, seed: int, device: str | None, overwrite: bool) -> None:
     """``sample`` on a native store: every patch of the cells, physical-unit GeoTIFFs per cell."""
-    from majortom_gen.native import get_band_group
+    from majortom_gen.native import parse_band_groups
     from majortom_gen.staging import staged_folder
     from pipelines.native_sample import NativeSampling, sample_native
 
-    def names(text: str) -> list[str]:
-        return [] if text.strip().lower() in ("", "none") else [get_band_group(x).name for x in text.split(",") if x.strip()]
-
     options = NativeSampling(steps=steps, seed=seed, n_samples=n_samples, guidance=guidance, device=device or "cpu")
     with staged_folder(out, overwrite=overwrite, inputs=(store, model), kind="sample") as tmp:
-        result = sample_native(model, store, ids, names(condition), names(generate), tmp, options)
+        result = sample_native(model, store, ids, parse_band_groups(condition), parse_band_groups(generate), tmp, options)
     console.print(f"[green]sampled[/] {len(ids)} cells x 36 patches x {n_samples} -> {out} "
                   f"({len(result.files)} GeoTIFFs in physical units)", highlight=False)
 
@@ -193,17 +190,14 @@ def generate_region_cmd(
         raise MajorTomGenError("give --region FILE|WKT|bbox or --cells IDS")
     from majortom_gen.store import LatentStore
 
-    if LatentStore.open(store).manifest["fragment_mode"] == "copgen":  # the native family
-        from majortom_gen.native import get_band_group
+    if LatentStore.open(store).native:
+        from majortom_gen.native import parse_band_groups
         from pipelines.native_region import generate_native_region
         from pipelines.native_sample import NativeSampling
 
-        def names(text: str) -> list[str]:
-            return [get_band_group(x).name for x in text.split(",") if x.strip()]
-
         record = generate_native_region(
-            model, store, out, generate=names(generate), region=geom, cells=ids,
-            condition="auto" if condition.strip().lower() == "auto" else names(condition),
+            model, store, out, generate=parse_band_groups(generate), region=geom, cells=ids,
+            condition="auto" if condition.strip().lower() == "auto" else parse_band_groups(condition),
             dst_crs=normalise_crs(crs, item="--crs"), overwrite=overwrite,
             options=NativeSampling(steps=steps, seed=seed, n_samples=n_samples, guidance=guidance, device=device or "cpu"))
         console.print(f"[green]generated[/] {', '.join(record['generate'])} for {len(record['cells'])} cells from "

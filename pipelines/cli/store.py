@@ -115,9 +115,10 @@ def ingest(
         raise MajorTomGenError("--groups goes with --family native")
     chosen = None
     if family == "native":
+        from majortom_gen.native import parse_band_groups
         from pipelines.ingest_native import DEFAULT_GROUPS
 
-        chosen = tuple(g.strip() for g in groups.split(",") if g.strip()) if groups else DEFAULT_GROUPS
+        chosen = tuple(parse_band_groups(groups)) if groups else DEFAULT_GROUPS
         if codec == "small-vae" and not codec_source:  # the thumbnail default; natively: patch-pca fitted on the data
             options = replace(options, codec="patch-pca")
     report = run_ingest(source, ids, store, options, modalities=parse_modalities(modalities), filters=filters, rule=rule,
