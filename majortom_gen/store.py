@@ -252,7 +252,7 @@ def _geo_metadata(table: pa.Table) -> bytes:
 _META_KEY = b"majortom_gen"  # footer key-value metadata of a shard: the store header and its cells
 
 
-def _store_header(manifest: dict) -> dict:
+def store_header(manifest: dict) -> dict:
     """What a shard records of its store, so that a lost manifest can be rebuilt from shards."""
     return {k: manifest[k] for k in ("format", "version", "codec", "fragment_mode", "modalities", "moment_shape",
                                      "moment_shapes") if k in manifest}
@@ -270,7 +270,7 @@ def cells_index(table: pa.Table, modalities: Sequence[str]) -> dict[str, set[str
     return out
 
 
-def _pack_cells(index: dict[str, set[str]]) -> dict[str, list[str]]:
+def pack_cells(index: dict[str, set[str]]) -> dict[str, list[str]]:
     """The manifest's compact form of a cells index: ``{"DEM,S1RTC": [cells...]}``."""
     packed: dict[str, list[str]] = defaultdict(list)
     for cell in sorted(index):
@@ -278,11 +278,11 @@ def _pack_cells(index: dict[str, set[str]]) -> dict[str, list[str]]:
     return dict(packed)
 
 
-def _unpack_cells(packed: dict[str, list[str]]) -> dict[str, set[str]]:
+def unpack_cells(packed: dict[str, list[str]]) -> dict[str, set[str]]:
     return {cell: set(filter(None, mods.split(","))) for mods, cells in packed.items() for cell in cells}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -308,11 +308,11 @@ def write_shard_file(root: str | os.PathLike, table: pa.Table) -> str:
     shard_dir = root / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     try:
-        header = _store_header(json.loads((root / "manifest.json").read_text()))
+        header = store_header(json.loads((root / "manifest.json").read_text()))
     except (OSError, json.JSONDecodeError):
         header = {}
     modalities = header.get("modalities") or [m for m in MODALITY_NAMES if m in table.column_names]
-    record = {"store": header, "cells": _pack_cells(cells_index(table, modalities))}
+    record = {"store": header, "cells": pack_cells(cells_index(table, modalities))}
     name = f"part-{uuid.uuid4().hex[:16]}.parquet"
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"geo": _geo_metadata(table),
                                            _META_KEY: json.dumps(record).encode()})
@@ -321,7 +321,7 @@ def write_shard_file(root: str | os.PathLike, table: pa.Table) -> str:
     return name
 
 
-def _footer(path: Path) -> tuple[pq.FileMetaData, dict]:
+def shard_footer(path: Path) -> tuple[pq.FileMetaData, dict]:
     """A shard's parquet footer and its majortom_gen record ({} for shards of older versions)."""
     meta = pq.read_metadata(path)
     raw = (meta.metadata or {}).get(_META_KEY)
@@ -580,19 +580,19 @@ class LatentStore:
     def _entry(self, path: Path, cells: dict[str, set[str]]) -> dict:
         """The manifest's record of a shard: rows, bytes and sha256 as written, cells by modalities."""
         return {"file": path.name, "rows": pq.read_metadata(path).num_rows, "bytes": path.stat().st_size,
-                "sha256": _sha256(path), "cells": _pack_cells(cells)}
+                "sha256": file_sha256(path), "cells": pack_cells(cells)}
 
     def _shard_cells(self, path: Path, trust_footer: bool = True) -> dict[str, set[str]]:
         """Which modalities each cell of a shard file has: from its footer, or (shards of
         older versions, or ``trust_footer=False``) from its columns."""
         try:
-            _, record = _footer(path)
+            _, record = shard_footer(path)
         except FileNotFoundError:
             raise _damaged(self.root, path.name, "is missing") from None
         except (pa.ArrowException, OSError) as exc:
             raise _damaged(self.root, path.name, f"is unreadable ({exc})") from None
         if trust_footer and "cells" in record:
-            return _unpack_cells(record["cells"])
+            return unpack_cells(record["cells"])
         cols = ["grid_cell", *self.modalities]
         return cells_index(self._read_file(path, cols), self.modalities)
 
@@ -628,8 +628,8 @@ class LatentStore:
             for entry in self.manifest["shards"]:
                 path = self._on_disk(entry)
                 if "cells" not in entry:  # listed by an older version
-                    entry["cells"] = _pack_cells(self._shard_cells(path))
-                for c, mods in _unpack_cells(entry["cells"]).items():
+                    entry["cells"] = pack_cells(self._shard_cells(path))
+                for c, mods in unpack_cells(entry["cells"]).items():
                     index.setdefault(c, set()).update(mods)
             self._index = index
         return self._index
@@ -661,7 +661,7 @@ class LatentStore:
         read = self._columns_to_read(columns)
         parts, origin, files = [], [], []
         for entry in self.manifest["shards"]:
-            if wanted is not None and "cells" in entry and not wanted & set(_unpack_cells(entry["cells"])):
+            if wanted is not None and "cells" in entry and not wanted & set(unpack_cells(entry["cells"])):
                 continue
             t = self._read_file(self._on_disk(entry), read)
             if wanted is not None:

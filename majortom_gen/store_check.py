@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from majortom_gen.errors import StoreError
 from majortom_gen.modalities import MODALITY_NAMES
-from majortom_gen.store import FORMAT, LatentStore, _footer, _sha256, _store_header, _unpack_cells
+from majortom_gen.store import FORMAT, LatentStore, file_sha256, shard_footer, store_header, unpack_cells
 from majortom_gen.store_lock import holder_text, lock_holder, store_lock
 
 QUARANTINE_DIR = "quarantine"
@@ -136,7 +136,7 @@ def _check(root: Path) -> StoreCheck:
     keys = []
     for name in list(entries) + [n for n in on_disk if n not in entries]:
         entry, path = entries.get(name), shard_dir / name
-        held = {c: sorted(m) for c, m in _unpack_cells(entry["cells"]).items()} if entry and "cells" in entry else None
+        held = {c: sorted(m) for c, m in unpack_cells(entry["cells"]).items()} if entry and "cells" in entry else None
         if not path.exists():
             report.problems.append(ShardProblem(name, "missing", "listed in manifest.json, not on disk", held))
             continue
@@ -147,7 +147,7 @@ def _check(root: Path) -> StoreCheck:
             continue
         if entry is None:
             report.problems.append(ShardProblem(name, "unlisted", "on disk, not in manifest.json (adopted by a repair)"))
-        elif "sha256" in entry and _sha256(path) != entry["sha256"]:
+        elif "sha256" in entry and file_sha256(path) != entry["sha256"]:
             report.problems.append(ShardProblem(name, "changed", "readable, but not the file that was written "
                                                 "(sha256 differs; a repair records it as it is now)"))
         report.intact.append(name)
@@ -155,7 +155,7 @@ def _check(root: Path) -> StoreCheck:
         report.rows += table.num_rows
         keys.append(_fragment_keys(table, modalities, name))
     report.duplicates = _duplicates(pd.concat(keys, ignore_index=True) if keys else pd.DataFrame())
-    report.header = _store_header(manifest) if manifest else None
+    report.header = store_header(manifest) if manifest else None
     report.extra = {k: v for k, v in (manifest or {}).items() if k != "shards"}
     return report
 
@@ -163,7 +163,7 @@ def _check(root: Path) -> StoreCheck:
 def _header_from_shards(root: Path, names: Sequence[str]) -> dict:
     for name in names:
         try:
-            header = _footer(root / "shards" / name)[1].get("store")
+            header = shard_footer(root / "shards" / name)[1].get("store")
         except (pa.ArrowException, OSError):
             continue
         if header and header.get("format") == FORMAT and "codec" in header:

@@ -176,6 +176,19 @@ def _region_mask(region: BaseGeometry, dst_crs: str, transform: Affine, width: i
     return geometry_mask([projected], out_shape=(height, width), transform=transform, invert=True)
 
 
+def blended_grid(rasters: Sequence[GeoRaster], dst_crs: str, region: BaseGeometry | None,
+                 groups: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, Affine]:
+    """``rasters`` blended (:func:`blend`) on the grid that covers them in ``dst_crs``, clipped
+    to ``region`` (EPSG:4326): ``(mean (bands, H, W) float32, keep (H, W) bool, transform)``,
+    ``keep`` marking the pixels some raster covers inside the region."""
+    transform, width, height = _target_grid(rasters, dst_crs, region)
+    mean, weight = blend(rasters, dst_crs, transform, width, height, groups)
+    keep = weight > 0
+    if region is not None:
+        keep &= _region_mask(region, dst_crs, transform, width, height)
+    return mean, keep, transform
+
+
 def write_mosaic(rasters: Sequence[GeoRaster], out: Path, *, dst_crs: str = "EPSG:4326",
                  region: BaseGeometry | None = None, tags: dict | None = None,
                  groups: Sequence[str] | None = None) -> GeoRaster:
@@ -188,11 +201,7 @@ def write_mosaic(rasters: Sequence[GeoRaster], out: Path, *, dst_crs: str = "EPS
     mosaic raster (``(bands, H, W)`` uint8 in ``dst_crs``)."""
     if not rasters:
         raise MajorTomGenError("no GeoTIFFs to mosaic")
-    transform, width, height = _target_grid(rasters, dst_crs, region)
-    mean, weight = blend(rasters, dst_crs, transform, width, height, groups)
-    keep = weight > 0
-    if region is not None:
-        keep &= _region_mask(region, dst_crs, transform, width, height)
+    mean, keep, transform = blended_grid(rasters, dst_crs, region, groups)
     data = np.where(keep[None], np.clip(np.rint(mean), 1, 255), 0).astype(np.uint8)
     mosaic = GeoRaster(data, dst_crs, transform, rasters[0].descriptions, nodata=0)
     how = ("overlapping products cross-faded over their outer {} px".format(FEATHER_PX) if groups is not None

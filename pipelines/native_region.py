@@ -27,7 +27,7 @@ from majortom_gen.native_export import write_physical
 from majortom_gen.rasters import GeoRaster
 from majortom_gen.staging import staged_folder
 from majortom_gen.store import LatentStore
-from pipelines.mosaic import _region_mask, _target_grid, blend, vrts_per_zone
+from pipelines.mosaic import blended_grid, vrts_per_zone
 from pipelines.native_sample import NativeSampling, sample_native
 
 
@@ -102,12 +102,8 @@ def _mosaic(group, rasters: list[GeoRaster], cells: list[str], path: Path, dst_c
             region: BaseGeometry | None) -> Path:
     """One group's cells blended into ``dst_crs`` (cross-faded where products overlap), NaN
     where nothing is or outside the region, written in physical units."""
-    transform, width, height = _target_grid(rasters, dst_crs, region)
     finite = [GeoRaster(np.nan_to_num(r.data, nan=0.0), r.crs, r.transform, r.descriptions) for r in rasters]
-    mean, weight = blend(finite, dst_crs, transform, width, height, groups=cells)
-    keep = weight > 0
-    if region is not None:
-        keep &= _region_mask(region, dst_crs, transform, width, height)
+    mean, keep, transform = blended_grid(finite, dst_crs, region, groups=cells)
     data = np.where(keep[None], mean, np.nan).astype(np.float32)
     if group.encoding == "reflectance":
         data = np.nan_to_num(data, nan=0.0)  # Core DN: nodata 0
