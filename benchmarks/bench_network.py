@@ -8,7 +8,9 @@
    Gaussian data, where the exact solution is known (so users can pick fewer steps knowingly).
 2. Throughput: forward+backward train steps/s and 4-modality sampling tuples/s for the
    `tiny` config on the CPU (and `paper` / `release` on a GPU when present), with model FLOPs
-   utilisation against the device's peak when known.
+   utilisation against the device's peak when known; the `small` config (the demo model's) in
+   fp32 and, where the CPU has native bf16 (AVX512-BF16, AMX), in bf16 autocast, as a ratio
+   (what `train --mixed-precision bf16` buys on this CPU).
 
 ``--quick`` (CI: every section runs and prints, in seconds): the sweep on 2 samples against a
 60-step reference, and 2 train steps and one sampling run at batch 4 (2 on a GPU).
@@ -90,7 +92,8 @@ def _gaussian_error(steps: int, spacing: str, s: float = 0.6) -> float:
     return float(((x - exact) ** 2).mean().sqrt())
 
 
-def throughput(config: str, device: str, batch: int, steps: int, dtype: torch.dtype) -> None:
+def throughput(config: str, device: str, batch: int, steps: int, dtype: torch.dtype, sample: bool = True) -> float:
+    """Prints (and returns) the train steps/s of ``config``; with ``sample``, also sampling tuples/s."""
     cfg = load_config(config)
     torch.manual_seed(0)
     net = MultiModalUViT(**cfg.nnet).to(device)
@@ -121,6 +124,8 @@ def throughput(config: str, device: str, batch: int, steps: int, dtype: torch.dt
     mfu = f", MFU {flops / peak:.1%}" if peak else ""
     print(f"[train] {config} on {device} ({str(dtype).split('.')[-1]}), batch {batch}: {1 / dt:.2f} steps/s, "
           f"{flops / 1e12:.3f} TFLOP/s{mfu}")
+    if not sample:
+        return 1 / dt
     net.eval()
     cond = {}
     t0 = time.perf_counter()
@@ -130,6 +135,17 @@ def throughput(config: str, device: str, batch: int, steps: int, dtype: torch.dt
     dt = time.perf_counter() - t0
     print(f"[sample] {config} on {device}: {n / dt:.2f} four-modality tuples/s at {cfg.sample.steps} steps "
           f"(batch {n})")
+    return 1 / dt
+
+
+def cpu_bf16_ratio(batch: int, steps: int) -> None:
+    """The `small` config's train steps/s in bf16 autocast over fp32 on this CPU."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print("[train] this CPU has no native bf16: train --mixed-precision bf16 would be slower here")
+        return
+    fp32 = throughput("small", "cpu", batch, steps, torch.float32, sample=False)
+    bf16 = throughput("small", "cpu", batch, steps, torch.bfloat16, sample=False)
+    print(f"[train] small on cpu: bf16 autocast {bf16 / fp32:.2f}x the fp32 steps/s")
 
 
 def main() -> None:
@@ -148,6 +164,7 @@ def main() -> None:
     net = MultiModalUViT(**load_config("tiny").nnet).to(device).eval()
     solver_sweep(net, args.reference_steps, device, sweep_samples)
     throughput("tiny", "cpu", cpu_batch, args.train_steps, torch.float32)
+    cpu_bf16_ratio(cpu_batch, max(args.train_steps // 2, 2))
     if device == "cuda":
         throughput("paper", "cuda", gpu_batches[0], args.train_steps, torch.bfloat16)
         throughput("release", "cuda", gpu_batches[1], args.train_steps, torch.bfloat16)

@@ -39,6 +39,7 @@ class OptimizerConfig:
 
 
 LR_SCHEDULES = ("constant_with_warmup", "cosine", "linear")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"train.loss_weighting: unknown {self.loss_weighting!r}; valid: eps, min_snr, x0")
         if not (0 <= self.p_clean and 0 <= self.p_drop and self.p_clean + self.p_drop <= 1):
             raise ValueError(f"train.p_clean + train.p_drop must be a share in [0, 1], got {self.p_clean} + {self.p_drop}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"train.mixed_precision: unknown {self.mixed_precision!r}; valid: {', '.join(MIXED_PRECISIONS)}")
 
 
 @dataclass(frozen=True)

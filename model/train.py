@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
@@ -147,6 +148,19 @@ def checkpoint_state(out: str | os.PathLike) -> dict | None:
     return None
 
 
+def _accelerator(mixed_precision: str, cpu: bool) -> Accelerator:
+    """An ``Accelerator`` in ``mixed_precision``. accelerate keeps one state per process and
+    refuses a second precision in it; training owns that state here, so a run in another
+    precision than an earlier run of the same process (a notebook, the tests) starts it afresh."""
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    except ValueError as exc:
+        if "already been initialized" not in str(exc):
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
 def train(
     config: RunConfig,
     moments: Mapping[str, np.ndarray],
@@ -184,8 +198,7 @@ def train(
     names, n = _training_data(config, moments, norms)
     resumed = _start_point(out, resume)
     history = _config_history(*resumed, config) if resumed is not None else []
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
-                              cpu=device == "cpu" or not torch.cuda.is_available())
+    accelerator = _accelerator(config.train.mixed_precision, cpu=device == "cpu" or not torch.cuda.is_available())
     run = _setup(config, accelerator, resumed[1] if resumed is not None else None, init_from, total)
     out.mkdir(parents=True, exist_ok=True)
     _truncate_log(out / "log.jsonl", run.step)

@@ -29,10 +29,16 @@ def test_train_resume_and_sample(store, world, tmp_path):
     assert [g.name for g in grids] == ["step-000004.png"]
     r = runner.invoke(app, ["train", "--store", str(store), "--out", str(run), "--max-steps", "4"])
     assert r.exit_code == 2 and "--resume" in r.output
-    r = runner.invoke(app, ["train", "--store", str(store), "--out", str(run), "--max-steps", "6", "--resume"])
+    r = runner.invoke(app, ["train", "--store", str(store), "--out", str(run), "--max-steps", "6", "--resume",
+                            "--mixed-precision", "fp8"])
+    assert r.exit_code == 2 and "fp8" in r.output and "bf16" in r.output
+    # resumed in bf16 (CPU autocast): the run records the change
+    r = runner.invoke(app, ["train", "--store", str(store), "--out", str(run), "--max-steps", "6", "--resume",
+                            "--mixed-precision", "bf16"])
     assert r.exit_code == 0, r.output
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == 6
+    assert json.loads((run / "model" / "run_config.json").read_text())["train"]["mixed_precision"] == "bf16"
     out = tmp_path / "samples"
     r = runner.invoke(app, ["sample", "--model", str(run / "model"), "--store", str(store), "--cells", WORLD_CELLS[0],
                             "--condition", "S2L2A,S2L1C", "--generate", "DEM,S1RTC", "--n-samples", "2", "--steps", "3",
