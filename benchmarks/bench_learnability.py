@@ -1,6 +1,6 @@
 """What S2 can tell about DEM and S1RTC in the synthetic world, and how much of it the model knows.
 
-    python benchmarks/bench_learnability.py [--train-cells 24] [--steps 1500] [--quick]
+    python benchmarks/bench_learnability.py [--train-cells 24] [--steps 1500] [--model DIR] [--quick]
 
 The issue-#11 bar asks conditional samples to cut the paired MAE of unconditional samples by
 30%. How far any model can get depends on how much of the target the condition determines.
@@ -19,6 +19,15 @@ latent pixel; the relief has no detail finer than that):
    decoded: the model's own conditional and unconditional mean. When its conditional MAE is
    close to the regressor's, the model knows what S2 says and the samples are where it is lost.
 
+3. Where speckle comes from: the model's denoising of the held-out latents (network space,
+   S2L2A clean, the rest marginalised) at low and middle noise: the x0 error per latent channel
+   and the high-frequency energy (mean |x - its 3 x 3 box mean|) of the predicted x0 against
+   the real latents'; and the same energy in latents it samples (25 DPM-Solver++ steps, the
+   default guidance). A
+   denoiser that passes noise through leaves more high-frequency energy than the real latents
+   have, which the decoder shows as speckle and 8 px blocks.
+
+``--model`` scores another model of the same codec (default: the shipped demo model).
 ``--quick`` (CI): 2 training cells, 1 held-out cell, 30 regressor steps; figures meaningless.
 Times are not reported: this benchmark measures what can be learned, not speed.
 """
@@ -32,15 +41,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.ndimage import uniform_filter
 from torch import nn
 
 from majortom_gen.fragments import to_unit_range
 from majortom_gen.synth import SynthOptions, write_world
 from model.codecs import load_codec
 from model.diffusion import NOISE_TIMESTEP, alphas_cumprod, predict_eps
+from model.sample import generate
 from model.train import SHIPPED_DEMO_MODEL
 from model.uvit import MultiModalUViT
 from pipelines.codec import source_fragments
+from pipelines.guidance import GUIDANCE_DEFAULT, GUIDANCE_MIN_SIGMA
 
 # the shipped model's training region: rows 490-498 U, columns 56-77 R (model/weights/README.md)
 TRAIN_REGION = [f"{r}U_{c}R" for r in range(490, 499) for c in range(56, 78)]
@@ -89,11 +101,12 @@ def target_channels(a: np.ndarray, modality: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def model_means(frags: dict[str, np.ndarray], modality: str) -> tuple[np.ndarray, np.ndarray]:
+def model_means(frags: dict[str, np.ndarray], modality: str, model: str | Path = SHIPPED_DEMO_MODEL
+                ) -> tuple[np.ndarray, np.ndarray]:
     """The shipped model's x0 prediction of ``modality`` at pure noise, with S2L2A clean and
     marginalised (every other modality marginalised), decoded and averaged: (cond, uncond)."""
     codec = load_codec("small-vae")
-    net = MultiModalUViT.from_pretrained(SHIPPED_DEMO_MODEL).eval()
+    net = MultiModalUViT.from_pretrained(model).eval()
     names = list(net.config.modalities)
     images = {m: torch.from_numpy(to_unit_range(frags[m])) for m in ("S2L2A", modality)}
     s2 = codec.to_network(codec.encode_moments(images["S2L2A"]), "S2L2A", sample=False)
@@ -114,15 +127,55 @@ def model_means(frags: dict[str, np.ndarray], modality: str) -> tuple[np.ndarray
     return out[0], out[1]
 
 
+def high_frequency(x: np.ndarray) -> np.ndarray:
+    """(n, C, H, W) latents -> (C,) mean |x - its 3 x 3 box mean| per channel."""
+    return np.abs(x - uniform_filter(x, size=(1, 1, 3, 3), mode="nearest")).mean((0, 2, 3))
+
+
+@torch.no_grad()
+def denoiser_report(frags: dict[str, np.ndarray], modality: str, model: str | Path, sample_steps: int) -> None:
+    """Section 3: x0 error and high-frequency energy of the model's denoising of real held-out
+    latents at a few noise levels, and of its samples, against the real latents'."""
+    codec = load_codec("small-vae")
+    net = MultiModalUViT.from_pretrained(model).eval()
+    names = list(net.config.modalities)
+    lat = {m: codec.to_network(codec.encode_moments(torch.from_numpy(to_unit_range(frags[m]))), m, sample=False)
+           for m in ("S2L2A", modality)}
+    real, cond = lat[modality], lat["S2L2A"]
+    n = len(real)
+    g = torch.Generator().manual_seed(0)
+    fmt = lambda a: "/".join(f"{v:.3f}" for v in a)  # noqa: E731
+    print(f"[{modality} denoiser] real latents: high-frequency energy per channel {fmt(high_frequency(real.numpy()))}",
+          flush=True)
+    for k in (20, 100, 300):
+        abar = alphas_cumprod()[k].float()
+        noisy = abar.sqrt() * real + (1 - abar).sqrt() * torch.randn(real.shape, generator=g)
+        x = {m: torch.randn(real.shape, generator=g) for m in names}
+        ts = {m: torch.full((n,), NOISE_TIMESTEP) for m in names}
+        x[modality], ts[modality] = noisy, torch.full((n,), float(k + 1))
+        x["S2L2A"], ts["S2L2A"] = cond, torch.zeros(n)
+        eps = predict_eps(net, x, ts)[modality]
+        x0 = ((noisy - (1 - abar).sqrt() * eps) / abar.sqrt()).numpy()
+        err = np.abs(x0 - real.numpy()).mean((0, 2, 3))
+        print(f"[{modality} denoiser] step {k} (sigma {float(((1 - abar) / abar).sqrt()):.2f}): x0 error per channel "
+              f"{fmt(err)}, predicted x0 high-frequency energy {fmt(high_frequency(x0))}", flush=True)
+    out = generate(net, {"S2L2A": cond}, [modality], steps=sample_steps, seed=0,
+                   guidance={"S2L2A": GUIDANCE_DEFAULT}, guidance_min_sigma=GUIDANCE_MIN_SIGMA)
+    print(f"[{modality} denoiser] samples from S2L2A ({sample_steps} steps, the default guidance): high-frequency energy "
+          f"{fmt(high_frequency(out[modality].numpy()))}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train-cells", type=int, default=24)
     ap.add_argument("--held-out", type=int, default=3)
     ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--model", default=str(SHIPPED_DEMO_MODEL), help="model folder (small-vae latents)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    sample_steps = 25
     if args.quick:
-        args.train_cells, args.held_out, args.steps = 2, 1, 30
+        args.train_cells, args.held_out, args.steps, sample_steps = 2, 1, 30, 2
     torch.set_num_threads(2)
     train_cells = TRAIN_REGION[:: max(1, len(TRAIN_REGION) // args.train_cells)][: args.train_cells]
     held = HELD_OUT[: args.held_out]
@@ -148,14 +201,15 @@ def main() -> None:
         mae_median = float(np.abs(np.median(y_train, axis=0) - real).mean())
         mae_swap = float(np.abs(real[other] - real).mean())
         r2 = 1 - float(((pred - real) ** 2).mean() / max(((real - real.mean()) ** 2).mean(), 1e-9))
-        cond, uncond = model_means(test, m)
+        cond, uncond = model_means(test, m, args.model)
         mae_cond, mae_uncond = float(np.abs(cond - real).mean()), float(np.abs(uncond - real).mean())
         print(f"[{m} from S2L2A] regressor MAE {mae_reg:.1f} (R^2 {r2:.2f}); median image {mae_median:.1f}; "
               f"another real fragment {mae_swap:.1f}; best sample ratio ~ sqrt(2) x {mae_reg:.1f} / {mae_swap:.1f} = "
               f"{np.sqrt(2) * mae_reg / max(mae_swap, 1e-9):.2f}", flush=True)
-        print(f"[{m} from S2L2A] shipped model's mean (x0 at pure noise): MAE {mae_cond:.1f} with S2L2A, "
+        print(f"[{m} from S2L2A] the model's mean (x0 at pure noise): MAE {mae_cond:.1f} with S2L2A, "
               f"{mae_uncond:.1f} without ({100 * (mae_cond / mae_uncond - 1):+.0f}%); regressor / model "
               f"{mae_reg / mae_cond:.2f}", flush=True)
+        denoiser_report(test, m, args.model, sample_steps)
 
 
 if __name__ == "__main__":
