@@ -23,9 +23,8 @@ latent pixel; the relief has no detail finer than that):
    S2L2A clean, the rest marginalised) at low and middle noise: the x0 error per latent channel
    and the high-frequency energy (mean |x - its 3 x 3 box mean|) of the predicted x0 against
    the real latents'; and the same energy in latents it samples (25 DPM-Solver++ steps, the
-   default guidance). A
-   denoiser that passes noise through leaves more high-frequency energy than the real latents
-   have, which the decoder shows as speckle and 8 px blocks.
+   default guidance). A denoiser that passes noise through leaves more high-frequency energy
+   than the real latents have, which the decoder shows as speckle and 8 px blocks.
 
 ``--model`` scores another model of the same codec (default: the shipped demo model).
 ``--quick`` (CI): 2 training cells, 1 held-out cell, 30 regressor steps; figures meaningless.
@@ -101,15 +100,18 @@ def target_channels(a: np.ndarray, modality: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def model_means(frags: dict[str, np.ndarray], modality: str, model: str | Path = SHIPPED_DEMO_MODEL
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """The shipped model's x0 prediction of ``modality`` at pure noise, with S2L2A clean and
-    marginalised (every other modality marginalised), decoded and averaged: (cond, uncond)."""
-    codec = load_codec("small-vae")
-    net = MultiModalUViT.from_pretrained(model).eval()
+def network_latents(codec, frags: dict[str, np.ndarray], modalities) -> dict[str, torch.Tensor]:
+    """Held-out fragments encoded with ``codec`` into the network's latents (moment means)."""
+    return {m: codec.to_network(codec.encode_moments(torch.from_numpy(to_unit_range(frags[m]))), m, sample=False)
+            for m in modalities}
+
+
+@torch.no_grad()
+def model_means(net: MultiModalUViT, codec, s2: torch.Tensor, modality: str) -> tuple[np.ndarray, np.ndarray]:
+    """The model's x0 prediction of ``modality`` at pure noise, with S2L2A (``s2``, network
+    latents) clean and marginalised (every other modality marginalised), decoded and averaged:
+    (cond, uncond)."""
     names = list(net.config.modalities)
-    images = {m: torch.from_numpy(to_unit_range(frags[m])) for m in ("S2L2A", modality)}
-    s2 = codec.to_network(codec.encode_moments(images["S2L2A"]), "S2L2A", sample=False)
     n = len(s2)
     g = torch.Generator().manual_seed(0)
     noise = {m: torch.randn(s2.shape, generator=g) for m in names}
@@ -133,14 +135,10 @@ def high_frequency(x: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def denoiser_report(frags: dict[str, np.ndarray], modality: str, model: str | Path, sample_steps: int) -> None:
+def denoiser_report(net: MultiModalUViT, lat: dict[str, torch.Tensor], modality: str, sample_steps: int) -> None:
     """Section 3: x0 error and high-frequency energy of the model's denoising of real held-out
-    latents at a few noise levels, and of its samples, against the real latents'."""
-    codec = load_codec("small-vae")
-    net = MultiModalUViT.from_pretrained(model).eval()
+    latents ``lat`` (network space) at a few noise levels, and of its samples, against the real latents'."""
     names = list(net.config.modalities)
-    lat = {m: codec.to_network(codec.encode_moments(torch.from_numpy(to_unit_range(frags[m]))), m, sample=False)
-           for m in ("S2L2A", modality)}
     real, cond = lat[modality], lat["S2L2A"]
     n = len(real)
     g = torch.Generator().manual_seed(0)
@@ -189,6 +187,8 @@ def main() -> None:
     unit = lambda a: torch.from_numpy(a / 127.5 - 1)  # noqa: E731
     x_train, x_test = unit(averaged(train["S2L2A"])), unit(averaged(test["S2L2A"]))
     rng = np.random.default_rng(0)
+    codec = load_codec("small-vae")
+    uvit = MultiModalUViT.from_pretrained(args.model).eval()
     for m in TARGETS:
         y_train = target_channels(averaged(train[m]), m)
         real = target_channels(averaged(test[m]), m)
@@ -201,7 +201,8 @@ def main() -> None:
         mae_median = float(np.abs(np.median(y_train, axis=0) - real).mean())
         mae_swap = float(np.abs(real[other] - real).mean())
         r2 = 1 - float(((pred - real) ** 2).mean() / max(((real - real.mean()) ** 2).mean(), 1e-9))
-        cond, uncond = model_means(test, m, args.model)
+        lat = network_latents(codec, test, ("S2L2A", m))
+        cond, uncond = model_means(uvit, codec, lat["S2L2A"], m)
         mae_cond, mae_uncond = float(np.abs(cond - real).mean()), float(np.abs(uncond - real).mean())
         print(f"[{m} from S2L2A] regressor MAE {mae_reg:.1f} (R^2 {r2:.2f}); median image {mae_median:.1f}; "
               f"another real fragment {mae_swap:.1f}; best sample ratio ~ sqrt(2) x {mae_reg:.1f} / {mae_swap:.1f} = "
@@ -209,7 +210,7 @@ def main() -> None:
         print(f"[{m} from S2L2A] the model's mean (x0 at pure noise): MAE {mae_cond:.1f} with S2L2A, "
               f"{mae_uncond:.1f} without ({100 * (mae_cond / mae_uncond - 1):+.0f}%); regressor / model "
               f"{mae_reg / mae_cond:.2f}", flush=True)
-        denoiser_report(test, m, args.model, sample_steps)
+        denoiser_report(uvit, lat, m, sample_steps)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ def _gaussian_error(steps: int, spacing: str, s: float = 0.6) -> float:
 
 
 def throughput(config: str, device: str, batch: int, steps: int, dtype: torch.dtype, sample: bool = True) -> float:
-    """Prints (and returns) the train steps/s of ``config``; with ``sample``, also sampling tuples/s."""
+    """Prints the train steps/s of ``config`` (and, with ``sample``, its sampling tuples/s);
+    returns the train steps/s."""
     cfg = load_config(config)
     torch.manual_seed(0)
     net = MultiModalUViT(**cfg.nnet).to(device)
@@ -124,8 +125,9 @@ def throughput(config: str, device: str, batch: int, steps: int, dtype: torch.dt
     mfu = f", MFU {flops / peak:.1%}" if peak else ""
     print(f"[train] {config} on {device} ({str(dtype).split('.')[-1]}), batch {batch}: {1 / dt:.2f} steps/s, "
           f"{flops / 1e12:.3f} TFLOP/s{mfu}")
+    steps_per_s = 1 / dt
     if not sample:
-        return 1 / dt
+        return steps_per_s
     net.eval()
     cond = {}
     t0 = time.perf_counter()
@@ -135,7 +137,7 @@ def throughput(config: str, device: str, batch: int, steps: int, dtype: torch.dt
     dt = time.perf_counter() - t0
     print(f"[sample] {config} on {device}: {n / dt:.2f} four-modality tuples/s at {cfg.sample.steps} steps "
           f"(batch {n})")
-    return 1 / dt
+    return steps_per_s
 
 
 def cpu_bf16_ratio(batch: int, steps: int) -> None:
