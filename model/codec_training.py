@@ -60,6 +60,11 @@ def crop_batch(images: np.ndarray, step: int, config: CodecTrainConfig) -> torch
     """The batch of step ``step``: random crops of uint8 ``(N, H, W, 3)`` images, or of float
     ``(N, C, H, W)`` model inputs in [-1, 1] (the native family's band groups), as float
     ``(B, C, crop, crop)`` in [-1, 1], augmented."""
+    return crop_batch_rows(images, step, config)[0]
+
+
+def crop_batch_rows(images: np.ndarray, step: int, config: CodecTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`crop_batch` and the image rows its crops come from ``(B,)``."""
     gen = torch.Generator().manual_seed(int(np.random.default_rng([config.seed, step]).integers(0, 2**62)))
     channels_last = images.dtype == np.uint8
     n, h, w = (images.shape[:3] if channels_last else (images.shape[0], *images.shape[2:]))
@@ -72,7 +77,7 @@ def crop_batch(images: np.ndarray, step: int, config: CodecTrainConfig) -> torch
     else:
         crops = np.stack([images[i, :, r:r + config.crop, c:c + config.crop] for i, r, c in zip(idx, rows, cols)])
         x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
-    return _augment(x, gen)
+    return _augment(x, gen), torch.as_tensor(idx)
 
 
 def native_vae_config(channels: int) -> dict:
@@ -125,3 +130,72 @@ def train_small_vae(images: np.ndarray, config: CodecTrainConfig = CodecTrainCon
         if progress is not None:
             progress(step + 1, config.steps, losses[-1])
     return vae.eval(), losses
+
+
+@dataclass(frozen=True)
+class DecoderTuneConfig:
+    """Fine-tuning a codec's decoder on noisy latents (:func:`tune_decoder`). ``latent_noise``:
+    the largest noise std added to a latent, in the diffusion network's units (the latent
+    normalised per modality, so std 1 is the whole signal): each crop draws its std uniformly
+    in ``[0, latent_noise]``, or none with probability ``p_clean``."""
+
+    steps: int = 600
+    batch_size: int = 16
+    crop: int = 64  # px; a multiple of 8
+    lr: float = 2e-4  # AdamW, linear warm-up then cosine decay to lr/10
+    warmup_steps: int = 50
+    latent_noise: float = 0.3
+    p_clean: float = 0.25
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def tune_decoder(vae: AutoencoderKL, images: np.ndarray, scales: np.ndarray, config: DecoderTuneConfig = DecoderTuneConfig(),
+                 *, progress: Callable[[int, int, float], None] | None = None) -> tuple[AutoencoderKL, list[float]]:
+    """A copy of ``vae`` whose decoder (``decoder.*``, ``post_quant_conv.*``) is fine-tuned to
+    map noisy latents of uint8 fragments ``images`` ``(N, H, W, 3)`` to the clean fragments
+    (L1); the encoder is frozen, so the latents -- and what a store holds -- do not change.
+
+    A generated latent carries errors the decoder never saw in training (the diffusion
+    network's residual noise), and a decoder trained on clean latents only draws them as
+    speckle and 8 px blocks. The noise added here is Gaussian of std ``s / scales[i]`` in the
+    codec's units (``s`` up to ``config.latent_noise``; ``scales[i]``: the latent
+    normalisation scale of image ``i``'s modality), i.e. the same std in every modality's
+    network units. Returns the tuned copy (eval mode) and each step's loss."""
+    import copy
+
+    if len(scales) != len(images):
+        raise ValueError(f"{len(images)} images but {len(scales)} scales")
+    crops = CodecTrainConfig(steps=config.steps, batch_size=config.batch_size, crop=config.crop, lr=config.lr,
+                             warmup_steps=config.warmup_steps, seed=config.seed)
+    if config.crop % 8 or config.crop > min(images.shape[1:3]):
+        raise ValueError(f"crop {config.crop} must be a multiple of 8 and fit the {min(images.shape[1:3])} px images")
+    tuned = copy.deepcopy(vae).train()
+    tuned.encoder.requires_grad_(False)
+    tuned.quant_conv.requires_grad_(False)
+    params = [*tuned.decoder.parameters(), *tuned.post_quant_conv.parameters()]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, crops))
+    scales = torch.as_tensor(np.asarray(scales, np.float32))
+    losses = []
+    for step in range(config.steps):
+        x, idx = crop_batch_rows(images, step, crops)
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        with torch.no_grad():
+            posterior = tuned.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+            std = torch.rand(len(x), generator=gen) * config.latent_noise / scales[idx]
+            std = torch.where(torch.rand(len(x), generator=gen) < config.p_clean, torch.zeros_like(std), std)
+            z = z + std.view(-1, 1, 1, 1) * torch.randn(z.shape, generator=gen)
+        loss = (tuned.decode(z).sample - x).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1, config.steps, losses[-1])
+    return tuned.eval(), losses
+

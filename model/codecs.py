@@ -3,7 +3,12 @@
 
 - ``small-vae`` (the default, offline): a small kl-f8 ``AutoencoderKL`` the project trains on
   the thumbnails of its synthetic world (``majortom-gen codec train``); the trained one ships
-  in the package (:data:`SHIPPED_CODEC`, with the command, seed and data that made it).
+  in the package (:data:`SHIPPED_CODEC`, with the command, seed and data that made it). Its
+  decoder can be fine-tuned on noisy latents (``majortom-gen codec tune-decoder``,
+  :func:`model.codec_training.tune_decoder`) so that generated latents, which carry the
+  diffusion network's residual noise, decode without speckle: the tuned weights are kept
+  beside the model (:data:`DECODER_FILE`, recorded under ``decoder`` in ``codec.json``) and
+  decode; the encoder, and so the codec's identity, are unchanged.
 - ``sd-vae``: the Stable Diffusion kl-f8 VAE (diffusers ``AutoencoderKL``), loaded from a
   hub id, a local ``save_pretrained`` folder, or an LDM/U-ViT style state dict file
   (``autoencoder_kl.pth``, ``.ckpt``, ``.safetensors``); scale factor 0.18215; optionally
@@ -24,7 +29,7 @@ they may run in half precision) is data: one :class:`CodecKind` per name in
 
 A codec folder holds the model's own files and ``codec.json``: the codec's name, one
 :class:`LatentNorm` per modality (the network's latents are zero-mean, unit-variance per
-modality) and how the codec was made. Every codec reports ``info()`` = name, config
+modality) and how the codec was made (and a tuned decoder, see above). Every codec reports ``info()`` = name, config
 (normalisations included) and a hash of config and weights; a latent store records it and
 refuses to mix codecs.
 """
@@ -49,6 +54,8 @@ from diffusers.models.modeling_utils import ModelMixin
 
 DEFAULT_CODEC = "small-vae"
 CODEC_RECORD = "codec.json"  # name, per-modality normalisation and provenance, beside the model files
+DECODER_FILE = "decoder.safetensors"  # a tuned decoder's weights (float16), beside the model files
+DECODER_KEYS = ("decoder.", "post_quant_conv.")  # the AutoencoderKL weights that decode
 SHIPPED_CODEC = Path(__file__).resolve().parent / "weights" / "small-vae"  # the trained small-vae
 SD_SCALE_FACTOR = 0.18215
 MAX_FIT_BLOCKS = 100_000  # 8x8 blocks used to fit patch-pca (~100 fragments' worth)
@@ -317,6 +324,7 @@ class Codec:
         self.provenance = dict(provenance or {})
         self._hash: str | None = None
         self.decoder: AutoencoderKL | None = None  # separate decoder weights (see load_codec), else ``model``
+        self.decoder_record: dict | None = None  # how a tuned decoder was made (saved with it, see save)
 
     def norm(self, modality: str) -> LatentNorm:
         config = dict(self.model.config)
@@ -363,12 +371,40 @@ class Codec:
         return self.decode(self.norm(modality).from_network(x.float()))
 
     def save(self, folder: str | os.PathLike) -> None:
-        """The model files (``save_pretrained``) and ``codec.json`` (name, normalisations, provenance)."""
+        """The model files (``save_pretrained``) and ``codec.json`` (name, normalisations,
+        provenance); with a tuned decoder (``decoder_record`` set), its weights as
+        :data:`DECODER_FILE` (float16) and its record under ``decoder`` in ``codec.json``."""
         folder = Path(folder)
         self.model.save_pretrained(folder)
         record = {"name": self.name, "latent_norm": {m: n.as_dict() for m, n in sorted(self.norms.items())},
                   "provenance": self.provenance}
+        if self.decoder is not None and self.decoder_record is not None:
+            from safetensors.torch import save_file
+
+            weights = {k: v.detach().to("cpu", torch.float16).contiguous()
+                       for k, v in self.decoder.state_dict().items() if k.startswith(DECODER_KEYS)}
+            save_file(weights, str(folder / DECODER_FILE))
+            record["decoder"] = {"file": DECODER_FILE, **self.decoder_record}
         (folder / CODEC_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def with_decoder(model: AutoencoderKL, weights: Mapping[str, torch.Tensor]) -> AutoencoderKL:
+    """A copy of ``model`` whose decoding weights (:data:`DECODER_KEYS`) are ``weights``; a
+    clear error when they do not fit it."""
+    import copy
+
+    wanted = {k for k in model.state_dict() if k.startswith(DECODER_KEYS)}
+    if set(weights) != wanted:
+        missing, extra = sorted(wanted - set(weights)), sorted(set(weights) - wanted)
+        raise ValueError(f"decoder weights do not fit the codec (missing {missing[:3]}, unexpected {extra[:3]})")
+    decoder = copy.deepcopy(model)
+    state = decoder.state_dict()
+    for k, v in weights.items():
+        if v.shape != state[k].shape:
+            raise ValueError(f"decoder weight {k}: shape {tuple(v.shape)}, the codec's is {tuple(state[k].shape)}")
+        state[k] = v.to(state[k].dtype)
+    decoder.load_state_dict(state)
+    return decoder.eval()
 
 
 def load_sd_vae(source: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Codec:
@@ -487,8 +523,19 @@ def load_codec(name: str | None = None, source: str | os.PathLike | None = None,
             raise ValueError(f"{source} holds a {record['name']} codec, not {name}")
         model_cls = codec_kind(record["name"]).model_cls
         norms = {m: LatentNorm.from_dict(d) for m, d in record.get("latent_norm", {}).items()}
-        return Codec(record["name"], model_cls.from_pretrained(source), device=device, dtype=dtype, source=str(source),
-                     norms=norms, provenance=record.get("provenance"))
+        codec = Codec(record["name"], model_cls.from_pretrained(source), device=device, dtype=dtype, source=str(source),
+                      norms=norms, provenance=record.get("provenance"))
+        if "decoder" in record:  # a tuned decoder (see Codec.save): it decodes, the model's own encoder encodes
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            path = Path(source) / record["decoder"]["file"]
+            try:
+                codec.decoder = with_decoder(codec.model, load_file(str(path)))  # on the model's device and dtype
+            except (OSError, ValueError, SafetensorError) as exc:
+                raise ValueError(f"{source}: its tuned decoder {path.name} cannot be read ({exc})") from None
+            codec.decoder_record = {k: v for k, v in record["decoder"].items() if k != "file"}
+        return codec
     if name == "sd-vae":
         return load_sd_vae(str(source), device=device, dtype=dtype)
     config_file = Path(source) / "config.json"

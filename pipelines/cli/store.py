@@ -184,6 +184,49 @@ def codec_train(
                   f"{result.fragments}; reconstruction PSNR on them (dB): {result.psnr_db}", highlight=False)
 
 
+@codec_app.command("tune-decoder")
+@user_errors
+def codec_tune_decoder(
+    source: Annotated[str, typer.Option(help="Major TOM root (local folder or URL) with the Core datasets.")],
+    out: Annotated[Path, typer.Option(help="Codec folder to write (the codec with its tuned decoder).")],
+    codec: Annotated[str, typer.Option(help="The small-vae codec folder to start from, or 'small-vae' (shipped).")] = "small-vae",
+    cells: CellsOption = None,
+    region: RegionOption = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 600,
+    latent_noise: Annotated[float, typer.Option(min=0.0, help="Largest latent noise std, in the diffusion "
+                                                              "network's units (per-modality normalised latents).")] = 0.3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Crops per step.")] = 16,
+    crop: Annotated[int, typer.Option(min=8, help="Crop size in pixels (a multiple of 8).")] = 64,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, cosine decay).")] = 2e-4,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of every random choice (crops, flips, noise).")] = 0,
+    psnr_fragments: Annotated[int, typer.Option(min=1, help="Fragments per modality the reconstruction PSNR is "
+                                                            "measured on, before and after.")] = 16,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Fine-tune a small-vae codec's decoder so that it draws generated latents without speckle
+    and 8 px blocks: it learns to decode latents with added noise (the residual error a
+    diffusion model leaves) to the clean fragments of the given cells. The encoder, and so
+    the latents of every store made with the codec, stay the same and the codec's identity
+    does not change: a store ingested with the new folder copies it, and a store made with the
+    original decodes with it given --codec-source OUT.
+    The shipped codec's decoder was made this way (see its codec.json)."""
+    from pipelines.codec import DecoderTuneConfig, tune_codec_decoder
+
+    ids = cells_from_options(cells, region)
+    config = DecoderTuneConfig(steps=steps, batch_size=batch_size, crop=crop, lr=lr, latent_noise=latent_noise, seed=seed)
+    command = command_line("codec tune-decoder", source=source, codec=codec, cells=cells, region=region, out=out,
+                           steps=steps, latent_noise=latent_noise, batch_size=batch_size, crop=crop, lr=lr, seed=seed)
+    with progress_bar("tuning the decoder", "steps") as update:
+        try:
+            result = tune_codec_decoder(codec, source, ids, out, config=config, command=command, overwrite=overwrite,
+                                        psnr_fragments=psnr_fragments,
+                                        progress=lambda s, t, loss: update(s, t, note=f"loss {loss:.4f}, "))
+        except ValueError as exc:
+            raise MajorTomGenError(str(exc)) from None
+    console.print(f"[green]codec[/] -> {result.folder} ({result.seconds:.0f} s); fragments per modality "
+                  f"{result.fragments}; reconstruction PSNR on them (dB): {result.psnr_db}", highlight=False)
+
+
 @codec_app.command("eval")
 @user_errors
 def codec_eval(
