@@ -93,6 +93,18 @@ def _lr_factor(step: int, config: CodecTrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0)))
 
 
+def _optimise(loss: torch.Tensor, opt, sched, losses: list[float],
+              progress: Callable[[int, int, float], None] | None, done: int, total: int) -> None:
+    """One optimiser and LR-scheduler step on ``loss``, logged in ``losses`` and reported."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    losses.append(float(loss.detach()))
+    if progress is not None:
+        progress(done, total, losses[-1])
+
+
 def train_small_vae(images: np.ndarray, config: CodecTrainConfig = CodecTrainConfig(), *,
                     vae_config: dict | None = None,
                     progress: Callable[[int, int, float], None] | None = None) -> tuple[AutoencoderKL, list[float]]:
@@ -122,13 +134,7 @@ def train_small_vae(images: np.ndarray, config: CodecTrainConfig = CodecTrainCon
         rec_loss = (rec - x).abs().mean()
         kl = posterior.kl().sum() / len(x)
         loss = rec_loss + config.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if progress is not None:
-            progress(step + 1, config.steps, losses[-1])
+        _optimise(loss, opt, sched, losses, progress, step + 1, config.steps)
     return vae.eval(), losses
 
 
@@ -190,12 +196,6 @@ def tune_decoder(vae: AutoencoderKL, images: np.ndarray, scales: np.ndarray, con
             std = torch.where(torch.rand(len(x), generator=gen) < config.p_clean, torch.zeros_like(std), std)
             z = z + std.view(-1, 1, 1, 1) * torch.randn(z.shape, generator=gen)
         loss = (tuned.decode(z).sample - x).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if progress is not None:
-            progress(step + 1, config.steps, losses[-1])
+        _optimise(loss, opt, sched, losses, progress, step + 1, config.steps)
     return tuned.eval(), losses
 
