@@ -32,6 +32,7 @@ from majortom_gen.fragments import FRAGMENT_PX, fragment_windows
 CLOUD_CLASSES = (1, 2, 3)  # thick cloud, thin cloud, shadow
 MASK_SOURCES = ("cloud_mask", "nodata")  # or a file
 RESAMPLE_DEFAULT = 2  # RePaint jumps per noisy step for `fill` (measured in benchmarks/bench_fill.py)
+STRENGTH_DEFAULT = 0.5  # share of the solver steps a gap goes through in `fill` (benchmarks/bench_fill.py)
 VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp", ".fgb", ".parquet")
 
 

@@ -59,6 +59,7 @@ def generate(
     resample: int = 0,
     resample_noise: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
     guidance_min_sigma: float = 0.0,
+    strength: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Generate the modalities ``generate`` given ``condition`` (latents in the network's
     space, each (B, C, H, W)). Returns {modality: (B * n_samples, C, H, W)} for the generated
@@ -73,7 +74,12 @@ def generate(
     signal, ``x = alpha (x0 + sigma eps)``) is at least ``guidance_min_sigma`` (a guidance
     interval, Kynkaanniemi et al. 2024: the conditions place things while the state is noisy;
     measured in :mod:`pipelines.guidance`, guiding only there does as well at fewer network
-    calls); ``batch_size`` bounds a network call.
+    calls); ``batch_size`` bounds a network call. ``known`` = {generated modality: (x0, keep)}
+    puts x0 back where keep is 1 before every step (gap filling, see :func:`_known_part`);
+    with ``strength`` < 1 (diffusers' img2img/inpainting meaning) the parts where keep is 0
+    do not start from pure noise but from x0 noised to the level of step ``steps - round(strength
+    * steps)`` (SDEdit, Meng et al. 2022): the earlier steps are skipped when every generated
+    modality is known, else x0 is put everywhere until then.
     ``marginal_noise`` fixes the noise standing in for modalities that are neither given nor
     generated (and for guided conditions when they are dropped); by default it is drawn from
     ``seed``. ``spacing`` places the solver steps (see
@@ -104,31 +110,41 @@ def generate(
         fixed_noise = {m: canvas.crop(x) for m, x in fixed_noise.items()}
     call = _NetworkCall(net, names, list(generate), cond, fixed_noise, batch_size, canvas)
     result = {m: _expand(condition[m], n_samples) for m in condition}  # the inputs, untouched
-    impose = _known_part(known or {}, list(generate), start, full, device)
     sched = sampling_scheduler(steps, spacing)
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must lie in (0, 1], got {strength}")
+    first = steps - max(1, round(strength * steps)) if strength < 1 and known else None
+    impose = _known_part(known or {}, list(generate), start, full, device, first)
+    skip = first if first is not None and all(m in known for m in generate) else 0
+    if skip:
+        sched.set_begin_index(skip)  # the solver's history starts there (a first-order step)
     if resample > 0 and impose is not None:
         def fresh(i: int) -> dict[str, torch.Tensor]:
             given = resample_noise(i) if resample_noise is not None else None
             return _noise(given, list(generate), "resampling noise", full, gen, device)
 
-        result.update(_solve_resampling(call, start, guided, guidance, sched, impose, resample, fresh, guidance_min_sigma))
+        result.update(_solve_resampling(call, start, guided, guidance, sched, impose, resample, fresh, guidance_min_sigma,
+                                        skip))
     else:
-        result.update(_solve(call, start, guided, guidance, sched, impose, guidance_min_sigma))
+        result.update(_solve(call, start, guided, guidance, sched, impose, guidance_min_sigma, skip))
     return result
 
 
 def _known_part(known: Mapping[str, tuple[torch.Tensor, torch.Tensor]], generate: list[str],
-                start: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], device: torch.device):
-    """The function ``impose(x_flat, alpha, sigma)`` that puts the known latents, noised to
-    the level (alpha, sigma) with each modality's starting noise, where they are kept (on
-    the generated modalities flattened and concatenated, as :func:`_solve` holds them); None
-    when nothing is known."""
+                start: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], device: torch.device,
+                everywhere_until: int | None = None):
+    """The function ``impose(x_flat, alpha, sigma, noise=None, step=None)`` that puts the
+    known latents, noised to the level (alpha, sigma) with each modality's starting noise,
+    where they are kept (on the generated modalities flattened and concatenated, as
+    :func:`_solve` holds them); before solver steps up to ``everywhere_until`` the given
+    latents of the modalities in ``known`` are put everywhere, their keep mask ignored
+    (SDEdit's start); None when nothing is known."""
     bad = [m for m in known if m not in generate]
     if bad:
         raise ValueError(f"known latents given for {bad}, which are not generated")
     if not known:
         return None
-    x0s, keeps = [], []
+    x0s, keeps, givens = [], [], []
     for m in generate:
         shape = shapes[m]
         if m in known:
@@ -143,12 +159,16 @@ def _known_part(known: Mapping[str, tuple[torch.Tensor, torch.Tensor]], generate
             x0, keep = torch.zeros(shape, device=device), torch.zeros((1, 1, *shape[-2:]), device=device)
         x0s.append(x0.flatten(1))
         keeps.append(keep.expand(shape[0], shape[1], -1, -1).flatten(1))
-    x0_flat, keep_flat = torch.cat(x0s, dim=1), torch.cat(keeps, dim=1)
+        givens.append(torch.full((1, x0[0].numel()), float(m in known), device=device))
+    x0_flat, keep_flat, given_flat = torch.cat(x0s, dim=1), torch.cat(keeps, dim=1), torch.cat(givens, dim=1)
     noise_flat = _flat(start, generate)
 
-    def impose(x_flat: torch.Tensor, alpha: float, sigma: float, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def impose(x_flat: torch.Tensor, alpha: float, sigma: float, noise: torch.Tensor | None = None,
+               step: int | None = None) -> torch.Tensor:
         noise = noise_flat if noise is None else noise
-        return keep_flat * (alpha * x0_flat + sigma * noise) + (1 - keep_flat) * x_flat
+        everywhere = everywhere_until is not None and step is not None and step <= everywhere_until
+        keep = given_flat if everywhere else keep_flat
+        return keep * (alpha * x0_flat + sigma * noise) + (1 - keep) * x_flat
 
     return impose
 
@@ -282,18 +302,21 @@ def _autocast(net) -> contextlib.AbstractContextManager:
 
 
 def _solve(call: _NetworkCall, start: Mapping[str, torch.Tensor], guided: Sequence[tuple[str, ...]], guidance: Mapping[tuple[str, ...], float],
-           sched, impose=None, guidance_min_sigma: float = 0.0) -> dict[str, torch.Tensor]:
+           sched, impose=None, guidance_min_sigma: float = 0.0, skip: int = 0) -> dict[str, torch.Tensor]:
     """Run the solver ``sched`` from the starting noise of the generated modalities, solved
     jointly (concatenated along channels), with guidance on the conditions ``guided`` at the
     steps whose noise level is at least ``guidance_min_sigma``, and
     the known latents put back before every step and after the last (``impose``, see
-    :func:`_known_part`); returns {generated modality: (B * n_samples, C, H, W)}."""
+    :func:`_known_part`); the first ``skip`` steps are not taken (the known latents, put
+    everywhere, stand in for them); returns {generated modality: (B * n_samples, C, H, W)}."""
     generate = call.generate
     x_flat = _flat(start, generate)
     for i, k in enumerate(sched.timesteps):
+        if i < skip:
+            continue
         k = int(k)
         if impose is not None:
-            x_flat = impose(x_flat, *state_scales(sched, i))
+            x_flat = impose(x_flat, *state_scales(sched, i), step=i)
         guide = guided if float(sched.sigmas[i]) >= guidance_min_sigma else ()
         x_flat = sched.step(_eps_flat(call, x_flat, start, k, guide, guidance), k, x_flat).prev_sample
     if impose is not None:
@@ -315,13 +338,13 @@ RESAMPLE_UNTIL = 0.6  # the share of the solver steps (the noisy ones) that are 
 
 def _solve_resampling(call: _NetworkCall, start: Mapping[str, torch.Tensor], guided: Sequence[tuple[str, ...]],
                       guidance: Mapping[tuple[str, ...], float], sched, impose, jumps: int, fresh,
-                      guidance_min_sigma: float = 0.0) -> dict[str, torch.Tensor]:
+                      guidance_min_sigma: float = 0.0, skip: int = 0) -> dict[str, torch.Tensor]:
     """:func:`_solve` with RePaint's resampling, on first-order steps at the levels of
     ``sched``: ``x0 = (x - sigma eps) / alpha``, then ``x' = alpha' x0 + sigma' eps``. In the
     first :data:`RESAMPLE_UNTIL` of the steps, each step is followed ``jumps`` times by a
     forward jump back to its level, ``x = (alpha / alpha') x' + sqrt(sigma^2 - (alpha sigma' /
     alpha')^2) z``, and taken again; the known part is put back (freshly noised) before every
-    network call. ``fresh(i)`` gives the i-th fresh noise draw."""
+    network call; the first ``skip`` steps are not taken. ``fresh(i)`` gives the i-th fresh noise draw."""
     generate = call.generate
     x_flat = _flat(start, generate)
     draws = 0
@@ -334,13 +357,15 @@ def _solve_resampling(call: _NetworkCall, start: Mapping[str, torch.Tensor], gui
 
     steps = len(sched.timesteps)
     for i, k in enumerate(sched.timesteps):
+        if i < skip:
+            continue
         k = int(k)
         alpha, sigma = state_scales(sched, i)
         alpha_next, sigma_next = state_scales(sched, i + 1)
         repeats = jumps if i < RESAMPLE_UNTIL * steps else 0
         guide = guided if float(sched.sigmas[i]) >= guidance_min_sigma else ()
         for j in range(repeats + 1):
-            x_flat = impose(x_flat, alpha, sigma, None if i == 0 and j == 0 else next_noise())
+            x_flat = impose(x_flat, alpha, sigma, None if i == skip and j == 0 else next_noise(), step=i)
             eps = _eps_flat(call, x_flat, start, k, guide, guidance)
             x_flat = alpha_next * (x_flat - sigma * eps) / alpha + sigma_next * eps
             if j < repeats:

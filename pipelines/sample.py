@@ -61,6 +61,9 @@ class SamplingOptions:
     every fragment on its own); ``canvas_stride``: latent pixels between window starts (None:
     3/4 of a window, 24 of 32); ``resample``: gap filling only, RePaint's jumps back per noisy
     step (:func:`model.sample.generate`), their noise drawn per fragment sample (or canvas);
+    ``strength``: gap filling only, 1: the gaps start from pure noise; below 1 they start from
+    the given latents (an interpolation) noised to the level of the last ``strength`` share
+    of the steps, and the steps before are skipped (SDEdit, diffusers' inpainting strength);
     ``guidance``: classifier-free guidance weight w on the conditions together (0: none):
     ``e_unc + (1 + w)(e_c - e_unc)`` on the noisy steps (:mod:`pipelines.guidance`), one more
     network call per step; the dropped conditions' noise is drawn per fragment sample (or canvas)."""
@@ -76,6 +79,7 @@ class SamplingOptions:
     seamless: bool = True
     canvas_stride: int | None = None
     resample: int = 0
+    strength: float = 1.0
     guidance: float = GUIDANCE_DEFAULT
 
 
@@ -227,7 +231,7 @@ def _generate_rows(net: MultiModalUViT, cond: dict[str, torch.Tensor], generate_
     return generate(net, cond, list(generate_modalities), n_samples=1, steps=options.steps, seed=options.seed,
                     initial_noise=noise(generate_modalities), marginal_noise=noise(free, tag="marginal:"),
                     guidance=guidance, guidance_min_sigma=GUIDANCE_MIN_SIGMA, batch_size=batch_size, stride=stride,
-                    known=known or None, resample=options.resample,
+                    known=known or None, resample=options.resample, strength=options.strength,
                     resample_noise=lambda i: noise(generate_modalities, tag=f"resample{i}:"))
 
 

@@ -20,7 +20,7 @@ from majortom_gen.gaps import cloud_gaps, file_gaps, latent_gaps, nodata_gaps
 from model.sample import generate
 from pipelines.cli import app
 from pipelines.cell_canvas import cell_fragments, cell_mosaic
-from pipelines.fill import composite, harmonise
+from pipelines.fill import composite, harmonise, prefill
 
 from conftest import WORLD_CELLS
 
@@ -68,6 +68,33 @@ def test_generate_known__kept_latents_come_back_exactly_and_the_gaps_are_generat
         plain = generate(net, cond, ["S2L2A", "DEM"], **{**kwargs, "resample": 0})
         assert torch.equal(once["S2L2A"], again["S2L2A"]) and len(draws) > 4
         assert not torch.allclose(once["S2L2A"][~kept], plain["S2L2A"][~kept], atol=1e-3)
+
+
+@pytest.mark.parametrize("resample", [0, 2])
+def test_generate_strength__gaps_start_from_the_given_latents_and_the_skipped_steps_cost_nothing(resample):
+    net = _tiny_net()
+    calls = []
+    net.register_forward_hook(lambda *_: calls.append(1))
+    g = torch.Generator().manual_seed(2)
+    cond = {"S1RTC": torch.randn(1, 4, 32, 32, generator=g)}
+    x0 = torch.randn(1, 4, 32, 32, generator=g)  # e.g. an interpolation encoded: given in the gap too
+    keep = torch.ones(1, 1, 32, 32)
+    keep[..., 8:24, 8:24] = 0
+    gap = ~keep.expand_as(x0).bool()
+    kwargs = dict(steps=10, seed=0, known={"S2L2A": (x0, keep)}, resample=resample)
+    far = {}
+    for strength in (1.0, 0.5, 0.2):
+        calls.clear()
+        out = generate(net, cond, ["S2L2A"], strength=strength, **kwargs)["S2L2A"]
+        far[strength] = float((out[gap] - x0[gap]).abs().mean())
+        assert torch.allclose(out[~gap], x0[~gap], atol=1e-5)
+        if not resample:  # network calls: the steps taken, no more
+            assert len(calls) == round(strength * 10), (strength, len(calls))
+    assert far[0.2] < far[0.5] < far[1.0]  # the lower the strength, the more of the given latents remains
+    mixed = generate(net, cond, ["S2L2A", "DEM"], strength=0.5, **kwargs)  # DEM unknown: every step is taken
+    assert torch.allclose(mixed["S2L2A"][~gap], x0[~gap], atol=1e-5) and mixed["DEM"].abs().mean() > 0.1
+    with pytest.raises(ValueError, match="strength"):
+        generate(net, cond, ["S2L2A"], strength=0.0, **kwargs)
 
 
 def test_generate_known__refuses_what_does_not_fit():
@@ -165,6 +192,27 @@ def test_composite__keeps_known_pixels_bit_for_bit_and_carries_a_tone_offset_int
     assert np.abs(out[gaps].astype(int) - observed[gaps]).mean() < 2  # the offset is gone ...
     assert np.abs(fill[gaps].astype(int) - observed[gaps]).mean() > 20  # ... which pasting would keep
     assert harmonise(fill, observed, np.zeros_like(gaps)).shape == fill.shape
+
+
+def test_prefill__interpolates_the_gaps_from_their_surroundings_and_keeps_the_rest():
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    truth = np.stack([40 + xx / 8, 60 + yy / 8, 200 - (xx + yy) / 16], axis=-1).astype(np.uint8)
+    gaps = ((yy - 400) ** 2 + (xx - 600) ** 2 < 150 ** 2) | ((yy > 900) & (xx < 300))  # a cloud, a nodata corner
+    observed = np.where(gaps[..., None], np.uint8(250), truth)  # white under the cloud
+    filled = prefill(observed, gaps)
+    assert np.array_equal(filled[~gaps], observed[~gaps])
+    err = np.abs(filled[gaps].astype(int) - truth[gaps])
+    assert err.mean() < 12 and np.abs(observed[gaps].astype(int) - truth[gaps]).mean() > 100  # no white left
+    # the pyramid filter agrees with a full-size Gaussian (what it replaces): to a tenth of a grey
+    # level on a smooth image, to a fraction of what is left of pixel noise after blurring
+    from scipy import ndimage
+    from pipelines.fill import _gaussian_pyramid_filter
+    image = np.random.default_rng(0).random((512, 512, 2)).astype(np.float32) * 255
+    image[..., 1] = ndimage.gaussian_filter(image[..., 1], 16)
+    for sigma in (4.0, 8.0, 64.0):
+        full = ndimage.gaussian_filter(image, sigma, axes=(0, 1))
+        diff = np.abs(_gaussian_pyramid_filter(image, sigma) - full)[64:-64, 64:-64]
+        assert diff[..., 1].max() < 0.1 and diff[..., 0].mean() < 0.15 * full[..., 0].std(), sigma
 
 
 def test_cell_mosaic__fragment_index_row_col_and_back():

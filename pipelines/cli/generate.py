@@ -9,7 +9,7 @@ import typer
 from rich.text import Text
 
 from majortom_gen.errors import MajorTomGenError
-from majortom_gen.gaps import RESAMPLE_DEFAULT
+from majortom_gen.gaps import RESAMPLE_DEFAULT, STRENGTH_DEFAULT
 from pipelines.cli.common import (
     CellsOption,
     CodecSourceOption,
@@ -250,6 +250,11 @@ def fill(
     resample: Annotated[int, typer.Option(
         min=0, help="RePaint jumps back per noisy solver step, so the fill agrees with what surrounds it (2: about twice "
                     "the time); 0: none.")] = RESAMPLE_DEFAULT,
+    strength: Annotated[float, typer.Option(
+        min=0.01, max=1.0,
+        help="How much of the solver the gaps go through: 1 starts them from pure noise; lower starts them from a smooth "
+             "interpolation of their surroundings noised to that share of the steps (SDEdit, as diffusers' inpainting "
+             "strength): closer to the surroundings' tones, less new detail, fewer steps.")] = STRENGTH_DEFAULT,
     device: DeviceOption = None,
     workers: WorkersOption = None,
     seamless: SeamlessOption = True,
@@ -271,7 +276,8 @@ def fill(
     cond = () if condition.strip().lower() in ("", "none") else tuple(parse_modalities(condition))
     request = FillRequest(target, mask, cond, halo)
     options = SamplingOptions(n_samples=n_samples, steps=steps, guidance=guidance, seed=seed, device=device, workers=workers,
-                              codec_source=codec_source, seamless=seamless, resample=resample)
+                              codec_source=codec_source, seamless=seamless, resample=resample,
+                              strength=strength)
     try:
         with progress_bar("filling", "fragments") as update:
             result = fill_store(model, store, source, ids, request, out, options, progress=update, overwrite=overwrite)
