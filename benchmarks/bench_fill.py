@@ -47,8 +47,7 @@ from majortom_gen.synth import SynthOptions, write_world
 from model.train import SHIPPED_DEMO_MODEL
 from pipelines.codec import source_fragments
 from pipelines.cell_canvas import cell_fragments, cell_mosaic
-from pipelines.fill import (HARMONISE_SIGMAS, FillRequest, ObservedCell, composite_cell, fill_cells, interpolate_into_gaps,
-                            known_latents, prefill)
+from pipelines.fill import FillRequest, ObservedCell, composite_cell, fill_cells, interpolate_into_gaps, known_latents, prefill
 from pipelines.ingest import IngestOptions, ingest
 from pipelines.model_folder import ModelOnStore
 from pipelines.sample import SamplingOptions
@@ -86,16 +85,9 @@ def idw_fill(observed: np.ndarray, gaps: np.ndarray, k: int = 8, power: float = 
     return out
 
 
-def reference_interpolation(values: np.ndarray, gaps: np.ndarray, sigmas=HARMONISE_SIGMAS) -> np.ndarray:
-    """:func:`pipelines.fill.interpolate_into_gaps` with full-size Gaussian filters (no pyramid)."""
-    known = (~gaps).astype(np.float32)
-    out = np.zeros(values.shape, np.float32)
-    for sigma in sigmas:
-        weight = ndimage.gaussian_filter(known, sigma)[..., None]
-        estimate = ndimage.gaussian_filter(values * known[..., None], sigma, axes=(0, 1)) / np.maximum(weight, 1e-6)
-        trust = np.clip(weight / 0.1, 0.0, 1.0)
-        out = trust * estimate + (1 - trust) * out
-    return out
+def full_size_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """The Gaussian filter at full size on ``(H, W, C)`` (what the pyramid replaces)."""
+    return ndimage.gaussian_filter(image, sigma, axes=(0, 1))
 
 
 def interpolation_speed(observed: np.ndarray, gaps: np.ndarray) -> str:
@@ -103,7 +95,7 @@ def interpolation_speed(observed: np.ndarray, gaps: np.ndarray) -> str:
     Gaussian pyramid against full-size filters: time ratio and largest difference in the gaps."""
     values = observed.astype(np.float32)
     t0 = time.perf_counter()
-    reference = reference_interpolation(values, gaps)
+    reference = interpolate_into_gaps(values, gaps, blur=full_size_blur)
     t1 = time.perf_counter()
     pyramid = interpolate_into_gaps(values, gaps)
     t2 = time.perf_counter()
