@@ -25,7 +25,7 @@ DEMO_REGION = "POLYGON ((7.45 44.97, 7.92 44.95, 7.95 45.22, 7.62 45.27, 7.42 45
 DEMO_TEST_FRACTION = 0.125  # 2 of 16 cells held out: the region to fill and the evaluation set
 DEMO_CONDITIONS = "none,S2L2A,S2L1C+S2L2A"  # what S2 buys for the withheld DEM and S1RTC
 DEMO_GENERATE = "DEM,S1RTC"
-DEMO_CONFIG = "small"  # the network of the shipped demo model
+DEMO_CONFIG = "small-finetune"  # the shipped demo model's network and last recipe, at a gentle learning rate
 DEMO_FINE_TUNE_STEPS = 30
 DEMO_SAMPLE_STEPS = 25
 
@@ -130,7 +130,8 @@ def _fine_tune(paths: DemoPaths, ids: list[str], steps: int, device: str | None)
                        f"the demo's ({_shipped_steps(made):,} steps in all on {made['hardware']['cpu_count']} CPU "
                        "cores; its training_data.json has the stages). A few CPU minutes cannot teach a diffusion model "
                        "the cross-modal mapping from scratch; the demo adapts the shipped model to its own cells for a "
-                       "few steps.", style="yellow"), soft_wrap=True)
+                       "few steps at a gentle learning rate (configs/small-finetune.yaml), which keeps what it "
+                       "learnt.", style="yellow"), soft_wrap=True)
     run_train(DEMO_CONFIG, paths.store, paths.run,
               TrainOptions(max_steps=steps, resume=(paths.run / "checkpoints").exists(), test_fraction=DEMO_TEST_FRACTION,
                            device=device, init_from=SHIPPED_DEMO_MODEL, command=_train_command(paths, steps)))
@@ -198,8 +199,8 @@ def _evaluate(paths: DemoPaths, run: DemoSettings) -> dict[str, Path]:
                        "downloaded once, for that). The demo model is small and CPU-trained "
                        f"({_shipped_steps(_shipped_record()):,} steps): "
                        "its S1RTC samples follow the S2 land cover, but it has not learned the relief: the DEM samples "
-                       "stay rough and blocky; compare the rows 'none' and 'S2L2A' of table1.md (mae_change) to see what "
-                       "conditioning buys. Sharp, faithful samples need tens of thousands of steps on a GPU, or the "
+                       "are light and dark patches with blocky edges that follow the land cover; compare the rows "
+                       "'none' and 'S2L2A' of table1.md (mae_change) to see what conditioning buys. Sharp, faithful samples need tens of thousands of steps on a GPU, or the "
                        "published weights.", style="yellow"), soft_wrap=True)
     options = EvalOptions(conditions=parse_conditions(DEMO_CONDITIONS), generate=tuple(DEMO_GENERATE.split(",")),
                           steps=run.sample_steps, seed=run.seed, batch_size=48, fid_extractor=str(extractors["inception"]),
