@@ -18,6 +18,10 @@ latent pixel; the relief has no detail finer than that):
    its x0 prediction at pure noise (timestep 1000) with S2L2A clean and with it marginalised,
    decoded: the model's own conditional and unconditional mean. When its conditional MAE is
    close to the regressor's, the model knows what S2 says and the samples are where it is lost.
+   And the latent R^2 of that x0 prediction where sampling starts (pure noise) against where
+   the model's training ended (its last training step, which on the released noise schedule
+   keeps 6.8% of the real latent): a model that reads the layout from that leftover signal
+   scores well at the second and near 0 at the first, however much S2 could tell it.
 
 3. Where speckle comes from: the model's denoising of the held-out latents (network space,
    S2L2A clean, the rest marginalised) at low and middle noise: the x0 error per latent channel
@@ -46,7 +50,7 @@ from torch import nn
 from majortom_gen.fragments import to_unit_range
 from majortom_gen.synth import SynthOptions, write_world
 from model.codecs import load_codec
-from model.diffusion import NOISE_TIMESTEP, alphas_cumprod, predict_eps
+from model.diffusion import NOISE_TIMESTEP, alphas_cumprod, predict_x0, zero_snr
 from model.sample import generate
 from model.train import SHIPPED_DEMO_MODEL
 from model.uvit import MultiModalUViT
@@ -108,9 +112,9 @@ def network_latents(codec, frags: dict[str, np.ndarray], modalities) -> dict[str
 
 @torch.no_grad()
 def model_means(net: MultiModalUViT, codec, s2: torch.Tensor, modality: str) -> tuple[np.ndarray, np.ndarray]:
-    """The model's x0 prediction of ``modality`` at pure noise, with S2L2A (``s2``, network
-    latents) clean and marginalised (every other modality marginalised), decoded and averaged:
-    (cond, uncond)."""
+    """The model's x0 prediction of ``modality`` at pure noise (the sampler's start), with S2L2A
+    (``s2``, network latents) clean and marginalised (every other modality marginalised),
+    decoded and averaged: (cond, uncond)."""
     names = list(net.config.modalities)
     n = len(s2)
     g = torch.Generator().manual_seed(0)
@@ -121,12 +125,35 @@ def model_means(net: MultiModalUViT, codec, s2: torch.Tensor, modality: str) -> 
         ts = {m: torch.full((n,), NOISE_TIMESTEP) for m in names}
         if clean:
             lat["S2L2A"], ts["S2L2A"] = s2, torch.zeros(n)
-        eps = predict_eps(net, lat, ts)[modality]
-        abar = alphas_cumprod()[-1].float()  # the last training step: the state is (nearly) all noise
-        x0 = (lat[modality] - (1 - abar).sqrt() * eps) / abar.sqrt()
+        x0 = predict_x0(net, lat, ts)[modality]
         img = (codec.decode_network(x0, modality).numpy().transpose(0, 2, 3, 1) + 1) * 127.5
         out.append(target_channels(averaged(np.clip(np.rint(img), 0, 255).astype(np.uint8)), modality))
     return out[0], out[1]
+
+
+@torch.no_grad()
+def start_r2(net: MultiModalUViT, lat: dict[str, torch.Tensor], modality: str) -> tuple[float, float]:
+    """Latent R^2 of the model's x0 prediction of ``modality`` where sampling starts (pure noise)
+    and where its training's last step is (the same noise plus what that step keeps of the
+    real latent: sqrt(abar_999) = 0.068 on the released schedule, 0 on the zero-SNR one), S2L2A
+    clean, the rest marginalised: ((start, training's last step), ...) for S2L2A clean and marginalised."""
+    names = list(net.config.modalities)
+    real = lat[modality]
+    n = len(real)
+    g = torch.Generator().manual_seed(0)
+    noise = {m: torch.randn(real.shape, generator=g) for m in names}
+    keep = float(alphas_cumprod(zero_snr(net))[-1].sqrt())
+    var = float(((real - real.mean((0, 2, 3), keepdim=True)) ** 2).mean())
+    out = []
+    for clean in (True, False):
+        for leak in (0.0, keep):
+            x = dict(noise)
+            ts = {m: torch.full((n,), NOISE_TIMESTEP) for m in names}
+            x[modality] = leak * real + (1 - leak ** 2) ** 0.5 * noise[modality]
+            if clean:
+                x["S2L2A"], ts["S2L2A"] = lat["S2L2A"], torch.zeros(n)
+            out.append(1 - float(((predict_x0(net, x, ts)[modality] - real) ** 2).mean()) / var)
+    return (out[0], out[1]), (out[2], out[3])
 
 
 def high_frequency(x: np.ndarray) -> np.ndarray:
@@ -146,14 +173,13 @@ def denoiser_report(net: MultiModalUViT, lat: dict[str, torch.Tensor], modality:
     print(f"[{modality} denoiser] real latents: high-frequency energy per channel {fmt(high_frequency(real.numpy()))}",
           flush=True)
     for k in (20, 100, 300):
-        abar = alphas_cumprod()[k].float()
+        abar = alphas_cumprod(zero_snr(net))[k].float()
         noisy = abar.sqrt() * real + (1 - abar).sqrt() * torch.randn(real.shape, generator=g)
         x = {m: torch.randn(real.shape, generator=g) for m in names}
         ts = {m: torch.full((n,), NOISE_TIMESTEP) for m in names}
         x[modality], ts[modality] = noisy, torch.full((n,), float(k + 1))
         x["S2L2A"], ts["S2L2A"] = cond, torch.zeros(n)
-        eps = predict_eps(net, x, ts)[modality]
-        x0 = ((noisy - (1 - abar).sqrt() * eps) / abar.sqrt()).numpy()
+        x0 = predict_x0(net, x, ts)[modality].numpy()
         err = np.abs(x0 - real.numpy()).mean((0, 2, 3))
         print(f"[{modality} denoiser] step {k} (sigma {float(((1 - abar) / abar).sqrt()):.2f}): x0 error per channel "
               f"{fmt(err)}, predicted x0 high-frequency energy {fmt(high_frequency(x0))}", flush=True)
@@ -210,6 +236,10 @@ def main() -> None:
         print(f"[{m} from S2L2A] the model's mean (x0 at pure noise): MAE {mae_cond:.1f} with S2L2A, "
               f"{mae_uncond:.1f} without ({100 * (mae_cond / mae_uncond - 1):+.0f}%); regressor / model "
               f"{mae_reg / mae_cond:.2f}", flush=True)
+        (c_start, c_last), (u_start, u_last) = start_r2(uvit, lat, m)
+        print(f"[{m} from S2L2A] latent R^2 of the model's x0 at the sampler's start (pure noise): {c_start:.2f} with "
+              f"S2L2A, {u_start:.2f} without; at its training's last step (the signal that step keeps): {c_last:.2f} "
+              f"with, {u_last:.2f} without", flush=True)
         denoiser_report(uvit, lat, m, sample_steps)
 
 

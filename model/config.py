@@ -22,7 +22,7 @@ CONFIG_DIR = Path(str(resources.files("configs")))  # configs/*.yaml, shipped as
 NNET_FIELDS = {"modalities": "list[str]", "img_size": "size or map", "in_chans": "int or map",
                "patch_size": "int or map",
                "embed_dim": "int", "depth": "int", "num_heads": "int", "mlp_ratio": "float", "qkv_bias": "bool",
-               "mlp_time_embed": "bool", "prediction": "str"}
+               "mlp_time_embed": "bool", "prediction": "str", "zero_terminal_snr": "bool"}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The noise schedule, defined once and imported by training and sampling.
 
 Stable Diffusion's "scaled linear" betas (0.00085 -> 0.012, 1000 steps) through diffusers'
-schedulers; epsilon prediction. Timestep conventions: diffusers indexes steps k = 0..999;
+schedulers; epsilon prediction; a network whose config says ``zero_terminal_snr`` uses the same
+betas rescaled to end at pure noise (:func:`training_scheduler`). Timestep conventions: diffusers indexes steps k = 0..999;
 the network is fed ``n = k + 1`` (1..1000) for noisy inputs and 0 for clean ones, as the
 released COP-GEN-Beta weights expect. ``NOISE_TIMESTEP`` (1000) marks pure noise.
 """
@@ -20,25 +21,54 @@ SCHEDULE = dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, 
                 beta_schedule="scaled_linear", prediction_type="epsilon")
 
 
-def training_scheduler() -> DDPMScheduler:
-    return DDPMScheduler(**SCHEDULE, clip_sample=False)
+def zero_snr(net) -> bool:
+    """Whether ``net`` was trained on the zero-terminal-SNR schedule (its config's
+    ``zero_terminal_snr``; absent: the released schedule)."""
+    return bool(getattr(net.config, "zero_terminal_snr", False))
+
+
+def training_scheduler(zero_terminal_snr: bool = False) -> DDPMScheduler:
+    """The training schedule: Stable Diffusion's scaled-linear betas, whose last step keeps
+    ``sqrt(abar) = 0.068`` of the signal (SNR 0.0047); with ``zero_terminal_snr`` the betas
+    rescaled so that the last step is pure noise (Lin et al. 2024, diffusers'
+    ``rescale_betas_zero_snr``). On the released schedule a network learns to read the layout
+    from the signal left at the last step, which pure sampling noise does not have: it then
+    starts every sample from what the noise suggests instead of what the conditions say."""
+    return DDPMScheduler(**SCHEDULE, clip_sample=False, rescale_betas_zero_snr=zero_terminal_snr)
 
 
 SPACINGS = ("karras", "linspace")
 
 
-def sampling_scheduler(steps: int, spacing: str = "karras") -> DPMSolverMultistepScheduler:
+def sampling_scheduler(steps: int, spacing: str = "karras", zero_terminal_snr: bool = False,
+                       prediction: str = "epsilon") -> DPMSolverMultistepScheduler:
     """DPM-Solver++ (2nd order multistep) on the same schedule, with ``steps`` steps.
 
     ``spacing='karras'`` places the steps by the noise levels of Karras et al. (2022), dense
     at low noise; ``'linspace'`` spaces the training timesteps evenly (diffusers' default).
     Both solve the same ODE; on an exactly solvable case (Gaussian data, see
-    benchmarks/bench_network.py) 25 Karras steps are about 3x more accurate than 50 evenly spaced ones."""
+    benchmarks/bench_network.py) 25 Karras steps are about 3x more accurate than 50 evenly spaced ones.
+    On the ``zero_terminal_snr`` schedule (the last step's sigma is 4096) the solver takes the
+    training steps that ``spacing`` picks on the released schedule (Karras: 999, 970, 938, ...,
+    1, 0 for 25 steps; one fewer where two levels round to the same step, e.g. 49 of 50): the
+    first is pure noise, the rest are at about the same noise levels as there (Karras levels
+    computed on this schedule would spend most of the steps above sigma 100, where the state is
+    noise either way). ``prediction`` is
+    what the network outputs (``epsilon`` or ``v``), handed to the solver as is: at the zero-SNR
+    schedule's first step the clean latent cannot be recovered from a noise prediction in float32
+    (``(x - sigma eps) / alpha`` with sigma = 1 - 3e-8, alpha = 2.4e-4), from ``v`` it can
+    (``alpha x - sigma v``)."""
     if spacing not in SPACINGS:
         raise ValueError(f"unknown step spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
-    sched = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
+    schedule = {**SCHEDULE, "prediction_type": "v_prediction" if prediction == "v" else "epsilon"}
+    sched = DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2,
                                         use_karras_sigmas=spacing == "karras")
     sched.set_timesteps(steps)
+    if zero_terminal_snr:
+        released = sorted(set(sched.timesteps.tolist()), reverse=True)  # Karras levels can share a step
+        sched = DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2,
+                                            rescale_betas_zero_snr=True)
+        sched.set_timesteps(timesteps=released)
     return sched
 
 
@@ -51,9 +81,9 @@ def state_scales(sched: DPMSolverMultistepScheduler, index: int) -> tuple[float,
     return alpha, s * alpha
 
 
-def alphas_cumprod() -> torch.Tensor:
-    """(1000,) float64 cumulative alphas, index k = diffusers step."""
-    return training_scheduler().alphas_cumprod.double()
+def alphas_cumprod(zero_terminal_snr: bool = False) -> torch.Tensor:
+    """(1000,) float64 cumulative alphas, index k = diffusers step (see :func:`training_scheduler`)."""
+    return training_scheduler(zero_terminal_snr).alphas_cumprod.double()
 
 
 def draw_timesteps(batch: int, modalities: list[str], *, p_clean: float = 0.1, p_drop: float = 0.0,
@@ -72,28 +102,28 @@ def draw_timesteps(batch: int, modalities: list[str], *, p_clean: float = 0.1, p
     return out
 
 
-def predict_eps(net, latents: Mapping[str, torch.Tensor], timesteps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The network's noise prediction for every modality, whatever it outputs: an epsilon
-    network as is; a ``v`` network through ``eps = sqrt(abar) v + sqrt(1 - abar) x_t`` at each
-    modality's timestep (network timestep n = k + 1; clean inputs, n = 0, are returned as
-    the raw output: they have no noise to predict)."""
+def predict_x0(net, latents: Mapping[str, torch.Tensor], timesteps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The clean latent each noisy modality's prediction implies (``(x_t - sqrt(1 - abar) eps) /
+    sqrt(abar)``, or ``sqrt(abar) x_t - sqrt(1 - abar) v`` for a ``v`` network: defined at a
+    zero-SNR schedule's last step too), on the network's schedule; clean inputs (n = 0) as given."""
     out = net(latents, timesteps)
-    if getattr(net.config, "prediction", "epsilon") == "epsilon":
-        return out
-    abar = alphas_cumprod().to(next(iter(latents.values())).device)
-    eps = {}
-    for m, v in out.items():
+    v_net = getattr(net.config, "prediction", "epsilon") == "v"
+    abar = alphas_cumprod(zero_snr(net)).to(next(iter(latents.values())).device)
+    x0 = {}
+    for m, pred in out.items():
         n = timesteps[m].reshape(-1).to(abar.device)
-        a = abar[(n.long() - 1).clamp(min=0)].to(v.dtype).view(-1, 1, 1, 1)
-        converted = a.sqrt() * v + (1 - a).sqrt() * latents[m].to(v.dtype)
-        eps[m] = torch.where((n > 0).view(-1, 1, 1, 1), converted, v)
-    return eps
+        a = abar[(n.long() - 1).clamp(min=0)].to(pred.dtype).view(-1, 1, 1, 1)
+        x = latents[m].to(pred.dtype)
+        clean = a.sqrt() * x - (1 - a).sqrt() * pred if v_net else (x - (1 - a).sqrt() * pred) / a.sqrt()
+        x0[m] = torch.where((n > 0).view(-1, 1, 1, 1), clean, x)
+    return x0
 
 
-def noisy_inputs(x0: Mapping[str, torch.Tensor], steps: Mapping[str, torch.Tensor], noise: Mapping[str, torch.Tensor]):
+def noisy_inputs(x0: Mapping[str, torch.Tensor], steps: Mapping[str, torch.Tensor], noise: Mapping[str, torch.Tensor],
+                 zero_terminal_snr: bool = False):
     """``x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps`` per modality (x0 where k = -1) and the
     network timesteps n = k + 1."""
-    abar = alphas_cumprod().to(next(iter(x0.values())).device)
+    abar = alphas_cumprod(zero_terminal_snr).to(next(iter(x0.values())).device)
     xs, ts = {}, {}
     for m, x in x0.items():
         k = steps[m].to(x.device)
@@ -108,7 +138,8 @@ def noisy_inputs(x0: Mapping[str, torch.Tensor], steps: Mapping[str, torch.Tenso
 LOSS_WEIGHTINGS = ("eps", "min_snr", "x0")
 
 
-def loss_weights(steps: torch.Tensor, weighting: str = "eps", gamma: float = 5.0) -> torch.Tensor:
+def loss_weights(steps: torch.Tensor, weighting: str = "eps", gamma: float = 5.0,
+                 zero_terminal_snr: bool = False) -> torch.Tensor:
     """Per-sample weights of the epsilon MSE for diffusers steps ``steps`` (B,) in -1..999
     (-1: clean, weight 0), with ``SNR_k = abar_k / (1 - abar_k)``:
 
@@ -122,8 +153,8 @@ def loss_weights(steps: torch.Tensor, weighting: str = "eps", gamma: float = 5.0
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; valid: {', '.join(LOSS_WEIGHTINGS)}")
     k = steps.cpu()
-    abar = alphas_cumprod()[k.clamp(min=0)]
-    snr = abar / (1 - abar)
+    abar = alphas_cumprod(zero_terminal_snr)[k.clamp(min=0)]
+    snr = (abar / (1 - abar)).clamp(min=1e-12)  # the zero-SNR schedule's last step: the limits (x0: gamma, min_snr: 1)
     if weighting == "eps":
         w = torch.ones_like(snr)
     elif weighting == "min_snr":
@@ -140,14 +171,14 @@ def diffusion_loss(net, x0: Mapping[str, torch.Tensor], steps: Mapping[str, torc
     own term: there is no noise to predict), each sample weighted by :func:`loss_weights`,
     averaged over the samples that are not clean. Returns the loss and each modality's term."""
     noise = {m: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) for m, x in x0.items()}
-    xs, ts = noisy_inputs(x0, steps, noise)
+    xs, ts = noisy_inputs(x0, steps, noise, zero_snr(net))
     pred = net(xs, ts)
     v_net = getattr(net.config, "prediction", "epsilon") == "v"
-    abar = alphas_cumprod().to(next(iter(x0.values())).device)
+    abar = alphas_cumprod(zero_snr(net)).to(next(iter(x0.values())).device)
     total, terms = 0.0, {}
     for m in x0:
         mask = (steps[m] >= 0).to(pred[m].device).float()  # (B,)
-        w = mask if weighting == "eps" else loss_weights(steps[m], weighting, gamma).to(pred[m].device)
+        w = mask if weighting == "eps" else loss_weights(steps[m], weighting, gamma, zero_snr(net)).to(pred[m].device)
         target = noise[m]
         if v_net:  # v = sqrt(abar) eps - sqrt(1 - abar) x0: the v-MSE is the epsilon MSE / abar
             a = abar[steps[m].clamp(min=0).to(abar.device)].to(x0[m].dtype).view(-1, 1, 1, 1)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from model.canvas import Canvas
-from model.diffusion import NOISE_TIMESTEP, predict_eps, sampling_scheduler, state_scales
+from model.diffusion import NOISE_TIMESTEP, sampling_scheduler, state_scales, zero_snr
 
 # One generation of the looping experiment (see :func:`chain`): ``step(condition, generate,
 # iteration)`` -> {modality: latents} holding at least the modalities ``generate``.
@@ -110,7 +110,7 @@ def generate(
         fixed_noise = {m: canvas.crop(x) for m, x in fixed_noise.items()}
     call = _NetworkCall(net, names, list(generate), cond, fixed_noise, batch_size, canvas)
     result = {m: _expand(condition[m], n_samples) for m in condition}  # the inputs, untouched
-    sched = sampling_scheduler(steps, spacing)
+    sched = sampling_scheduler(steps, spacing, zero_snr(net), _prediction(net))
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must lie in (0, 1], got {strength}")
     first = steps - max(1, round(strength * steps)) if strength < 1 and known else None
@@ -268,16 +268,16 @@ class _NetworkCall:
     batch_size: int | None
     canvas: Canvas | None = None  # set: ``cond`` and ``fixed_noise`` are its windows
 
-    def eps(self, xg: Mapping[str, torch.Tensor], k: int, drop: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-        """Float32 noise predictions of the generated modalities ``xg`` at diffusers step ``k``,
+    def predict(self, xg: Mapping[str, torch.Tensor], k: int, drop: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """Float32 predictions (noise or v: :func:`_prediction`) of the generated modalities ``xg`` at diffusers step ``k``,
         with the conditions ``drop`` replaced by their fixed noise. On a canvas: the
         windows' predictions, merged (:meth:`model.canvas.Canvas.merge`)."""
         if self.canvas is not None:
-            out = self._eps({m: self.canvas.crop(x) for m, x in xg.items()}, k, drop)
+            out = self._predict({m: self.canvas.crop(x) for m, x in xg.items()}, k, drop)
             return {m: self.canvas.merge(v) for m, v in out.items()}
-        return self._eps(xg, k, drop)
+        return self._predict(xg, k, drop)
 
-    def _eps(self, xg: Mapping[str, torch.Tensor], k: int, drop: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def _predict(self, xg: Mapping[str, torch.Tensor], k: int, drop: tuple[str, ...]) -> dict[str, torch.Tensor]:
         x = next(iter(xg.values()))
         total, device = x.shape[0], x.device
         lat, ts = {}, {}
@@ -318,18 +318,19 @@ def _solve(call: _NetworkCall, start: Mapping[str, torch.Tensor], guided: Sequen
         if impose is not None:
             x_flat = impose(x_flat, *state_scales(sched, i), step=i)
         guide = guided if float(sched.sigmas[i]) >= guidance_min_sigma else ()
-        x_flat = sched.step(_eps_flat(call, x_flat, start, k, guide, guidance), k, x_flat).prev_sample
+        x_flat = sched.step(_prediction_flat(call, x_flat, start, k, guide, guidance), k, x_flat).prev_sample
     if impose is not None:
         x_flat = impose(x_flat, *state_scales(sched, len(sched.timesteps)))
     return _unflat(x_flat, start, generate)
 
 
-def _eps_flat(call: _NetworkCall, x_flat: torch.Tensor, like: Mapping[str, torch.Tensor], k: int,
+def _prediction_flat(call: _NetworkCall, x_flat: torch.Tensor, like: Mapping[str, torch.Tensor], k: int,
               guided: Sequence[tuple[str, ...]], guidance: Mapping[tuple[str, ...], float]) -> torch.Tensor:
-    """The guided noise prediction for the state ``x_flat`` (the generated modalities
+    """The guided prediction (noise or v; guidance and window merging are linear, so either composes
+    the same) for the state ``x_flat`` (the generated modalities
     flattened side by side, each of ``like[m]``'s shape) at diffusers step ``k``, laid out the same way."""
     xg = _unflat(x_flat, like, call.generate)
-    eps = _guided(call.eps(xg, k), {group: call.eps(xg, k, group) for group in guided}, guidance)
+    eps = _guided(call.predict(xg, k), {group: call.predict(xg, k, group) for group in guided}, guidance)
     return _flat(eps, call.generate)
 
 
@@ -340,7 +341,7 @@ def _solve_resampling(call: _NetworkCall, start: Mapping[str, torch.Tensor], gui
                       guidance: Mapping[tuple[str, ...], float], sched, impose, jumps: int, fresh,
                       guidance_min_sigma: float = 0.0, skip: int = 0) -> dict[str, torch.Tensor]:
     """:func:`_solve` with RePaint's resampling, on first-order steps at the levels of
-    ``sched``: ``x0 = (x - sigma eps) / alpha``, then ``x' = alpha' x0 + sigma' eps``. In the
+    ``sched``: the prediction's ``x0`` and ``eps`` (:func:`_clean_and_noise`), then ``x' = alpha' x0 + sigma' eps``. In the
     first :data:`RESAMPLE_UNTIL` of the steps, each step is followed ``jumps`` times by a
     forward jump back to its level, ``x = (alpha / alpha') x' + sqrt(sigma^2 - (alpha sigma' /
     alpha')^2) z``, and taken again; the known part is put back (freshly noised) before every
@@ -366,8 +367,9 @@ def _solve_resampling(call: _NetworkCall, start: Mapping[str, torch.Tensor], gui
         guide = guided if float(sched.sigmas[i]) >= guidance_min_sigma else ()
         for j in range(repeats + 1):
             x_flat = impose(x_flat, alpha, sigma, None if i == skip and j == 0 else next_noise(), step=i)
-            eps = _eps_flat(call, x_flat, start, k, guide, guidance)
-            x_flat = alpha_next * (x_flat - sigma * eps) / alpha + sigma_next * eps
+            clean, eps = _clean_and_noise(_prediction_flat(call, x_flat, start, k, guide, guidance), x_flat, alpha, sigma,
+                                          _prediction(call.net))
+            x_flat = alpha_next * clean + sigma_next * eps
             if j < repeats:
                 ratio = alpha / alpha_next
                 spread = max(sigma ** 2 - (ratio * sigma_next) ** 2, 0.0) ** 0.5
@@ -388,12 +390,25 @@ def _guided(full: dict[str, torch.Tensor], dropped: Mapping[tuple[str, ...], dic
     return eps
 
 
+def _prediction(net) -> str:
+    """What the network outputs (``epsilon`` or ``v``): the solver is given that, as is."""
+    return getattr(net.config, "prediction", "epsilon")
+
+
+def _clean_and_noise(pred: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float, prediction: str):
+    """``(x0, eps)`` implied by the network output ``pred`` for the state ``x = alpha x0 + sigma
+    eps`` (``alpha^2 + sigma^2 = 1``)."""
+    if prediction == "v":  # v = alpha eps - sigma x0
+        return alpha * x - sigma * pred, sigma * x + alpha * pred
+    return (x - sigma * pred) / alpha, pred
+
+
 def _batched(net, lat, ts, batch_size):
-    """The noise predictions (:func:`model.diffusion.predict_eps`) in calls of ``batch_size``."""
+    """The network's raw predictions (noise or v, :func:`_prediction`) in calls of ``batch_size``."""
     total = next(iter(lat.values())).shape[0]
     if batch_size is None or batch_size >= total:
-        return predict_eps(net, lat, ts)
-    parts = [predict_eps(net, {m: v[i:i + batch_size] for m, v in lat.items()}, {m: v[i:i + batch_size] for m, v in ts.items()})
+        return net(lat, ts)
+    parts = [net({m: v[i:i + batch_size] for m, v in lat.items()}, {m: v[i:i + batch_size] for m, v in ts.items()})
              for i in range(0, total, batch_size)]
     return {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
 

@@ -49,7 +49,7 @@ from diffusers.training_utils import EMAModel
 
 from model.codecs import LatentNorm, sample_latents
 from model.config import RunConfig
-from model.diffusion import diffusion_loss, draw_timesteps
+from model.diffusion import diffusion_loss, draw_timesteps, zero_snr
 from model.uvit import MultiModalUViT
 
 
@@ -287,11 +287,18 @@ def _setup(config: RunConfig, accelerator: Accelerator, parts: Mapping[str, Any]
 def _load_init(net: MultiModalUViT, init_from: str | os.PathLike) -> None:
     """Load the weights of the model folder ``init_from`` into ``net``; refuses another network."""
     start = MultiModalUViT.from_pretrained(init_from)
-    differ = {k: (v, net.config.get(k)) for k, v in start.config.items()
-              if not k.startswith("_") and json.dumps(net.config.get(k)) != json.dumps(v)}
+    differ = {k: (v, net.config.get(k)) for k, v in start.config.items()  # the schedule may change: same layers
+              if not k.startswith("_") and k != "zero_terminal_snr" and json.dumps(net.config.get(k)) != json.dumps(v)}
     if differ:
         raise ValueError(f"{init_from}: its network differs from the config's ({differ}); fine-tune with its own config")
+    if zero_snr(start) != zero_snr(net):
+        warnings.warn(f"{init_from} was trained on the {_schedule_name(zero_snr(start))} noise schedule; this run "
+                      f"moves it to the {_schedule_name(zero_snr(net))} one (nnet.zero_terminal_snr)", stacklevel=2)
     net.load_state_dict(start.state_dict())
+
+
+def _schedule_name(zero_terminal_snr: bool) -> str:
+    return "zero-terminal-SNR" if zero_terminal_snr else "released"
 
 
 def _run_steps(run: _Run, out: Path, arrays: Mapping[str, np.ndarray], norms: Mapping[str, LatentNorm], n: int,

@@ -142,7 +142,13 @@ class MultiModalUViT(ModelMixin, ConfigMixin):
     COP-GEN-Beta network) or ``v`` (``sqrt(abar) eps - sqrt(1 - abar) x0``, Salimans & Ho 2022,
     well conditioned at every noise level, which lets small models learn the high-noise end,
     where the other modalities decide the layout). The network itself is the same; the
-    diffusion code (:func:`model.diffusion.predict_eps`) turns a ``v`` output into noise."""
+    sampler hands either to its solver as is (:func:`model.diffusion.sampling_scheduler`) and
+    :func:`model.diffusion.predict_x0` turns either into the clean latent.
+
+    ``zero_terminal_snr`` says which noise schedule the network was trained on (the layers do not
+    change): False, the released one (Stable Diffusion's, whose last step keeps 7% of the signal);
+    True, the same rescaled so that the last step is pure noise (Lin et al. 2024; ``v`` only),
+    see :func:`model.diffusion.training_scheduler`."""
 
     _supports_gradient_checkpointing = True
 
@@ -160,6 +166,7 @@ class MultiModalUViT(ModelMixin, ConfigMixin):
         qkv_bias: bool = False,
         mlp_time_embed: bool = False,
         prediction: str = "epsilon",
+        zero_terminal_snr: bool = False,
     ) -> None:
         super().__init__()
         names = list(modalities)
@@ -171,6 +178,9 @@ class MultiModalUViT(ModelMixin, ConfigMixin):
             raise ValueError(f"depth must be even (depth/2 in-blocks, depth/2 out-blocks), got {depth}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        if zero_terminal_snr and prediction != "v":
+            raise ValueError("zero_terminal_snr needs prediction 'v' (at the last step there is no signal to tell "
+                             "the noise from: an epsilon network cannot give the clean latent there)")
         chans = per_modality(in_chans, names, "in_chans")
         sizes = {m: latent_grid(v) for m, v in per_modality(img_size, names, "img_size").items()}
         patches = per_modality(patch_size, names, "patch_size")

@@ -22,7 +22,7 @@ import torch
 from majortom_gen.store import LatentStore, load_aligned
 from majortom_gen.synth import SynthOptions, write_world
 from model.codecs import latent_norms
-from model.diffusion import NOISE_TIMESTEP, alphas_cumprod, predict_eps
+from model.diffusion import NOISE_TIMESTEP, alphas_cumprod, predict_x0, zero_snr
 from model.metrics import mean_abs_gradient
 from model.sample import generate
 from model.train import SHIPPED_DEMO_MODEL
@@ -68,7 +68,7 @@ def x0_errors(net, x, target: str, condition: str, k: int, seed: int = 0) -> tup
     and with it marginalised (noise at timestep 1000); the other modalities marginalised."""
     g = torch.Generator().manual_seed(seed)
     n = len(x[target])
-    abar = alphas_cumprod()[k].float()
+    abar = alphas_cumprod(zero_snr(net))[k].float()
     eps = torch.randn(x[target].shape, generator=g)
     noisy = abar.sqrt() * x[target] + (1 - abar).sqrt() * eps
     noise = {m: torch.randn(x[m].shape, generator=g) for m in x}
@@ -80,8 +80,7 @@ def x0_errors(net, x, target: str, condition: str, k: int, seed: int = 0) -> tup
         if clean:
             lat[condition], ts[condition] = x[condition], torch.zeros(n)
         with torch.no_grad():
-            e = predict_eps(net, lat, ts)[target]
-        x0 = (noisy - (1 - abar).sqrt() * e) / abar.sqrt()
+            x0 = predict_x0(net, lat, ts)[target]
         errors.append(float(((x0 - x[target]) ** 2).mean()))
     return errors[0], errors[1]
 

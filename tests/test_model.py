@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from model.codecs import LatentNorm
 from model.config import load_config
 from model.convert import from_cop_gen, from_cop_gen_beta
-from model.diffusion import NOISE_TIMESTEP, alphas_cumprod, draw_timesteps, noisy_inputs
+from model.diffusion import NOISE_TIMESTEP, alphas_cumprod, draw_timesteps, noisy_inputs, predict_x0, sampling_scheduler
 from model.sample import chain, generate, network_step
 from model.train import train
 from model.uvit import MultiModalUViT
@@ -274,6 +274,27 @@ def test_schedule__scaled_linear_and_timestep_convention():
     assert xs["A"][0].eq(1).all() and torch.allclose(xs["A"][2], abar[999].sqrt().float() * torch.ones(1, 2, 2))
     drawn = draw_timesteps(20000, ["A"], p_clean=0.1, p_drop=0.2, generator=torch.Generator().manual_seed(0))["A"]
     assert abs((drawn == -1).float().mean() - 0.1) < 0.01 and (drawn == 999).float().mean() > 0.19
+
+
+def test_zero_terminal_snr_schedule__last_step_is_pure_noise_and_sampling_starts_there():
+    abar = alphas_cumprod(zero_terminal_snr=True)
+    assert abar[-1] == 0 and abar[0] > 0.99 and alphas_cumprod()[-1] > 0.004  # the released one keeps signal
+    x0, noise = {"A": torch.ones(1, 1, 2, 2)}, {"A": torch.full((1, 1, 2, 2), 0.5)}
+    xs, _ = noisy_inputs(x0, {"A": torch.tensor([999])}, noise, zero_terminal_snr=True)
+    assert torch.equal(xs["A"], noise["A"])  # no leftover of the clean latent
+    with pytest.raises(ValueError, match="needs prediction 'v'"):
+        net_of(zero_terminal_snr=True)
+    net = net_of(prediction="v", zero_terminal_snr=True)
+    lat = {m: torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) for m in net.modalities}
+    ts = {m: torch.full((2,), NOISE_TIMESTEP) for m in net.modalities}
+    with torch.no_grad():
+        v, x0_hat = net(lat, ts), predict_x0(net, lat, ts)
+    assert all(torch.allclose(x0_hat[m], -v[m]) for m in net.modalities)  # x0 = sqrt(abar) x - sqrt(1 - abar) v
+    released, zero = sampling_scheduler(25), sampling_scheduler(25, zero_terminal_snr=True, prediction="v")
+    assert zero.timesteps.tolist() == released.timesteps.tolist() and zero.timesteps[0] == 999
+    assert zero.sigmas[0] > 1000 > released.sigmas[0]  # the first step is taken from pure noise
+    out = generate(net, {"B": lat["B"]}, ["A"], steps=4, seed=0)
+    assert torch.isfinite(out["A"]).all() and out["A"].std() > 0.1
 
 
 # ----------------------------------------------------------------------------- sampling
