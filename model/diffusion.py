@@ -27,6 +27,11 @@ def zero_snr(net) -> bool:
     return bool(getattr(net.config, "zero_terminal_snr", False))
 
 
+def prediction(net) -> str:
+    """What ``net`` outputs: ``epsilon`` or ``v`` (its config's ``prediction``; absent: epsilon)."""
+    return getattr(net.config, "prediction", "epsilon")
+
+
 def training_scheduler(zero_terminal_snr: bool = False) -> DDPMScheduler:
     """The training schedule: Stable Diffusion's scaled-linear betas, whose last step keeps
     ``sqrt(abar) = 0.068`` of the signal (SNR 0.0047); with ``zero_terminal_snr`` the betas
@@ -107,7 +112,7 @@ def predict_x0(net, latents: Mapping[str, torch.Tensor], timesteps: Mapping[str,
     sqrt(abar)``, or ``sqrt(abar) x_t - sqrt(1 - abar) v`` for a ``v`` network: defined at a
     zero-SNR schedule's last step too), on the network's schedule; clean inputs (n = 0) as given."""
     out = net(latents, timesteps)
-    v_net = getattr(net.config, "prediction", "epsilon") == "v"
+    v_net = prediction(net) == "v"
     abar = alphas_cumprod(zero_snr(net)).to(next(iter(latents.values())).device)
     x0 = {}
     for m, pred in out.items():
@@ -173,7 +178,7 @@ def diffusion_loss(net, x0: Mapping[str, torch.Tensor], steps: Mapping[str, torc
     noise = {m: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) for m, x in x0.items()}
     xs, ts = noisy_inputs(x0, steps, noise, zero_snr(net))
     pred = net(xs, ts)
-    v_net = getattr(net.config, "prediction", "epsilon") == "v"
+    v_net = prediction(net) == "v"
     abar = alphas_cumprod(zero_snr(net)).to(next(iter(x0.values())).device)
     total, terms = 0.0, {}
     for m in x0:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from model.canvas import Canvas
-from model.diffusion import NOISE_TIMESTEP, sampling_scheduler, state_scales, zero_snr
+from model.diffusion import NOISE_TIMESTEP, prediction, sampling_scheduler, state_scales, zero_snr
 
 # One generation of the looping experiment (see :func:`chain`): ``step(condition, generate,
 # iteration)`` -> {modality: latents} holding at least the modalities ``generate``.
@@ -110,7 +110,7 @@ def generate(
         fixed_noise = {m: canvas.crop(x) for m, x in fixed_noise.items()}
     call = _NetworkCall(net, names, list(generate), cond, fixed_noise, batch_size, canvas)
     result = {m: _expand(condition[m], n_samples) for m in condition}  # the inputs, untouched
-    sched = sampling_scheduler(steps, spacing, zero_snr(net), _prediction(net))
+    sched = sampling_scheduler(steps, spacing, zero_snr(net), prediction(net))
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must lie in (0, 1], got {strength}")
     first = steps - max(1, round(strength * steps)) if strength < 1 and known else None
@@ -269,7 +269,7 @@ class _NetworkCall:
     canvas: Canvas | None = None  # set: ``cond`` and ``fixed_noise`` are its windows
 
     def predict(self, xg: Mapping[str, torch.Tensor], k: int, drop: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-        """Float32 predictions (noise or v: :func:`_prediction`) of the generated modalities ``xg`` at diffusers step ``k``,
+        """Float32 predictions (noise or v: :func:`model.diffusion.prediction`) of the generated modalities ``xg`` at diffusers step ``k``,
         with the conditions ``drop`` replaced by their fixed noise. On a canvas: the
         windows' predictions, merged (:meth:`model.canvas.Canvas.merge`)."""
         if self.canvas is not None:
@@ -330,8 +330,8 @@ def _prediction_flat(call: _NetworkCall, x_flat: torch.Tensor, like: Mapping[str
     the same) for the state ``x_flat`` (the generated modalities
     flattened side by side, each of ``like[m]``'s shape) at diffusers step ``k``, laid out the same way."""
     xg = _unflat(x_flat, like, call.generate)
-    eps = _guided(call.predict(xg, k), {group: call.predict(xg, k, group) for group in guided}, guidance)
-    return _flat(eps, call.generate)
+    pred = _guided(call.predict(xg, k), {group: call.predict(xg, k, group) for group in guided}, guidance)
+    return _flat(pred, call.generate)
 
 
 RESAMPLE_UNTIL = 0.6  # the share of the solver steps (the noisy ones) that are resampled
@@ -368,7 +368,7 @@ def _solve_resampling(call: _NetworkCall, start: Mapping[str, torch.Tensor], gui
         for j in range(repeats + 1):
             x_flat = impose(x_flat, alpha, sigma, None if i == skip and j == 0 else next_noise(), step=i)
             clean, eps = _clean_and_noise(_prediction_flat(call, x_flat, start, k, guide, guidance), x_flat, alpha, sigma,
-                                          _prediction(call.net))
+                                          prediction(call.net))
             x_flat = alpha_next * clean + sigma_next * eps
             if j < repeats:
                 ratio = alpha / alpha_next
@@ -390,11 +390,6 @@ def _guided(full: dict[str, torch.Tensor], dropped: Mapping[tuple[str, ...], dic
     return eps
 
 
-def _prediction(net) -> str:
-    """What the network outputs (``epsilon`` or ``v``): the solver is given that, as is."""
-    return getattr(net.config, "prediction", "epsilon")
-
-
 def _clean_and_noise(pred: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float, prediction: str):
     """``(x0, eps)`` implied by the network output ``pred`` for the state ``x = alpha x0 + sigma
     eps`` (``alpha^2 + sigma^2 = 1``)."""
@@ -404,7 +399,7 @@ def _clean_and_noise(pred: torch.Tensor, x: torch.Tensor, alpha: float, sigma: f
 
 
 def _batched(net, lat, ts, batch_size):
-    """The network's raw predictions (noise or v, :func:`_prediction`) in calls of ``batch_size``."""
+    """The network's raw predictions (noise or v, :func:`model.diffusion.prediction`) in calls of ``batch_size``."""
     total = next(iter(lat.values())).shape[0]
     if batch_size is None or batch_size >= total:
         return net(lat, ts)
