@@ -184,7 +184,7 @@ def denoiser_report(net: MultiModalUViT, lat: dict[str, torch.Tensor], modality:
         print(f"[{modality} denoiser] step {k} (sigma {float(((1 - abar) / abar).sqrt()):.2f}): x0 error per channel "
               f"{fmt(err)}, predicted x0 high-frequency energy {fmt(high_frequency(x0))}", flush=True)
     out = generate(net, {"S2L2A": cond}, [modality], steps=sample_steps, seed=0,
-                   guidance={"S2L2A": GUIDANCE_DEFAULT}, guidance_min_sigma=GUIDANCE_MIN_SIGMA)
+                   guidance={"S2L2A": GUIDANCE_DEFAULT} if GUIDANCE_DEFAULT else None, guidance_min_sigma=GUIDANCE_MIN_SIGMA)
     print(f"[{modality} denoiser] samples from S2L2A ({sample_steps} steps, the default guidance): high-frequency energy "
           f"{fmt(high_frequency(out[modality].numpy()))}", flush=True)
 

@@ -13,7 +13,7 @@ from model.codecs import LatentNorm
 from model.diffusion import NOISE_TIMESTEP, sampling_scheduler
 from model.sample import generate
 from model.uvit import MultiModalUViT
-from pipelines.guidance import GUIDANCE_DEFAULT, GUIDANCE_MIN_SIGMA
+from pipelines.guidance import GUIDANCE_MIN_SIGMA
 from pipelines.sample import (FragmentBatch, SamplingOptions, condition_latents, fragment_noise, sample_chunk,
                               sample_fragments, sample_store)
 
@@ -166,16 +166,16 @@ def test_sample_fragments__samples_use_their_own_condition_draws(tmp_path):
     cells, frags, n = ["c1", "c1", "c2", "c2"], [0, 1, 0, 1], 3
     mom = {"A": _moments(4)}
     cond = condition_latents(mom, IDENTITY, cells, frags, seed=7, deterministic=False, n_samples=n)
-    options = SamplingOptions(n_samples=n, steps=2, seed=7, batch_size=3, device="cpu")
+    options = SamplingOptions(n_samples=n, steps=2, seed=7, batch_size=3, device="cpu", guidance=1.0)
     out = sample_fragments(tmp_path / "model", FragmentBatch(cells, frags, cond), ["B"], options)
     assert out["A"].shape == (12, *SHAPE) and out["B"].shape == (12, *SHAPE)
     assert np.array_equal(out["A"], cond["A"].numpy().astype(np.float16))  # the per-sample draws are returned
     # ... and are what the network was given: the same as generate() fed those rows directly
     noise = fragment_noise(cells, frags, n, ["B"], 7, SHAPE)
-    # (with the default guidance: the dropped condition A stands on its per-fragment noise too)
+    # (with guidance: the dropped condition A stands on its per-fragment noise too)
     marginal = fragment_noise(cells, frags, n, ["A", "C"], 7, SHAPE, tag="marginal:")
     direct = generate(net, cond, ["B"], steps=2, initial_noise=noise, marginal_noise=marginal,
-                      guidance={"A": GUIDANCE_DEFAULT}, guidance_min_sigma=GUIDANCE_MIN_SIGMA)["B"]
+                      guidance={"A": 1.0}, guidance_min_sigma=GUIDANCE_MIN_SIGMA)["B"]
     assert np.array_equal(out["B"], direct.numpy().astype(np.float16))
     # one fragment alone gets the same draws and samples as inside the bigger, differently chunked batch
     one = condition_latents({"A": mom["A"][3:]}, IDENTITY, cells[3:], frags[3:], seed=7, deterministic=False,

@@ -198,10 +198,11 @@ def _evaluate(paths: DemoPaths, run: DemoSettings) -> dict[str, Path]:
                        "and are not comparable with published FID/precision/recall (use the default extractors, "
                        "downloaded once, for that). The demo model is small and CPU-trained "
                        f"({_shipped_steps(_shipped_record()):,} steps): "
-                       "its S1RTC samples follow the S2 land cover, but it has not learned the relief: the DEM samples "
-                       "are light and dark patches with blocky edges that follow the land cover; compare the rows "
-                       "'none' and 'S2L2A' of table1.md (mae_change) to see what conditioning buys. Sharp, faithful samples need tens of thousands of steps on a GPU, or the "
-                       "published weights.", style="yellow"), soft_wrap=True)
+                       "its S1RTC samples follow the S2 land cover and water; its DEM samples put relief roughly where "
+                       "S2 suggests it, as soft blobs with blocky edges, and draw some where there is none (these two "
+                       "cells are flatter than most); compare the rows 'none' and 'S2L2A' of table1.md (mae_change) "
+                       "to see what conditioning buys. Sharp, faithful samples need tens of thousands of steps on a "
+                       "GPU, or the published weights.", style="yellow"), soft_wrap=True)
     options = EvalOptions(conditions=parse_conditions(DEMO_CONDITIONS), generate=tuple(DEMO_GENERATE.split(",")),
                           steps=run.sample_steps, seed=run.seed, batch_size=48, fid_extractor=str(extractors["inception"]),
                           pr_extractor=str(extractors["dinov2"]), device=run.device, overwrite=True)
